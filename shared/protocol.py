@@ -1,0 +1,312 @@
+"""The headrace wire protocol: every message any role sends, in one module.
+
+Messages are msgspec Structs tagged by class name and encoded as msgpack. A frame is decoded
+with one `Decoder` over the union of all messages; an unknown tag, a wrong field type, an
+oversize frame or a protocol-version mismatch raises `ProtocolError` with a short `reason`
+(used as the label of `headrace_rejected_frames_total`). Nothing here ever unpickles.
+
+Per-token arrays travel as packed little-endian bytes (one value per token of the whole
+episode) so a 2k-token trajectory costs a handful of memcpys, not 2k msgpack ints.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import Union
+
+import msgspec
+import numpy as np
+
+PROTOCOL_VERSION = 1
+DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
+
+
+class Role(IntEnum):
+    """Per-token role (uint8 on the wire)."""
+
+    PROMPT = 0
+    OBSERVATION = 1
+    REASONING = 2
+    ACTION = 3
+    TEMPLATE = 4
+
+
+class Termination:
+    DONE = "done"
+    MAX_TURNS = "max_turns"
+    MAX_TOKENS = "max_tokens"
+    ENV_ERROR = "env_error"
+
+
+# dtype of each per-token array field of `Trajectory`.
+TOKEN_ARRAYS: dict[str, np.dtype] = {
+    "token_ids": np.dtype("<i4"),
+    "role": np.dtype("u1"),
+    "loss_mask": np.dtype("u1"),
+    "behav_logprob": np.dtype("<f4"),
+    "policy_version": np.dtype("<i4"),
+    "turn_idx": np.dtype("<i2"),
+}
+
+
+class Base(msgspec.Struct, tag=True, forbid_unknown_fields=True, omit_defaults=True):
+    pass
+
+
+# ---------------------------------------------------------------- handshake / control
+
+
+class Hello(Base):
+    role: str  # "actor" | "learner" | "cli"
+    peer_id: str
+    protocol_version: int
+    capabilities: dict[str, str] = {}
+
+
+class Welcome(Base):
+    run_id: str
+    policy_version: int
+    weights_endpoint: str  # "" until a learner has published
+    config_digest: str
+    manifest: WeightManifest | None = None
+
+
+class Error(Base):
+    reason: str  # machine-readable, also the metric label
+    detail: str = ""
+
+
+class Heartbeat(Base):
+    peer_id: str
+    stats: dict[str, float] = {}
+
+
+# ---------------------------------------------------------------- tasks
+
+
+class TaskSpec(Base):
+    task_id: str
+    env: str
+    family: str = ""
+    difficulty: float = 0.0
+    payload: dict[str, str | int | float] = {}
+
+
+class Lease(Base):
+    lease_id: str
+    task: TaskSpec
+    group_size: int
+    deadline_s: float  # seconds from grant; renewed by heartbeats
+    sample_prob: float = 1.0
+    curator_version: int = 0
+
+
+class TaskRequest(Base):
+    n: int
+
+
+class TaskGrant(Base):
+    leases: list[Lease]
+    retry_after_s: float = 0.0  # >0: broker is applying backpressure
+
+
+# ---------------------------------------------------------------- trajectories
+
+
+class TurnInfo(Base):
+    reward: float
+    done: bool
+    truncated: bool
+    action_valid: bool
+    state_key: str = ""
+    action: str = ""
+
+
+class Trajectory(Base):
+    traj_id: str
+    group_id: str
+    task_id: str
+    env: str
+    actor_id: str
+    lease_id: str
+    # per token, packed little-endian (see TOKEN_ARRAYS)
+    token_ids: bytes
+    role: bytes
+    loss_mask: bytes
+    behav_logprob: bytes
+    policy_version: bytes
+    turn_idx: bytes
+    # per turn
+    turns: list[TurnInfo]
+    # per episode
+    outcome_reward: float
+    success: bool
+    termination: str
+    n_turns: int
+    sampling: dict[str, float] = {}
+    timings: dict[str, float] = {}
+    sample_prob: float = 1.0
+    curator_version: int = 0
+
+    def array(self, name: str) -> np.ndarray:
+        return np.frombuffer(getattr(self, name), dtype=TOKEN_ARRAYS[name])
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.token_ids) // 4
+
+    def min_policy_version(self) -> int:
+        versions = self.array("policy_version")[self.array("loss_mask") > 0]
+        return int(versions.min()) if versions.size else 0
+
+
+class TrajectoryBatch(Base):
+    items: list[Trajectory]
+
+
+class Ack(Base):
+    traj_ids: list[str]
+    duplicates: int = 0
+
+
+# ---------------------------------------------------------------- learner <-> broker
+
+
+class SampleRequest(Base):
+    batch_size: int  # in trajectories; whole groups are returned
+    max_staleness: int = -1  # -1: use the broker's configured cap
+    policy_version: int = 0  # the learner's current version, for the staleness cap
+
+
+class Batch(Base):
+    items: list[Trajectory]
+    sample_ids: list[int]
+    is_weights: list[float]
+    cursor: int = 0  # the broker's insert sequence number of the newest item handed out
+
+
+class NotReady(Base):
+    """Answer to a SampleRequest the rate limiter cannot serve yet."""
+
+    replay_size: int
+    retry_after_s: float
+
+
+class PriorityUpdate(Base):
+    sample_ids: list[int]
+    priorities: list[float]
+
+
+class TaskFeedback(Base):
+    task_id: str
+    mean_abs_advantage: float = 0.0
+    pass_rate: float = 0.0
+    policy_version: int = 0
+
+
+# ---------------------------------------------------------------- weights
+
+
+class TensorInfo(Base):
+    name: str
+    dtype: str
+    shape: list[int]
+
+
+class WeightManifest(Base):
+    version: int
+    total_bytes: int
+    chunk_bytes: int
+    chunk_digests: list[str]  # blake2b-128 hex of each chunk of the safetensors blob
+    tensors: list[TensorInfo]
+    digest: str  # blake2b-128 hex of the whole blob
+
+
+class PolicyPublished(Base):
+    version: int
+    weights_endpoint: str
+    manifest: WeightManifest
+
+
+class WeightRequest(Base):
+    version: int
+    chunk: int
+
+
+class WeightChunk(Base):
+    version: int
+    chunk: int
+    data: bytes
+
+
+class Status(Base):
+    """`headrace status` asks the broker for this; the broker answers with StatusReply."""
+
+    pass
+
+
+class StatusReply(Base):
+    info: dict[str, object]
+
+
+Message = Union[
+    Hello,
+    Welcome,
+    Error,
+    Heartbeat,
+    TaskRequest,
+    TaskGrant,
+    TrajectoryBatch,
+    Ack,
+    SampleRequest,
+    Batch,
+    NotReady,
+    PriorityUpdate,
+    TaskFeedback,
+    PolicyPublished,
+    WeightRequest,
+    WeightChunk,
+    Status,
+    StatusReply,
+]
+
+
+class ProtocolError(Exception):
+    """A frame that cannot be accepted; `reason` is a short metric label."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+def encode(msg: Base) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode(frame: bytes | memoryview, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Message:
+    if len(frame) > max_bytes:
+        raise ProtocolError("oversize", f"{len(frame)} bytes > cap {max_bytes}")
+    try:
+        msg = _decoder.decode(frame)
+    except msgspec.ValidationError as e:
+        text = str(e)
+        reason = "unknown_tag" if "Invalid value" in text and "`$.type`" in text else "invalid"
+        raise ProtocolError(reason, text) from None
+    except msgspec.DecodeError as e:
+        raise ProtocolError("malformed", str(e)) from None
+    if isinstance(msg, Hello) and msg.protocol_version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            "version_mismatch",
+            f"peer speaks protocol {msg.protocol_version}, this build speaks {PROTOCOL_VERSION}",
+        )
+    return msg
+
+
+def pack(array: np.ndarray | list, name: str) -> bytes:
+    """Pack a per-token array for a `Trajectory` field."""
+    return np.asarray(array, dtype=TOKEN_ARRAYS[name]).tobytes()

@@ -1,0 +1,185 @@
+"""ZeroMQ asyncio sockets speaking `shared.protocol`.
+
+`Server` is a ROUTER: it decodes every frame under a size cap, answers a bad frame with an
+`Error` and counts it in `headrace_rejected_frames_total{reason}`, and never raises on input.
+`Client` is a DEALER with a stable routing id (so a server keeps recognising a peer across
+reconnects); a background task routes incoming messages to per-type queues and callbacks.
+ZeroMQ reconnects by itself; the client layers request retries and a retry budget on top.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import zmq
+import zmq.asyncio
+
+from shared import protocol as P
+from shared.metrics import REJECTED_FRAMES
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# A frame bigger than this closes the connection at the ZMQ layer (protection against a peer
+# trying to make us allocate without bound); frames between the protocol cap and this are
+# received, rejected with an Error reply and counted.
+_HARD_CAP_FACTOR = 2
+
+
+class PeerUnreachable(RuntimeError):
+    """The other side did not answer within the retry budget."""
+
+
+def _ctx() -> zmq.asyncio.Context:
+    return zmq.asyncio.Context.instance()
+
+
+class Server:
+    def __init__(self, bind: str, max_frame_bytes: int = P.DEFAULT_MAX_FRAME_BYTES) -> None:
+        self.max_frame_bytes = max_frame_bytes
+        self.sock = _ctx().socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes * _HARD_CAP_FACTOR)
+        self.sock.setsockopt(zmq.SNDHWM, 10_000)
+        self.sock.setsockopt(zmq.RCVHWM, 10_000)
+        self.sock.bind(bind)
+        self.endpoint = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+
+    async def recv(self) -> tuple[bytes, P.Message]:
+        """Next well-formed message; bad frames are answered and counted here."""
+        while True:
+            parts = await self.sock.recv_multipart(copy=False)
+            if len(parts) != 2:
+                REJECTED_FRAMES.labels(reason="multipart").inc()
+                if parts:
+                    await self._reply_error(parts[0].bytes, "multipart", f"{len(parts) - 1} parts")
+                continue
+            ident, frame = parts[0].bytes, parts[1].buffer
+            try:
+                return ident, P.decode(frame, self.max_frame_bytes)
+            except P.ProtocolError as e:
+                REJECTED_FRAMES.labels(reason=e.reason).inc()
+                log.warning("rejected frame from %r: %s", ident, e)
+                await self._reply_error(ident, e.reason, e.detail[:500])
+
+    async def _reply_error(self, ident: bytes, reason: str, detail: str) -> None:
+        await self.send(ident, P.Error(reason=reason, detail=detail))
+
+    async def send(self, ident: bytes, msg: P.Base) -> None:
+        try:
+            await self.sock.send_multipart([ident, P.encode(msg)], copy=False)
+        except zmq.ZMQError as e:  # peer gone (ROUTER_MANDATORY is off, but be safe)
+            log.debug("send to %r failed: %s", ident, e)
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+class Client:
+    """DEALER connection to one server with typed receive queues."""
+
+    def __init__(
+        self,
+        connect: str,
+        peer_id: str,
+        max_frame_bytes: int = P.DEFAULT_MAX_FRAME_BYTES,
+    ) -> None:
+        self.endpoint = connect
+        self.peer_id = peer_id
+        self.max_frame_bytes = max_frame_bytes
+        self.sock = _ctx().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTING_ID, peer_id.encode())
+        self.sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes * _HARD_CAP_FACTOR)
+        self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        self.sock.setsockopt(zmq.SNDHWM, 10_000)
+        self.sock.connect(connect)
+        self._queues: dict[type, asyncio.Queue[Any]] = defaultdict(asyncio.Queue)
+        self._handlers: dict[type, Callable[[Any], Awaitable[None] | None]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.last_recv = 0.0
+
+    def on(self, kind: type[T], handler: Callable[[T], Awaitable[None] | None]) -> None:
+        """Route every incoming `kind` message to `handler` instead of a queue."""
+        self._handlers[kind] = handler
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._recv_loop())
+
+    async def _recv_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            frame = await self.sock.recv(copy=False)
+            self.last_recv = loop.time()
+            try:
+                msg = P.decode(frame.buffer, self.max_frame_bytes)
+            except P.ProtocolError as e:
+                REJECTED_FRAMES.labels(reason=e.reason).inc()
+                log.warning("rejected frame from %s: %s", self.endpoint, e)
+                continue
+            handler = self._handlers.get(type(msg))
+            if handler is not None:
+                try:
+                    result = handler(msg)
+                    if asyncio.iscoroutine(result):
+                        await result
+                except Exception:  # a handler bug must not kill the connection
+                    log.exception("handler for %s failed", type(msg).__name__)
+            else:
+                self._queues[type(msg)].put_nowait(msg)
+
+    async def send(self, msg: P.Base) -> None:
+        await self.sock.send(P.encode(msg), copy=False)
+
+    async def recv(self, kind: type[T], timeout: float | None = None) -> T:
+        return await asyncio.wait_for(self._queues[kind].get(), timeout)
+
+    def drain(self, kind: type) -> None:
+        q = self._queues[kind]
+        while not q.empty():
+            q.get_nowait()
+
+    async def request(
+        self,
+        msg: P.Base,
+        reply: type[T] | tuple[type, ...],
+        timeout: float = 5.0,
+        retries: int = 3,
+    ) -> T:
+        """Send and wait for the first reply of one of `reply` types (or an Error).
+
+        Resends on timeout up to `retries` times, then raises PeerUnreachable. An `Error`
+        answer raises ProtocolError. Only use for idempotent requests.
+        """
+        kinds = reply if isinstance(reply, tuple) else (reply,)
+        for _ in range(retries + 1):
+            for k in (*kinds, P.Error):
+                self.drain(k)
+            await self.send(msg)
+            waiters = {asyncio.ensure_future(self.recv(k)): k for k in (*kinds, P.Error)}
+            done, pending = await asyncio.wait(
+                waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            for f in pending:
+                f.cancel()
+            if done:
+                result = next(iter(done)).result()
+                if isinstance(result, P.Error):
+                    raise P.ProtocolError(result.reason, result.detail)
+                return result
+        raise PeerUnreachable(
+            f"{self.endpoint} did not answer {type(msg).__name__} "
+            f"after {retries + 1} tries of {timeout:.0f}s"
+        )
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self.sock.close(linger=0)
