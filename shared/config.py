@@ -31,7 +31,7 @@ class EnvConfig(_Section):
     """The built-in `symbols` environment and its task bank (see actor/envs/symbols.py)."""
 
     name: str = "symbols"
-    levels: list[int] = [1, 2]  # difficulty levels in the task bank
+    levels: list[int] = msgspec.field(default_factory=lambda: [1, 2])  # task-bank levels
     tasks_per_level: int = 64
     reasoning_tokens: int = 4  # free tokens the agent writes before each action
     n_choices: int = 4

@@ -1,0 +1,183 @@
+"""The `headrace` command: `run` (broker + learner + actors on this machine) and `status`.
+
+The launcher never imports a role: it starts each one as a subprocess by module name, exactly
+as a user would in separate shells, so the embedded run exercises the same code paths as a
+multi-machine deployment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from shared.config import ConfigError, load_config
+
+
+class Role:
+    def __init__(self, name: str, argv: list[str], log_path: Path | None) -> None:
+        self.name = name
+        self.log_path = log_path
+        out = open(log_path, "ab") if log_path else None  # noqa: SIM115 - lives with the child
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", *argv],
+            stdout=out if out else None,
+            stderr=subprocess.STDOUT if out else None,
+            start_new_session=True,  # Ctrl-C reaches the launcher, which stops roles in order
+        )
+
+    def tail(self, n: int = 15) -> str:
+        if not self.log_path or not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    run_dir = Path(args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model = Path(cfg.model.path)
+    if not (model / "config.json").exists():
+        if not cfg.model.build_tiny_if_missing:
+            raise ConfigError(f"no model at {model} and [model] build_tiny_if_missing = false")
+        print(f"building the tiny model at {model} ...", file=sys.stderr)
+        subprocess.run(
+            [sys.executable, "-m", "learner.tiny_model", "--out", str(model),
+             "--seed", str(cfg.model.seed)],
+            check=True,
+        )
+    broker_ep = f"tcp://127.0.0.1:{cfg.broker.port}"
+    common = ["--config", args.config] if args.config else []
+    roles = [
+        Role(
+            "broker",
+            ["broker", *common, "--data-dir", str(run_dir / "broker")],
+            run_dir / "broker.log",
+        )
+    ]
+    for i in range(args.actors):
+        port = cfg.actor.metrics_port + i if cfg.actor.metrics_port else 0
+        roles.append(
+            Role(
+                f"actor{i}",
+                ["actor", *common, "--broker", broker_ep, "--metrics-port", str(port),
+                 "--actor-id", f"actor{i}"],
+                run_dir / f"actor{i}.log",
+            )
+        )
+    learner_argv = ["learner", *common, "--broker", broker_ep,
+                    "--checkpoint-dir", str(run_dir / "learner")]
+    if args.steps:
+        learner_argv += ["--steps", str(args.steps)]
+    if args.summary_json:
+        learner_argv += ["--summary-json", args.summary_json]
+    learner = Role("learner", learner_argv, None)  # its progress bar goes to this terminal
+    roles.append(learner)
+    print(f"headrace run: logs in {run_dir}/", file=sys.stderr)
+    code = 0
+    try:
+        while learner.proc.poll() is None:
+            for r in roles:
+                if r is not learner and r.proc.poll() is not None:
+                    print(f"\n{r.name} exited with code {r.proc.returncode}:\n{r.tail()}",
+                          file=sys.stderr)
+                    code = 1
+            if code:
+                break
+            time.sleep(0.5)
+        if not code:
+            code = learner.proc.returncode or 0
+    except KeyboardInterrupt:
+        code = 130
+    finally:
+        # Learner first (it checkpoints), then actors (they drain their outboxes), broker last.
+        for r in [learner, *[r for r in roles if r.name.startswith("actor")], roles[0]]:
+            r.stop()
+    if code == 0 and args.summary_json:
+        print(f"summary written to {args.summary_json}", file=sys.stderr)
+    return code
+
+
+async def _status(endpoint: str, timeout: float) -> dict:
+    from shared import protocol as P
+    from shared.transport import Client
+
+    client = Client(endpoint, peer_id=f"cli-{os.getpid()}")
+    client.start()
+    try:
+        reply = await client.request(P.Status(), P.StatusReply, timeout=timeout, retries=0)
+        return reply.info
+    finally:
+        client.close()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    info = asyncio.run(_status(args.broker, args.timeout))
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"headrace broker {args.broker}", show_header=False)
+    for key, value in info.items():
+        if key != "actors":
+            table.add_row(key, json.dumps(value) if isinstance(value, dict | list) else str(value))
+    console.print(table)
+    actors = info.get("actors") or []
+    if actors:
+        at = Table(title="actors")
+        cols = sorted({k for a in actors for k in a})
+        for c in cols:
+            at.add_column(c)
+        for a in actors:
+            at.add_row(*[str(a.get(c, "")) for c in cols])
+        console.print(at)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="headrace", description="headrace: RL for LLM agents")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="broker + learner + actors on this machine")
+    r.add_argument("--config", help="TOML config (default: built-in defaults)")
+    r.add_argument("--steps", type=int, help="learner steps (overrides [learner] steps)")
+    r.add_argument("--summary-json", help="write per-step reward and policy version here")
+    r.add_argument("--actors", type=int, default=1, help="actor processes to start")
+    r.add_argument("--run-dir", help="where logs, broker data and checkpoints go "
+                   "(default: a new runs/<time> folder; an existing one resumes)")
+    s = sub.add_parser("status", help="show a live broker's state")
+    s.add_argument("--broker", default="tcp://127.0.0.1:5555")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--timeout", type=float, default=5.0)
+    args = p.parse_args(argv)
+    try:
+        code = cmd_run(args) if args.cmd == "run" else cmd_status(args)
+    except ConfigError as e:
+        print(f"headrace: bad config: {e}", file=sys.stderr)
+        code = 2
+    except Exception as e:  # one line, not a traceback, for the common failures
+        print(f"headrace: {type(e).__name__}: {e}", file=sys.stderr)
+        code = 1
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

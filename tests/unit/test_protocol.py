@@ -1,0 +1,124 @@
+"""Every wire message round-trips; bad frames raise ProtocolError with a metric-ready reason."""
+
+from __future__ import annotations
+
+import msgspec
+import numpy as np
+import pytest
+
+from shared import protocol as P
+
+
+def make_traj(n: int = 6, traj_id: str = "t1") -> P.Trajectory:
+    return P.Trajectory(
+        traj_id=traj_id,
+        group_id="g",
+        task_id="task",
+        env="symbols",
+        actor_id="a",
+        lease_id="g",
+        token_ids=P.pack(np.arange(n), "token_ids"),
+        role=P.pack([P.Role.PROMPT] * 2 + [P.Role.REASONING] * (n - 3) + [P.Role.ACTION], "role"),
+        loss_mask=P.pack([0, 0] + [1] * (n - 2), "loss_mask"),
+        behav_logprob=P.pack(np.linspace(-1, -0.1, n), "behav_logprob"),
+        policy_version=P.pack([3] * (n - 1) + [4], "policy_version"),
+        turn_idx=P.pack([0] * n, "turn_idx"),
+        turns=[P.TurnInfo(reward=1.0, done=True, truncated=False, action_valid=True)],
+        outcome_reward=1.0,
+        success=True,
+        termination=P.Termination.DONE,
+        n_turns=1,
+    )
+
+
+MANIFEST = P.WeightManifest(
+    version=2,
+    total_bytes=10,
+    chunk_bytes=8,
+    chunk_digests=["a", "b"],
+    tensors=[P.TensorInfo(name="w", dtype="F32", shape=[2, 1])],
+    digest="c",
+)
+TASK = P.TaskSpec(task_id="x", env="symbols", family="L1", difficulty=1.0, payload={"level": 1})
+
+EXAMPLES: list[P.Base] = [
+    P.Hello(
+        role="actor", peer_id="a", protocol_version=P.PROTOCOL_VERSION, capabilities={"k": "v"}
+    ),
+    P.Welcome(
+        run_id="r",
+        policy_version=2,
+        weights_endpoint="tcp://h:1",
+        config_digest="d",
+        manifest=MANIFEST,
+    ),
+    P.Error(reason="oversize", detail="too big"),
+    P.Heartbeat(peer_id="a", stats={"episodes": 3.0}),
+    P.TaskRequest(n=2),
+    P.TaskGrant(leases=[P.Lease(lease_id="l", task=TASK, group_size=8, deadline_s=30.0)]),
+    P.TrajectoryBatch(items=[make_traj()]),
+    P.Ack(traj_ids=["t1"], duplicates=1),
+    P.SampleRequest(batch_size=32, max_staleness=2, policy_version=5),
+    P.Batch(items=[make_traj()], sample_ids=[7], is_weights=[1.0], cursor=9),
+    P.NotReady(replay_size=3, retry_after_s=0.5),
+    P.PriorityUpdate(sample_ids=[1, 2], priorities=[0.5, 0.25]),
+    P.TaskFeedback(task_id="x", mean_abs_advantage=0.3, pass_rate=0.5, policy_version=4),
+    P.PolicyPublished(version=2, weights_endpoint="tcp://h:1", manifest=MANIFEST),
+    P.WeightRequest(version=2, chunk=1),
+    P.WeightChunk(version=2, chunk=1, data=b"\x00\x01"),
+    P.Status(),
+    P.StatusReply(info={"replay_size": 3, "actors": [{"id": "a"}]}),
+]
+
+
+def test_every_message_type_has_an_example():
+    covered = {type(m) for m in EXAMPLES}
+    assert covered == set(P.Message.__args__)
+
+
+@pytest.mark.parametrize("msg", EXAMPLES, ids=lambda m: type(m).__name__)
+def test_round_trip(msg):
+    assert P.decode(P.encode(msg)) == msg
+
+
+def test_trajectory_arrays_keep_dtype_and_values():
+    t = P.decode(P.encode(P.TrajectoryBatch(items=[make_traj(8)]))).items[0]
+    assert t.array("token_ids").tolist() == list(range(8))
+    assert t.array("behav_logprob").dtype == np.float32
+    assert t.array("policy_version").tolist() == [3] * 7 + [4]
+    assert t.min_policy_version() == 3
+    assert t.n_tokens == 8
+
+
+def test_garbage_is_malformed():
+    with pytest.raises(P.ProtocolError) as e:
+        P.decode(b"\xc1\xff\x00garbage")
+    assert e.value.reason == "malformed"
+
+
+def test_unknown_tag_is_rejected():
+    frame = msgspec.msgpack.encode({"type": "Pickle", "payload": "x"})
+    with pytest.raises(P.ProtocolError) as e:
+        P.decode(frame)
+    assert e.value.reason in {"unknown_tag", "invalid"}
+
+
+def test_wrong_field_type_is_invalid():
+    frame = msgspec.msgpack.encode({"type": "TaskRequest", "n": "many"})
+    with pytest.raises(P.ProtocolError) as e:
+        P.decode(frame)
+    assert e.value.reason == "invalid"
+
+
+def test_oversize_frame_is_rejected_before_decoding():
+    frame = P.encode(P.WeightChunk(version=1, chunk=0, data=b"x" * 2000))
+    with pytest.raises(P.ProtocolError) as e:
+        P.decode(frame, max_bytes=1000)
+    assert e.value.reason == "oversize"
+
+
+def test_wrong_protocol_version_is_rejected():
+    frame = P.encode(P.Hello(role="actor", peer_id="a", protocol_version=P.PROTOCOL_VERSION + 1))
+    with pytest.raises(P.ProtocolError) as e:
+        P.decode(frame)
+    assert e.value.reason == "version_mismatch"
