@@ -37,7 +37,12 @@ class EpisodeBuffer:
         self.turn_idx += [turn] * n
 
     def extend_generated(
-        self, ids: list[int], logprobs: list[float], versions: list[int], roles: list[int], turn: int
+        self,
+        ids: list[int],
+        logprobs: list[float],
+        versions: list[int],
+        roles: list[int],
+        turn: int,
     ) -> None:
         self.token_ids += ids
         self.role += roles

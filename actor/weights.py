@@ -72,8 +72,9 @@ async def fetch_weights(
     blob = b"".join(c for c in chunks if c is not None)
     if len(blob) != manifest.total_bytes or _digest(blob) != manifest.digest:
         raise WeightFetchError(f"v{manifest.version}: blob digest or size mismatch")
-    fd, path = tempfile.mkstemp(prefix=f"headrace-v{manifest.version}-", suffix=".safetensors",
-                                dir=out_dir)
+    fd, path = tempfile.mkstemp(
+        prefix=f"headrace-v{manifest.version}-", suffix=".safetensors", dir=out_dir
+    )
     with os.fdopen(fd, "wb") as f:
         f.write(blob)
     return path

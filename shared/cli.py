@@ -58,8 +58,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise ConfigError(f"no model at {model} and [model] build_tiny_if_missing = false")
         print(f"building the tiny model at {model} ...", file=sys.stderr)
         subprocess.run(
-            [sys.executable, "-m", "learner.tiny_model", "--out", str(model),
-             "--seed", str(cfg.model.seed)],
+            [
+                sys.executable,
+                "-m",
+                "learner.tiny_model",
+                "--out",
+                str(model),
+                "--seed",
+                str(cfg.model.seed),
+            ],
             check=True,
         )
     broker_ep = f"tcp://127.0.0.1:{cfg.broker.port}"
@@ -76,13 +83,27 @@ def cmd_run(args: argparse.Namespace) -> int:
         roles.append(
             Role(
                 f"actor{i}",
-                ["actor", *common, "--broker", broker_ep, "--metrics-port", str(port),
-                 "--actor-id", f"actor{i}"],
+                [
+                    "actor",
+                    *common,
+                    "--broker",
+                    broker_ep,
+                    "--metrics-port",
+                    str(port),
+                    "--actor-id",
+                    f"actor{i}",
+                ],
                 run_dir / f"actor{i}.log",
             )
         )
-    learner_argv = ["learner", *common, "--broker", broker_ep,
-                    "--checkpoint-dir", str(run_dir / "learner")]
+    learner_argv = [
+        "learner",
+        *common,
+        "--broker",
+        broker_ep,
+        "--checkpoint-dir",
+        str(run_dir / "learner"),
+    ]
     if args.steps:
         learner_argv += ["--steps", str(args.steps)]
     if args.summary_json:
@@ -95,8 +116,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         while learner.proc.poll() is None:
             for r in roles:
                 if r is not learner and r.proc.poll() is not None:
-                    print(f"\n{r.name} exited with code {r.proc.returncode}:\n{r.tail()}",
-                          file=sys.stderr)
+                    print(
+                        f"\n{r.name} exited with code {r.proc.returncode}:\n{r.tail()}",
+                        file=sys.stderr,
+                    )
                     code = 1
             if code:
                 break
@@ -161,8 +184,11 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--steps", type=int, help="learner steps (overrides [learner] steps)")
     r.add_argument("--summary-json", help="write per-step reward and policy version here")
     r.add_argument("--actors", type=int, default=1, help="actor processes to start")
-    r.add_argument("--run-dir", help="where logs, broker data and checkpoints go "
-                   "(default: a new runs/<time> folder; an existing one resumes)")
+    r.add_argument(
+        "--run-dir",
+        help="where logs, broker data and checkpoints go "
+        "(default: a new runs/<time> folder; an existing one resumes)",
+    )
     s = sub.add_parser("status", help="show a live broker's state")
     s.add_argument("--broker", default="tcp://127.0.0.1:5555")
     s.add_argument("--json", action="store_true")

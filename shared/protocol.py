@@ -12,7 +12,6 @@ episode) so a 2k-token trajectory costs a handful of memcpys, not 2k msgpack int
 from __future__ import annotations
 
 from enum import IntEnum
-from typing import Union
 
 import msgspec
 import numpy as np
@@ -249,26 +248,26 @@ class StatusReply(Base):
     info: dict[str, object]
 
 
-Message = Union[
-    Hello,
-    Welcome,
-    Error,
-    Heartbeat,
-    TaskRequest,
-    TaskGrant,
-    TrajectoryBatch,
-    Ack,
-    SampleRequest,
-    Batch,
-    NotReady,
-    PriorityUpdate,
-    TaskFeedback,
-    PolicyPublished,
-    WeightRequest,
-    WeightChunk,
-    Status,
-    StatusReply,
-]
+Message = (
+    Hello
+    | Welcome
+    | Error
+    | Heartbeat
+    | TaskRequest
+    | TaskGrant
+    | TrajectoryBatch
+    | Ack
+    | SampleRequest
+    | Batch
+    | NotReady
+    | PriorityUpdate
+    | TaskFeedback
+    | PolicyPublished
+    | WeightRequest
+    | WeightChunk
+    | Status
+    | StatusReply
+)
 
 
 class ProtocolError(Exception):

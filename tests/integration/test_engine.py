@@ -66,13 +66,24 @@ def test_episode_tokens_are_prompt_plus_generated_plus_observations(engine, toke
 
     engine.generate = recording_generate  # type: ignore[method-assign]
     try:
-        task = P.TaskSpec(task_id="t", env="symbols",
-                          payload={"level": 2, "seed": 1, "n_turns": 3, "reasoning_tokens": 3})
+        task = P.TaskSpec(
+            task_id="t",
+            env="symbols",
+            payload={"level": 2, "seed": 1, "n_turns": 3, "reasoning_tokens": 3},
+        )
         lease = P.Lease(lease_id="L", task=task, group_size=1, deadline_s=60)
         env = make_env(task, 0)
         traj = loop.run_until_complete(
-            run_episode(engine, env, tokenizer, lease, "a", temperature=1.0, max_model_len=512,
-                        bos_id=tokenizer.bos_token_id)
+            run_episode(
+                engine,
+                env,
+                tokenizer,
+                lease,
+                "a",
+                temperature=1.0,
+                max_model_len=512,
+                bos_id=tokenizer.bos_token_id,
+            )
         )
     finally:
         engine.generate = real_generate  # type: ignore[method-assign]
@@ -85,7 +96,8 @@ def test_episode_tokens_are_prompt_plus_generated_plus_observations(engine, toke
     for p in prompts:
         assert ids[: len(p)] == p
     first = [tokenizer.bos_token_id] + tokenizer.encode(
-        f"turn sym{env.symbols[0]}", add_special_tokens=False)
+        f"turn sym{env.symbols[0]}", add_special_tokens=False
+    )
     assert ids[: len(first)] == first and set(roles[: len(first)]) == {Role.PROMPT}
     # each turn: 3 reasoning tokens then 1 action token, all in the loss mask
     gen_roles = [r for r, m in zip(roles, mask, strict=True) if m]
@@ -95,8 +107,7 @@ def test_episode_tokens_are_prompt_plus_generated_plus_observations(engine, toke
     verdicts = ["ok" if t.reward else "no" for t in traj.turns[:2]]
     expected = []
     for k, v in enumerate(verdicts):
-        expected += tokenizer.encode(f"{v} turn sym{env.symbols[k + 1]}",
-                                     add_special_tokens=False)
+        expected += tokenizer.encode(f"{v} turn sym{env.symbols[k + 1]}", add_special_tokens=False)
     assert obs_ids == expected
     assert traj.array("turn_idx").tolist()[-1] == 2 and traj.n_turns == 3
     # behaviour logprobs are real logprobs of generated tokens, zero elsewhere
@@ -105,8 +116,7 @@ def test_episode_tokens_are_prompt_plus_generated_plus_observations(engine, toke
 
 
 def test_behaviour_logprobs_match_transformers(engine, tiny_model, loop):
-    out = loop.run_until_complete(engine.generate([1, 10, 11, 12], max_tokens=24,
-                                                  ignore_eos=True))
+    out = loop.run_until_complete(engine.generate([1, 10, 11, 12], max_tokens=24, ignore_eos=True))
     ids = [1, 10, 11, 12] + out.token_ids
     ref = hf_logprobs(tiny_model, tiny_model, ids)[4:]
     # vLLM's processed logprobs (temperature 1) vs the learner's stack, fp32 on CPU
@@ -124,8 +134,10 @@ def test_swap_mid_generation_stamps_exact_token_versions(engine, tiny_model, tmp
     prompt = [1, 20, 21, 22]
 
     async def scenario():
-        tasks = [asyncio.create_task(engine.generate(prompt, max_tokens=160, ignore_eos=True))
-                 for _ in range(4)]
+        tasks = [
+            asyncio.create_task(engine.generate(prompt, max_tokens=160, ignore_eos=True))
+            for _ in range(4)
+        ]
         # swap while every request is part-way through its generation
         while not engine._inflight or min(s.received for s in engine._inflight.values()) < 8:
             await asyncio.sleep(0.005)
@@ -140,8 +152,8 @@ def test_swap_mid_generation_stamps_exact_token_versions(engine, tiny_model, tmp
         assert r.versions == [0] * k + [1] * (len(r.token_ids) - k)
         ids = prompt + r.token_ids
         lp = np.array(r.logprobs)
-        old_ref = hf_logprobs(tiny_model, tiny_model, ids)[len(prompt):]
-        new_ref = hf_logprobs(new, tiny_model, ids)[len(prompt):]
+        old_ref = hf_logprobs(tiny_model, tiny_model, ids)[len(prompt) :]
+        new_ref = hf_logprobs(new, tiny_model, ids)[len(prompt) :]
         # tokens before the offset were sampled by the old weights, after it by the new ones
         assert np.max(np.abs(lp[:k] - old_ref[:k])) < 1e-3
         assert np.max(np.abs(lp[k:] - new_ref[k:])) < 1e-3

@@ -1,0 +1,125 @@
+"""`headrace-broker` / `python -m broker`: run the broker until SIGINT or SIGTERM.
+
+Exit codes: 0 after a clean stop (store flushed), 2 for a bad configuration, 1 when the broker
+cannot start (port in use, store locked by another broker, corrupt store).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+import msgspec
+import zmq
+
+from broker.metrics import init_label_values
+from broker.server import Broker
+from broker.store import StoreError
+from shared.config import BrokerConfig, Config, ConfigError, load_config
+from shared.logs import setup_logging
+from shared.metrics import serve_metrics
+
+log = logging.getLogger("broker")
+
+
+class StartupError(RuntimeError):
+    """The broker cannot start; the message is the one line printed on stderr."""
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="headrace-broker", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", help="TOML file; the [broker] and [env] sections are used")
+    ap.add_argument("--port", type=int, help="ROUTER port (overrides broker.port)")
+    ap.add_argument("--metrics-port", type=int, help="/metrics port, 0 disables")
+    ap.add_argument("--bind-host", help="interface to bind (overrides broker.bind_host)")
+    ap.add_argument("--data-dir", help="store directory (overrides broker.data_dir)")
+    ap.add_argument("--durability", choices=["sqlite", "none"], help="overrides broker.durability")
+    ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return ap.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace) -> Config:
+    cfg = load_config(args.config)
+    overrides = {
+        "port": args.port,
+        "metrics_port": args.metrics_port,
+        "bind_host": args.bind_host,
+        "data_dir": args.data_dir,
+        "durability": args.durability,
+    }
+    broker = msgspec.structs.replace(
+        cfg.broker, **{k: v for k, v in overrides.items() if v is not None}
+    )
+    validate(broker)
+    return msgspec.structs.replace(cfg, broker=broker)
+
+
+def validate(b: BrokerConfig) -> None:
+    problems = []
+    if b.durability not in ("sqlite", "none"):
+        problems.append(f"durability must be 'sqlite' or 'none', not {b.durability!r}")
+    for name in ("port", "metrics_port"):
+        if not 0 <= getattr(b, name) <= 65535:
+            problems.append(f"{name} {getattr(b, name)} is not a port")
+    for name in ("group_size", "replay_capacity", "max_times_sampled", "max_frame_bytes"):
+        if getattr(b, name) < 1:
+            problems.append(f"{name} must be >= 1")
+    for name in ("lease_deadline_s", "heartbeat_timeout_s"):
+        if getattr(b, name) <= 0:
+            problems.append(f"{name} must be > 0")
+    if b.commit_interval_s < 0:
+        problems.append("commit_interval_s must be >= 0")
+    if b.replay_capacity < b.group_size:
+        problems.append("replay_capacity must hold at least one group (>= group_size)")
+    if problems:
+        raise ConfigError("broker: " + "; ".join(problems))
+
+
+async def run(cfg: Config) -> int:
+    b = cfg.broker
+    broker = Broker(cfg)  # may raise ConfigError (e.g. unknown env for the task bank)
+    try:
+        init_label_values()
+        serve_metrics(b.metrics_port, "broker")
+    except OSError as e:
+        raise StartupError(f"metrics port {b.metrics_port}: {e.strerror or e}") from None
+    try:
+        endpoint = await broker.start()
+    except zmq.ZMQError as e:
+        why = "already in use" if e.errno == errno.EADDRINUSE else e.strerror
+        raise StartupError(f"cannot bind tcp://{b.bind_host}:{b.port}: {why}") from None
+    except StoreError as e:
+        raise StartupError(f"store: {e}") from None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"headrace-broker listening on {endpoint}", flush=True)
+    await stop.wait()
+    log.info("stopping: flushing the store")
+    await broker.stop()
+    log.info("stopped")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.log_level, role="broker")
+    try:
+        cfg = build_config(args)
+        return asyncio.run(run(cfg))
+    except ConfigError as e:
+        print(f"headrace-broker: config error: {e}", file=sys.stderr)
+        return 2
+    except StartupError as e:
+        print(f"headrace-broker: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Group assembly: stored trajectories wait here, by group_id, until their group is complete.
+
+Only complete groups enter the replay table (GRPO-style advantages need the whole group).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from broker.replay.table import GroupItem
+from broker.store import TrajMeta
+
+
+@dataclass(slots=True)
+class PendingGroup:
+    group_id: str
+    task_id: str
+    group_size: int
+    metas: list[TrajMeta]
+    updated: float  # clock of the last trajectory added
+
+    def item(self, key: int = 0, times_sampled: int = 0) -> GroupItem:
+        return GroupItem(
+            key=key,
+            group_id=self.group_id,
+            task_id=self.task_id,
+            seqs=[m.seq for m in self.metas],
+            min_version=min((m.min_version for m in self.metas), default=0),
+            times_sampled=times_sampled,
+        )
+
+
+class GroupAssembler:
+    # Late extras arrive soon after their group completed; remembering the most recent
+    # completions is enough and keeps memory flat over a long run.
+    REMEMBER_COMPLETED = 65536
+
+    def __init__(self) -> None:
+        self.pending: dict[str, PendingGroup] = {}
+        self.completed: OrderedDict[str, None] = OrderedDict()  # recent complete group ids
+        self.n_trajs = 0  # trajectories waiting in pending groups
+
+    def __len__(self) -> int:
+        return len(self.pending)
+
+    def delivered(self, group_id: str) -> int:
+        g = self.pending.get(group_id)
+        return len(g.metas) if g else 0
+
+    def add(
+        self, meta: TrajMeta, group_size: int, now: float, times_sampled: int = 0
+    ) -> GroupItem | None:
+        """Add a stored trajectory; returns its group as a replay item once complete.
+
+        Returns None while incomplete, and for a trajectory of an already completed group (an
+        actor sending more than `group_size`): it stays stored but joins no group.
+        """
+        gid = meta.group_id
+        if gid in self.completed:
+            return None
+        g = self.pending.get(gid)
+        if g is None:
+            g = self.pending[gid] = PendingGroup(gid, meta.task_id, group_size, [], now)
+        g.metas.append(meta)
+        g.updated = now
+        self.n_trajs += 1
+        if len(g.metas) < g.group_size:
+            return None
+        del self.pending[gid]
+        self.n_trajs -= len(g.metas)
+        self.completed[gid] = None
+        if len(self.completed) > self.REMEMBER_COMPLETED:
+            self.completed.popitem(last=False)
+        # The completing trajectory's seq orders groups FIFO and survives a restart.
+        return g.item(key=max(m.seq for m in g.metas), times_sampled=times_sampled)
+
+    def drop_abandoned(
+        self, now: float, idle_s: float, has_lease: Callable[[str], bool]
+    ) -> list[GroupItem]:
+        """Partial groups with no live lease and no news for `idle_s`: they will never fill."""
+        out = []
+        for g in list(self.pending.values()):
+            if not has_lease(g.group_id) and now - g.updated > idle_s:
+                del self.pending[g.group_id]
+                self.n_trajs -= len(g.metas)
+                out.append(g.item())
+        return out

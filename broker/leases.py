@@ -1,0 +1,147 @@
+"""Lease bookkeeping: grant, renew, complete, expire -> requeue.
+
+A lease is one task x `group_size` episodes handed to one actor; its id is also the group id of
+the trajectories it produces. A lease ends when its group is complete in the store, or expires
+when its actor has been silent for `heartbeat_timeout_s` or it outlives its deadline (renewed by
+the actor's heartbeats); the task of an expired lease is re-granted under a new lease id, so a
+crashed actor costs time, not tasks.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import msgspec
+
+from shared import protocol as P
+
+
+class LeaseRecord(msgspec.Struct, forbid_unknown_fields=True):
+    """A lease as persisted in the store's kv table (so a broker restart keeps them)."""
+
+    lease: P.Lease
+    peer: bytes
+
+
+@dataclass(slots=True)
+class ActiveLease:
+    lease: P.Lease
+    peer: bytes  # routing identity of the actor holding it
+    granted: float  # monotonic clock
+    deadline: float  # monotonic clock
+
+    @property
+    def lease_id(self) -> str:
+        return self.lease.lease_id
+
+    def record(self) -> LeaseRecord:
+        return LeaseRecord(lease=self.lease, peer=self.peer)
+
+
+def new_lease_id() -> str:
+    # Random rather than a counter: ids must stay unique across broker restarts, since they are
+    # the group ids of stored trajectories.
+    return secrets.token_hex(8)
+
+
+class LeaseBook:
+    def __init__(
+        self,
+        deadline_s: float,
+        heartbeat_timeout_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.deadline_s = deadline_s
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.clock = clock
+        self.active: dict[str, ActiveLease] = {}
+        self.requeued: deque[P.TaskSpec] = deque()  # tasks of expired leases, granted first
+
+    def __len__(self) -> int:
+        return len(self.active)
+
+    def __contains__(self, lease_id: str) -> bool:
+        return lease_id in self.active
+
+    def get(self, lease_id: str) -> ActiveLease | None:
+        return self.active.get(lease_id)
+
+    def grant(
+        self,
+        peer: bytes,
+        task: P.TaskSpec,
+        group_size: int,
+        sample_prob: float = 1.0,
+        curator_version: int = 0,
+    ) -> ActiveLease:
+        lease = P.Lease(
+            lease_id=new_lease_id(),
+            task=task,
+            group_size=group_size,
+            deadline_s=self.deadline_s,
+            sample_prob=sample_prob,
+            curator_version=curator_version,
+        )
+        return self._add(lease, peer)
+
+    def _add(self, lease: P.Lease, peer: bytes) -> ActiveLease:
+        now = self.clock()
+        active = ActiveLease(lease=lease, peer=peer, granted=now, deadline=now + self.deadline_s)
+        self.active[lease.lease_id] = active
+        return active
+
+    def restore(self, records: Iterable[LeaseRecord]) -> None:
+        """Re-adopt persisted leases after a restart; their clocks start now."""
+        for r in records:
+            self._add(r.lease, r.peer)
+
+    def renew(self, peer: bytes) -> int:
+        """A heartbeat from `peer` pushes all its deadlines out; returns how many."""
+        deadline = self.clock() + self.deadline_s
+        n = 0
+        for a in self.active.values():
+            if a.peer == peer:
+                a.deadline = deadline
+                n += 1
+        return n
+
+    def complete(self, lease_id: str) -> ActiveLease | None:
+        return self.active.pop(lease_id, None)
+
+    def expire(self, last_seen: Callable[[bytes], float | None]) -> list[ActiveLease]:
+        """Expire leases of silent peers or past their deadline; their tasks are requeued.
+
+        `last_seen(peer)` is the monotonic time the peer was last heard from (None: not since
+        this broker started, so the lease's own grant/restore time counts).
+        """
+        now = self.clock()
+        out = []
+        for a in list(self.active.values()):
+            seen = last_seen(a.peer)
+            heard = a.granted if seen is None else max(seen, a.granted)
+            if now - heard > self.heartbeat_timeout_s or now > a.deadline:
+                del self.active[a.lease_id]
+                self.requeued.append(a.lease.task)
+                out.append(a)
+        return out
+
+    def release(self, peer: bytes) -> list[ActiveLease]:
+        """Requeue every lease `peer` holds (it restarted: its episodes died with it)."""
+        out = [a for a in self.active.values() if a.peer == peer]
+        for a in out:
+            del self.active[a.lease_id]
+            self.requeued.append(a.lease.task)
+        return out
+
+    def take_requeued(self, n: int) -> list[P.TaskSpec]:
+        out = []
+        while self.requeued and len(out) < n:
+            out.append(self.requeued.popleft())
+        return out
+
+    def count_for(self, peer: bytes) -> int:
+        return sum(1 for a in self.active.values() if a.peer == peer)

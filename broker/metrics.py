@@ -1,0 +1,75 @@
+"""Prometheus metrics of the broker (default registry, served by `shared.metrics`)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from shared.metrics import REJECTED_FRAMES
+
+TRAJ_RECEIVED = Counter(
+    "headrace_broker_trajectories_received_total", "Trajectories received from actors"
+)
+TRAJ_ACKED = Counter(
+    "headrace_broker_trajectories_acked_total", "Trajectories acked after their store commit"
+)
+DUPLICATES = Counter(
+    "headrace_broker_duplicates_total", "Trajectories received again (acked, not stored twice)"
+)
+TRAJ_SAMPLED = Counter(
+    "headrace_broker_trajectories_sampled_total", "Trajectories handed out to the learner"
+)
+REPLAY_SIZE = Gauge(
+    "headrace_broker_replay_size", "Trajectories in complete groups available to sample"
+)
+REPLAY_GROUPS = Gauge("headrace_broker_replay_groups", "Complete groups available to sample")
+PENDING_GROUPS = Gauge(
+    "headrace_broker_pending_groups", "Groups with some but not all trajectories stored"
+)
+STORED = Gauge("headrace_broker_stored_trajectories", "Trajectories in the durable store")
+LEASES_ACTIVE = Gauge("headrace_broker_leases_active", "Leases granted and not yet done")
+LEASES_GRANTED = Counter("headrace_broker_leases_granted_total", "Leases granted")
+LEASES_EXPIRED = Counter(
+    "headrace_broker_leases_expired_total", "Leases expired (peer silent or past deadline)"
+)
+BACKPRESSURE = Counter(
+    "headrace_broker_backpressure_total", "Task requests answered with fewer leases than asked"
+)
+NOT_READY = Counter("headrace_broker_not_ready_total", "Sample requests answered NotReady")
+EVICTED = Counter(
+    "headrace_broker_evicted_total", "Groups removed from replay without being sampled", ["reason"]
+)
+COMMIT_SECONDS = Histogram(
+    "headrace_broker_commit_seconds",
+    "Seconds per store group commit (one SQLite transaction)",
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.3, 1, 3),
+)
+COMMIT_BATCHES = Histogram(
+    "headrace_broker_commit_batches",
+    "TrajectoryBatch messages folded into one group commit",
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)
+STORE_ERRORS = Counter("headrace_broker_store_errors_total", "Store failures", ["kind"])
+POLICY_VERSION = Gauge("headrace_broker_policy_version", "Latest policy version published")
+ACTORS_CONNECTED = Gauge(
+    "headrace_broker_actors_connected", "Actors heard from within heartbeat_timeout_s"
+)
+
+
+def init_label_values() -> None:
+    """Export every known label value at 0 from the start, so dashboards and `rate()` see the
+    series before the first event (a labelled counter is otherwise absent until then)."""
+    for reason in (
+        "malformed",
+        "oversize",
+        "invalid",
+        "unknown_tag",
+        "version_mismatch",
+        "multipart",
+        "unexpected",
+        "invalid_trajectory",
+    ):
+        REJECTED_FRAMES.labels(reason=reason)
+    for reason in ("stale", "capacity", "incomplete"):
+        EVICTED.labels(reason=reason)
+    for kind in ("full", "corrupt", "locked", "error"):
+        STORE_ERRORS.labels(kind=kind)

@@ -1,0 +1,28 @@
+"""The replay table and Reverb's three nouns: samplers, removers, rate limiters.
+
+Items are whole GRPO groups: a group enters the table only once all its trajectories are
+stored, and leaves it whole, so the learner never sees half a group.
+"""
+
+from broker.replay.rate_limiters import MinSize, RateLimiter
+from broker.replay.removers import (
+    CapacityRemover,
+    MaxTimesSampledRemover,
+    Remover,
+    StalenessRemover,
+)
+from broker.replay.samplers import FifoSampler, Sampler
+from broker.replay.table import GroupItem, Table
+
+__all__ = [
+    "CapacityRemover",
+    "FifoSampler",
+    "GroupItem",
+    "MaxTimesSampledRemover",
+    "MinSize",
+    "RateLimiter",
+    "Remover",
+    "Sampler",
+    "StalenessRemover",
+    "Table",
+]

@@ -1,0 +1,442 @@
+"""The broker's asyncio ROUTER loop: tasks out (leases), trajectories in, batches to the learner.
+
+One event loop owns every in-memory structure (peers, leases, pending groups, replay table), so
+no locks are needed; the only awaits that take time (store commits and claims) run in spawned
+tasks, so a slow disk never stalls heartbeats, task requests or status replies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections import Counter
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import msgspec
+
+from broker import metrics as M
+from broker.curriculum.banks import make_bank
+from broker.groups import GroupAssembler
+from broker.leases import LeaseBook, LeaseRecord
+from broker.peers import INFERRED_ROLE, Peer, check_trajectory
+from broker.replay import (
+    CapacityRemover,
+    FifoSampler,
+    GroupItem,
+    MaxTimesSampledRemover,
+    MinSize,
+    StalenessRemover,
+    Table,
+)
+from broker.store import Store, StoreError, TrajMeta
+from shared import protocol as P
+from shared.config import Config
+from shared.metrics import REJECTED_FRAMES, TRAJECTORY_STALENESS
+from shared.transport import Server
+
+log = logging.getLogger(__name__)
+
+MAX_LEASES_PER_REQUEST = 256
+BACKPRESSURE_RETRY_S = 0.5  # what an actor is told to wait when it gets fewer leases
+NOT_READY_RETRY_S = 0.2  # what the learner is told to wait when no batch can be formed
+PEER_FORGET_AFTER_S = 3600.0  # peers silent this long leave Status and the relay list
+
+
+class Broker:
+    def __init__(self, cfg: Config, clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg = cfg
+        b = cfg.broker
+        self.clock = clock
+        self.store = Store(
+            None if b.durability == "none" else b.data_dir, commit_interval_s=b.commit_interval_s
+        )
+        self.table = Table(
+            FifoSampler(),
+            [
+                CapacityRemover(b.replay_capacity),
+                StalenessRemover(),
+                MaxTimesSampledRemover(b.max_times_sampled),
+            ],
+            MinSize(b.min_size_to_sample),
+        )
+        self.leases = LeaseBook(b.lease_deadline_s, b.heartbeat_timeout_s, clock)
+        self.bank = make_bank(cfg.env)
+        self.peers: dict[bytes, Peer] = {}
+        self.groups = GroupAssembler()
+        self.policy: P.PolicyPublished | None = None
+        self.run_id = ""
+        self.learner_batch = 0  # last SampleRequest.batch_size seen (backpressure bound)
+        self.evicted: Counter[str] = Counter()
+        self.server: Server | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loops: list[asyncio.Task[None]] = []
+        self._handlers: dict[type, Callable[[bytes, Peer, Any], Coroutine[Any, Any, None]]] = {
+            P.Hello: self._on_hello,
+            P.Heartbeat: self._on_heartbeat,
+            P.TaskRequest: self._on_task_request,
+            P.TrajectoryBatch: self._on_trajectories,
+            P.SampleRequest: self._on_sample,
+            P.PolicyPublished: self._on_policy,
+            P.PriorityUpdate: self._on_priorities,
+            P.TaskFeedback: self._on_feedback,
+            P.Status: self._on_status,
+        }
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self, bind: str | None = None) -> str:
+        """Bind, open the store, rebuild state; returns the bound endpoint."""
+        b = self.cfg.broker
+        self.server = Server(bind or f"tcp://{b.bind_host}:{b.port}", b.max_frame_bytes)
+        try:
+            await self.store.open()
+            await self._load_state()
+        except BaseException:
+            self.server.close()
+            await self.store.close()
+            raise
+        loop = asyncio.get_running_loop()
+        self._loops = [loop.create_task(self._serve()), loop.create_task(self._reap())]
+        log.info(
+            "broker %s listening on %s (store %s, %d stored, replay %d, policy v%d)",
+            self.run_id,
+            self.server.endpoint,
+            self.store.path,
+            self.store.stored,
+            self.table.size,
+            self.policy_version,
+        )
+        return self.server.endpoint
+
+    async def stop(self) -> None:
+        """Stop serving, let in-flight commits finish (and be acked), flush and close."""
+        for t in self._loops:
+            t.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=10)
+        await self.store.close()
+        if self.server is not None:
+            self.server.close()
+
+    async def _load_state(self) -> None:
+        run_id = await self.store.kv_get("run_id")
+        if run_id is None:
+            self.run_id = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+            await self.store.kv_set("run_id", self.run_id.encode())
+        else:
+            self.run_id = run_id.decode()
+        policy = await self.store.kv_get("policy")
+        if policy is not None:
+            self.policy = msgspec.msgpack.decode(policy, type=P.PolicyPublished)
+            M.POLICY_VERSION.set(self.policy.version)
+        records = [
+            msgspec.msgpack.decode(v, type=LeaseRecord)
+            for _, v in await self.store.kv_scan("lease/")
+        ]
+        self.leases.restore(records)
+        for _, v in await self.store.kv_scan("feedback/"):
+            self.bank.feedback(msgspec.msgpack.decode(v, type=P.TaskFeedback))
+        # Rebuild the replay index: open trajectories regrouped, complete groups in FIFO order.
+        now = self.clock()
+        for meta in await self.store.scan_open(self.cfg.broker.max_times_sampled):
+            self._add_to_group(meta, now, times_sampled=meta.times_sampled)
+        self._update_gauges()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("broker task failed", exc_info=task.exception())
+
+    @property
+    def policy_version(self) -> int:
+        return self.policy.version if self.policy else 0
+
+    # ------------------------------------------------------------ the loop
+
+    async def _serve(self) -> None:
+        assert self.server is not None
+        while True:
+            ident, msg = await self.server.recv()
+            peer = self.peers.get(ident)
+            if peer is None:  # unknown peers are fine: after a broker restart nobody re-Hellos
+                peer = self.peers[ident] = Peer(ident, ident.decode(errors="replace"))
+            peer.last_seen = self.clock()
+            if peer.role == "unknown":
+                peer.role = INFERRED_ROLE.get(type(msg), "unknown")
+            handler = self._handlers.get(type(msg))
+            if handler is None:
+                if not isinstance(msg, P.Error):  # never answer an Error with an Error
+                    REJECTED_FRAMES.labels(reason="unexpected").inc()
+                    detail = f"the broker does not accept {type(msg).__name__}"
+                    await self.server.send(ident, P.Error(reason="unexpected", detail=detail))
+                else:
+                    log.warning("peer %s sent error %s: %s", peer.peer_id, msg.reason, msg.detail)
+                continue
+            try:
+                await handler(ident, peer, msg)
+            except Exception as e:  # a bug in one handler must not take the broker down
+                log.exception("handling %s from %s", type(msg).__name__, peer.peer_id)
+                await self.server.send(ident, P.Error(reason="internal", detail=repr(e)[:300]))
+
+    async def _send(self, ident: bytes, msg: P.Base) -> None:
+        assert self.server is not None
+        await self.server.send(ident, msg)
+
+    async def _reap(self) -> None:
+        """Expire leases of silent actors, drop abandoned partial groups, refresh gauges."""
+        b = self.cfg.broker
+        tick = min(1.0, max(0.05, b.heartbeat_timeout_s / 4))
+        while True:
+            await asyncio.sleep(tick)
+            self.reap()
+
+    def reap(self) -> None:
+        b = self.cfg.broker
+        expired = self.leases.expire(
+            lambda ident: self.peers[ident].last_seen if ident in self.peers else None
+        )
+        if expired:
+            M.LEASES_EXPIRED.inc(len(expired))
+            log.info("expired %d leases; their tasks are requeued", len(expired))
+            self._spawn(self.store.kv_write([(f"lease/{a.lease_id}", None) for a in expired]))
+        now = self.clock()
+        abandoned = self.groups.drop_abandoned(
+            now, b.lease_deadline_s, lambda gid: gid in self.leases
+        )
+        self._retire([(item, "incomplete") for item in abandoned])
+        # Forget long-gone peers (every `headrace status` call is a new one); keep lease holders.
+        forget = now - PEER_FORGET_AFTER_S
+        for ident in [i for i, p in self.peers.items() if p.last_seen < forget]:
+            if not self.leases.count_for(ident):
+                del self.peers[ident]
+        self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        now = self.clock()
+        timeout = self.cfg.broker.heartbeat_timeout_s
+        M.REPLAY_SIZE.set(self.table.size)
+        M.REPLAY_GROUPS.set(len(self.table))
+        M.PENDING_GROUPS.set(len(self.groups))
+        M.LEASES_ACTIVE.set(len(self.leases))
+        M.ACTORS_CONNECTED.set(
+            sum(p.role == "actor" and now - p.last_seen <= timeout for p in self.peers.values())
+        )
+
+    # ------------------------------------------------------------ actors
+
+    async def _on_hello(self, ident: bytes, peer: Peer, msg: P.Hello) -> None:
+        peer.role, peer.peer_id = msg.role, msg.peer_id
+        log.info("hello from %s %s", msg.role, msg.peer_id)
+        # A Hello starts a process; a restarted actor keeps its routing id, so without this its
+        # heartbeats would keep renewing leases whose episodes died with the old process.
+        released = self.leases.release(ident)
+        if released:
+            log.info("requeued %d leases of restarted %s", len(released), msg.peer_id)
+            self._spawn(self.store.kv_write([(f"lease/{a.lease_id}", None) for a in released]))
+        p = self.policy
+        welcome = P.Welcome(
+            run_id=self.run_id,
+            policy_version=self.policy_version,
+            weights_endpoint=p.weights_endpoint if p else "",
+            config_digest=self.cfg.digest(),
+            manifest=p.manifest if p else None,
+        )
+        await self._send(ident, welcome)
+
+    async def _on_heartbeat(self, ident: bytes, peer: Peer, msg: P.Heartbeat) -> None:
+        peer.last_heartbeat = peer.last_seen
+        peer.stats = msg.stats
+        if msg.peer_id:
+            peer.peer_id = msg.peer_id
+        self.leases.renew(ident)
+
+    def outstanding(self) -> int:
+        """Trajectories stored-but-unsampled plus episodes still owed by active leases."""
+        owed = sum(
+            max(0, a.lease.group_size - self.groups.delivered(a.lease_id))
+            for a in self.leases.active.values()
+        )
+        return self.table.size + self.groups.n_trajs + owed
+
+    def backpressure_bound(self) -> int:
+        """Most trajectories the broker lets be outstanding (see `outstanding`).
+
+        Anything beyond what the learner consumes within its staleness window would be evicted
+        as stale before it is sampled, so once a learner has told us its batch size the bound
+        is (max_staleness + 1) batches, capped by replay_capacity; before that, replay_capacity.
+        Never below one group, so a run can always make progress.
+        """
+        b = self.cfg.broker
+        bound = b.replay_capacity
+        if self.learner_batch and b.max_staleness >= 0:
+            bound = min(bound, (b.max_staleness + 1) * self.learner_batch)
+        return max(bound, b.group_size)
+
+    async def _on_task_request(self, ident: bytes, peer: Peer, msg: P.TaskRequest) -> None:
+        b = self.cfg.broker
+        want = max(0, min(msg.n, MAX_LEASES_PER_REQUEST))
+        room = self.backpressure_bound() - self.outstanding()
+        n = min(want, max(0, room // b.group_size))
+        tasks = [(t, 1.0 / len(self.bank)) for t in self.leases.take_requeued(n)]
+        tasks += [(p.task, p.prob) for p in self.bank.pick(n - len(tasks))]
+        granted = [
+            self.leases.grant(ident, task, b.group_size, prob, self.bank.version)
+            for task, prob in tasks
+        ]
+        if granted:
+            M.LEASES_GRANTED.inc(len(granted))
+            rows = [(f"lease/{a.lease_id}", msgspec.msgpack.encode(a.record())) for a in granted]
+            self._spawn(self.store.kv_write(rows))
+        retry = 0.0
+        if n < msg.n:
+            M.BACKPRESSURE.inc()
+            retry = BACKPRESSURE_RETRY_S
+        self._update_gauges()
+        await self._send(ident, P.TaskGrant(leases=[a.lease for a in granted], retry_after_s=retry))
+
+    async def _on_trajectories(self, ident: bytes, peer: Peer, msg: P.TrajectoryBatch) -> None:
+        for t in msg.items:
+            problem = check_trajectory(t)
+            if problem is not None:
+                REJECTED_FRAMES.labels(reason="invalid_trajectory").inc()
+                await self._send(ident, P.Error(reason="invalid_trajectory", detail=problem))
+                return
+        M.TRAJ_RECEIVED.inc(len(msg.items))
+        self._spawn(self._ingest(ident, peer, msg.items))
+
+    async def _ingest(self, ident: bytes, peer: Peer, items: list[P.Trajectory]) -> None:
+        try:
+            result = await self.store.put(items)
+        except StoreError as e:
+            # No ack: the actor's outbox keeps the batch and resends it; dedupe makes that safe.
+            log.error("not acking %d trajectories from %s: %s", len(items), peer.peer_id, e)
+            return
+        now = self.clock()
+        peer.episodes += len(result.new)
+        for meta in result.new:
+            self._add_to_group(meta, now)
+        M.TRAJ_ACKED.inc(len(items))
+        M.DUPLICATES.inc(len(result.duplicates))
+        self._update_gauges()
+        ack = P.Ack(traj_ids=[t.traj_id for t in items], duplicates=len(result.duplicates))
+        await self._send(ident, ack)
+
+    def _add_to_group(self, meta: TrajMeta, now: float, times_sampled: int = 0) -> None:
+        gid = meta.group_id
+        lease = self.leases.get(gid)  # group_id == lease_id
+        size = lease.lease.group_size if lease else self.cfg.broker.group_size
+        item = self.groups.add(meta, size, now, times_sampled)
+        if item is None:
+            return
+        self._retire(self.table.insert(item))
+        if self.leases.complete(gid) is not None:
+            self._spawn(self.store.kv_write([(f"lease/{gid}", None)]))
+
+    def _retire(self, removals: list[tuple[GroupItem, str]]) -> None:
+        """Count evictions and record them durably so a restart does not resurrect them."""
+        by_reason: dict[str, list[int]] = {}
+        for item, reason in removals:
+            M.EVICTED.labels(reason=reason).inc()
+            self.evicted[reason] += 1
+            by_reason.setdefault(reason, []).extend(item.seqs)
+        for reason, seqs in by_reason.items():
+            self._spawn(self.store.retire(seqs, reason))
+
+    # ------------------------------------------------------------ learner
+
+    async def _on_sample(self, ident: bytes, peer: Peer, msg: P.SampleRequest) -> None:
+        if msg.batch_size < 1:
+            await self._send(ident, P.Error(reason="invalid", detail="batch_size must be >= 1"))
+            return
+        self.learner_batch = msg.batch_size
+        cap = msg.max_staleness if msg.max_staleness >= 0 else self.cfg.broker.max_staleness
+        self._retire(self.table.evict_stale(msg.policy_version, cap))
+        items = self.table.sample(msg.batch_size)
+        self._update_gauges()
+        if items is None:
+            M.NOT_READY.inc()
+            await self._send(ident, P.NotReady(self.table.size, NOT_READY_RETRY_S))
+            return
+        self._spawn(self._hand_out(ident, items, msg.policy_version))
+
+    async def _hand_out(self, ident: bytes, items: list[GroupItem], version: int) -> None:
+        seqs = [s for item in items for s in item.seqs]
+        weights = self.table.weights(items)
+        try:
+            trajs = await self.store.claim(seqs)  # durable before anything leaves the broker
+        except StoreError as e:
+            log.error("could not record sampling of %d trajectories: %s", len(seqs), e)
+            self.table.restore(items)
+            self._update_gauges()
+            await self._send(ident, P.NotReady(self.table.size, NOT_READY_RETRY_S))
+            return
+        for t in trajs:
+            TRAJECTORY_STALENESS.observe(max(0, version - t.min_policy_version()))
+        M.TRAJ_SAMPLED.inc(len(trajs))
+        cursor = max(item.key for item in items)
+        await self._send(ident, P.Batch(trajs, sample_ids=seqs, is_weights=weights, cursor=cursor))
+
+    async def _on_policy(self, ident: bytes, peer: Peer, msg: P.PolicyPublished) -> None:
+        if self.policy is not None and msg.version < self.policy.version:
+            log.warning("ignoring policy v%d: v%d is newer", msg.version, self.policy.version)
+            return
+        self.policy = msg  # in memory first, so every Welcome from now on carries it
+        M.POLICY_VERSION.set(msg.version)
+        self._spawn(self.store.kv_set("policy", P.encode(msg)))
+        horizon = 10 * self.cfg.broker.heartbeat_timeout_s
+        now = self.clock()
+        actors = [
+            p for p in self.peers.values() if p.role == "actor" and now - p.last_seen <= horizon
+        ]
+        for p in actors:
+            await self._send(p.ident, msg)
+        log.info("policy v%d published; relayed to %d actors", msg.version, len(actors))
+
+    async def _on_priorities(self, ident: bytes, peer: Peer, msg: P.PriorityUpdate) -> None:
+        self.table.update_priorities(msg.sample_ids, msg.priorities)
+
+    async def _on_feedback(self, ident: bytes, peer: Peer, msg: P.TaskFeedback) -> None:
+        self.bank.feedback(msg)
+        self._spawn(self.store.kv_set(f"feedback/{msg.task_id}", P.encode(msg)))
+
+    # ------------------------------------------------------------ status
+
+    async def _on_status(self, ident: bytes, peer: Peer, msg: P.Status) -> None:
+        await self._send(ident, P.StatusReply(info=self.status()))
+
+    def status(self) -> dict[str, object]:
+        now = self.clock()
+
+        def describe(p: Peer) -> dict[str, object]:
+            return p.describe(now, self.leases.count_for(p.ident))
+
+        peers = self.peers.values()
+        return {
+            "run_id": self.run_id,
+            "protocol_version": P.PROTOCOL_VERSION,
+            "config_digest": self.cfg.digest(),
+            "durability": self.cfg.broker.durability,
+            "policy_version": self.policy_version,
+            "weights_endpoint": self.policy.weights_endpoint if self.policy else "",
+            "stored_trajectories": self.store.stored,
+            "replay_size": self.table.size,
+            "replay_groups": len(self.table),
+            "pending_groups": len(self.groups),
+            "leases_active": len(self.leases),
+            "leases_requeued": len(self.leases.requeued),
+            "outstanding": self.outstanding(),
+            "backpressure_bound": self.backpressure_bound(),
+            "rate_limiter": self.table.rate_limiter.state(self.table.size),
+            "evicted": dict(self.evicted),
+            "actors": [describe(p) for p in peers if p.role == "actor"],
+            "learners": [describe(p) for p in peers if p.role == "learner"],
+        }

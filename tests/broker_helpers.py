@@ -1,0 +1,32 @@
+"""Synthetic trajectories for the broker tests (no model, no environment)."""
+
+from __future__ import annotations
+
+from shared import protocol as P
+
+
+def make_traj(
+    group_id: str, i: int, version: int = 0, n_tokens: int = 8, n_prompt: int = 2
+) -> P.Trajectory:
+    """Trajectory `i` of group `group_id`: a prompt, then loss-masked action tokens sampled by
+    policy `version`. Deterministic, so a resend is byte-identical (as an outbox's would be)."""
+    n = n_tokens
+    return P.Trajectory(
+        traj_id=f"{group_id}-{i}",
+        group_id=group_id,
+        task_id="symbols-L1-0",
+        env="symbols",
+        actor_id="actor-1",
+        lease_id=group_id,
+        token_ids=P.pack(range(n), "token_ids"),
+        role=P.pack([P.Role.PROMPT] * n_prompt + [P.Role.ACTION] * (n - n_prompt), "role"),
+        loss_mask=P.pack([0] * n_prompt + [1] * (n - n_prompt), "loss_mask"),
+        behav_logprob=P.pack([-0.5] * n, "behav_logprob"),
+        policy_version=P.pack([version] * n, "policy_version"),
+        turn_idx=P.pack([0] * n, "turn_idx"),
+        turns=[P.TurnInfo(reward=float(i), done=True, truncated=False, action_valid=True)],
+        outcome_reward=float(i),
+        success=i > 0,
+        termination=P.Termination.DONE,
+        n_turns=1,
+    )

@@ -1,0 +1,137 @@
+"""The broker's durable store: group commit, dedupe, reopen, in-memory mode, failure paths."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from prometheus_client import REGISTRY
+
+from broker.store import (
+    DB_NAME,
+    Store,
+    StoreCorruptError,
+    StoreFullError,
+    StoreLockedError,
+)
+from tests.broker_helpers import make_traj
+
+
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_commit_dedupes_and_folds_concurrent_batches(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = Store(tmp_path, commit_interval_s=0.05)
+        await store.open()
+        commits = metric("headrace_broker_commit_seconds_count")
+        batches = [[make_traj(f"g{b}", i) for i in range(3)] for b in range(4)]
+        results = await asyncio.gather(*(store.put(b) for b in batches))
+        assert [len(r.new) for r in results] == [3, 3, 3, 3]
+        # four callers within one commit window share one transaction
+        assert metric("headrace_broker_commit_seconds_count") == commits + 1
+        again = await store.put([make_traj("g0", 0), make_traj("g0", 1), make_traj("g9", 0)])
+        assert again.duplicates == ["g0-0", "g0-1"]
+        assert [m.traj_id for m in again.new] == ["g9-0"]
+        # a duplicate within one batch is stored once too
+        same = await store.put([make_traj("g8", 0), make_traj("g8", 0)])
+        assert len(same.new) == 1 and same.duplicates == ["g8-0"]
+        assert store.stored == 14
+        seqs = [m.seq for r in results for m in r.new]
+        assert seqs == sorted(seqs) and len(set(seqs)) == 12
+        await store.close()
+
+    asyncio.run(main())
+
+
+def test_reopen_keeps_data_sampling_and_kv(tmp_path: Path) -> None:
+    async def main() -> list[int]:
+        store = Store(tmp_path, commit_interval_s=0)
+        await store.open()
+        res = await store.put([make_traj("a", i, version=3) for i in range(4)])
+        await store.kv_set("run_id", b"r1")
+        await store.kv_write([("lease/x", b"1"), ("lease/y", b"2"), ("lease/x", None)])
+        first = [m.seq for m in res.new]
+        got = await store.claim(first[:2])
+        assert [t.traj_id for t in got] == ["a-0", "a-1"]
+        assert got[0].min_policy_version() == 3
+        await store.retire(first[3:], "stale")
+        await store.close()
+
+        store = Store(tmp_path)
+        await store.open()
+        assert store.stored == 4
+        open_ = await store.scan_open(max_times_sampled=1)
+        assert [m.traj_id for m in open_] == ["a-2"]  # sampled and evicted ones are not open
+        assert open_[0].min_version == 3 and open_[0].n_tokens == 8
+        assert [m.traj_id for m in await store.scan_open(max_times_sampled=2)] == [
+            "a-0",
+            "a-1",
+            "a-2",
+        ]
+        assert await store.kv_get("run_id") == b"r1"
+        assert await store.kv_scan("lease/") == [("lease/y", b"2")]
+        await store.close()
+        return first
+
+    asyncio.run(main())
+
+
+def test_durability_none_is_in_memory(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = Store(None)
+        await store.open()
+        assert store.in_memory
+        res = await store.put([make_traj("m", i) for i in range(2)])
+        assert len(res.new) == 2
+        assert (await store.put([make_traj("m", 0)])).duplicates == ["m-0"]
+        assert [t.traj_id for t in await store.claim([res.new[1].seq])] == ["m-1"]
+        await store.close()
+
+    asyncio.run(main())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_full_disk_raises_and_commits_nothing(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = Store(tmp_path, commit_interval_s=0, max_page_count=40)
+        await store.open()
+        before = metric("headrace_broker_store_errors_total", kind="full")
+        big = [make_traj("big", i, n_tokens=20_000) for i in range(8)]  # ~1.2 MB >> 40 pages
+        with pytest.raises(StoreFullError):
+            await store.put(big)
+        assert metric("headrace_broker_store_errors_total", kind="full") == before + 1
+        assert store.stored == 0
+        assert await store.scan_open(1) == []  # the failed transaction left nothing behind
+        # the store keeps working for what fits
+        assert len((await store.put([make_traj("small", 0)])).new) == 1
+        await store.close()
+
+    asyncio.run(main())
+
+
+def test_corrupt_database_is_named(tmp_path: Path) -> None:
+    (tmp_path / DB_NAME).write_bytes(b"this is not an sqlite database" * 200)
+
+    async def main() -> None:
+        store = Store(tmp_path)
+        with pytest.raises(StoreCorruptError):
+            await store.open()
+        await store.close()
+
+    asyncio.run(main())
+
+
+def test_second_broker_on_same_data_dir_is_refused(tmp_path: Path) -> None:
+    async def main() -> None:
+        first = Store(tmp_path)
+        await first.open()
+        second = Store(tmp_path)
+        with pytest.raises(StoreLockedError):
+            await second.open()
+        await second.close()
+        await first.close()
+
+    asyncio.run(main())
