@@ -1,0 +1,1 @@
+"""The headrace learner: training loop, advantages, losses, weight publisher, checkpoints."""

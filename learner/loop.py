@@ -1,0 +1,396 @@
+"""The learner process: pull batches from the broker, train, publish weights, checkpoint.
+
+Everything socket-facing runs on one asyncio loop (broker client, weight endpoint); the
+optimiser step, weight serialisation and checkpoint writes run in a worker thread, so actors
+keep fetching chunks of the previous version while the next step trains. Steps are strictly
+sequential: a new batch is requested only after the previous update, publish and feedback, so
+the weights never change under a running publish or checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import time
+from collections import defaultdict
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from learner import metrics as M
+from learner.checkpoint import latest, load_checkpoint, save_checkpoint
+from learner.publish import WeightPublisher
+from learner.tiny_model import build_tiny_model
+from learner.train import Trainer
+from learner.util import json_safe, seed_everything, write_json_atomic
+from shared import protocol as P
+from shared.config import Config
+from shared.metrics import TRAJECTORY_STALENESS, serve_metrics
+from shared.transport import Client, PeerUnreachable
+
+log = logging.getLogger("learner")
+T = TypeVar("T")
+
+
+class LearnerExit(Exception):
+    """A condition that ends the run with a one-line reason and a non-zero exit code."""
+
+    def __init__(self, reason: str, code: int = 2) -> None:
+        super().__init__(reason)
+        self.code = code
+
+
+@dataclass
+class Options:
+    """Per-process settings (CLI flags override the config file's [learner] section)."""
+
+    broker: str
+    steps: int
+    checkpoint_dir: Path
+    weights_port: int
+    metrics_port: int = 0
+    summary_json: Path | None = None
+    torch_threads: int = 0  # 0: auto (half the cores on CPU, see __main__)
+    progress: bool | None = None  # None: a bar only on a TTY
+
+
+class Learner:
+    def __init__(self, cfg: Config, opts: Options) -> None:
+        self.cfg, self.opts, self.lc = cfg, opts, cfg.learner
+        self.stop = asyncio.Event()
+        self.step = 0
+        self.version = 0
+        self.cursor = 0
+        self.summary: list[dict[str, Any]] = []
+        self.peer_id = f"learner-{socket.gethostname()}-{os.getpid()}"
+        self.client: Client | None = None
+        self.publisher: WeightPublisher | None = None
+        self.weights_endpoint = ""
+        self.last_published = -1
+
+    # ------------------------------------------------------------ setup
+
+    def _load(self) -> None:
+        from transformers import AutoModelForCausalLM
+
+        seed_everything(self.lc.seed)
+        path = Path(self.cfg.model.path)
+        if not (path / "config.json").exists():
+            if not self.cfg.model.build_tiny_if_missing:
+                raise LearnerExit(f"model not found at {path} (build_tiny_if_missing = false)")
+            log.info("building the tiny model at %s", path)
+            build_tiny_model(path, self.cfg.model.seed)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+        opt = torch.optim.AdamW(
+            model.parameters(), lr=self.lc.lr, weight_decay=self.lc.weight_decay
+        )
+        pad_id = model.config.pad_token_id
+        self.trainer = Trainer(
+            model,
+            opt,
+            clip_eps=self.lc.clip_eps,
+            is_cap=self.lc.is_cap,
+            grad_clip=self.lc.grad_clip,
+            # vLLM reports "processed" logprobs, i.e. after temperature scaling: match it.
+            temperature=self.cfg.actor.temperature,
+            pad_id=0 if pad_id is None else int(pad_id),
+        )
+        ckpt = latest(self.opts.checkpoint_dir)
+        if ckpt is not None:
+            st = load_checkpoint(ckpt, model, opt)  # also restores the RNG streams
+            self.step, self.version, self.cursor = st.step, st.policy_version, st.broker_cursor
+            log.info("resumed from %s: step %d, policy v%d", ckpt, self.step, self.version)
+            self._load_summary()
+        self.last_ckpt_step = self.step  # a fresh run has nothing worth saving at step 0
+
+    def _load_summary(self) -> None:
+        p = self.opts.summary_json
+        if p is not None and p.is_file():
+            try:
+                old = json.loads(p.read_text()).get("steps", [])
+                self.summary = [s for s in old if s.get("step", 0) <= self.step]
+            except (ValueError, AttributeError):
+                log.warning("ignoring unreadable summary %s", p)
+
+    async def _until_stop(self, aw: Awaitable[T]) -> T | None:
+        """Await `aw` unless a stop is requested first (then cancel it and return None)."""
+        task = asyncio.ensure_future(aw)
+        stopper = asyncio.ensure_future(self.stop.wait())
+        done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            stopper.cancel()
+            return task.result()
+        task.cancel()
+        return None
+
+    async def _connect(self) -> bool:
+        assert self.client is not None
+        timeout = self.lc.connect_timeout_s
+        per_try = min(5.0, timeout)
+        hello = P.Hello(
+            role="learner",
+            peer_id=self.peer_id,
+            protocol_version=P.PROTOCOL_VERSION,
+            capabilities={
+                "weights_endpoint": self.weights_endpoint,
+                "policy_version": str(self.version),
+                "step": str(self.step),
+                "cursor": str(self.cursor),
+            },
+        )
+        retries = max(0, math.ceil(timeout / per_try) - 1)
+        try:
+            welcome = await self._until_stop(
+                self.client.request(hello, P.Welcome, timeout=per_try, retries=retries)
+            )
+        except PeerUnreachable:
+            raise LearnerExit(
+                f"broker {self.opts.broker} did not answer Hello within {timeout:.0f}s", 3
+            ) from None
+        except P.ProtocolError as e:
+            raise LearnerExit(f"broker {self.opts.broker} refused the learner: {e}", 3) from None
+        if welcome is None:
+            return False
+        log.info("connected to %s (run %s)", self.opts.broker, welcome.run_id)
+        if welcome.policy_version > self.version:
+            # Versions must stay monotonic for actors even if our checkpoint is older.
+            log.warning(
+                "broker knows policy v%d > our v%d; continuing from v%d",
+                welcome.policy_version,
+                self.version,
+                welcome.policy_version,
+            )
+            self.version = welcome.policy_version
+        return True
+
+    # ------------------------------------------------------------ per step
+
+    async def _publish(self) -> None:
+        assert self.publisher is not None and self.client is not None
+        model = self.trainer.model
+        manifest = await asyncio.to_thread(self.publisher.publish, self.version, model.state_dict())
+        await self.client.send(
+            P.PolicyPublished(
+                version=self.version, weights_endpoint=self.weights_endpoint, manifest=manifest
+            )
+        )
+        self.last_published = self.version
+
+    async def _next_batch(self) -> P.Batch | None:
+        assert self.client is not None
+        n = self.lc.batch_groups * self.cfg.broker.group_size
+        t0 = time.monotonic()
+        lost_since: float | None = None
+        last_log = t0
+        while not self.stop.is_set():
+            req = P.SampleRequest(batch_size=n, policy_version=self.version)
+            try:
+                reply = await self._until_stop(
+                    self.client.request(
+                        req,
+                        (P.Batch, P.NotReady),
+                        timeout=min(10.0, self.lc.connect_timeout_s),
+                        retries=0,
+                    )
+                )
+            except PeerUnreachable:
+                now = time.monotonic()
+                lost_since = lost_since or now
+                if now - lost_since > self.lc.connect_timeout_s:
+                    raise LearnerExit(
+                        f"broker {self.opts.broker} silent for {now - lost_since:.0f}s", 4
+                    ) from None
+                log.warning("broker not answering SampleRequest; retrying")
+                continue
+            except P.ProtocolError as e:
+                log.warning("broker refused SampleRequest: %s", e)
+                reply = P.NotReady(replay_size=-1, retry_after_s=1.0)
+            if reply is None:
+                break
+            lost_since = None
+            if isinstance(reply, P.Batch) and reply.items:
+                M.WAIT_SECONDS.inc(time.monotonic() - t0)
+                return reply
+            delay = reply.retry_after_s if isinstance(reply, P.NotReady) else 0.5
+            if time.monotonic() - last_log > 10:
+                last_log = time.monotonic()
+                size = reply.replay_size if isinstance(reply, P.NotReady) else 0
+                log.info("waiting for a batch of %d (replay size %d)", n, size)
+            await self._until_stop(asyncio.sleep(max(0.05, delay)))
+        M.WAIT_SECONDS.inc(time.monotonic() - t0)
+        return None
+
+    async def _feedback(self, batch: P.Batch, adv: np.ndarray) -> None:
+        assert self.client is not None
+        by_task: dict[str, list[int]] = defaultdict(list)
+        for i, t in enumerate(batch.items):
+            by_task[t.task_id].append(i)
+        for task_id, idx in by_task.items():
+            await self.client.send(
+                P.TaskFeedback(
+                    task_id=task_id,
+                    mean_abs_advantage=float(np.abs(adv[idx]).mean()),
+                    pass_rate=float(np.mean([batch.items[i].success for i in idx])),
+                    policy_version=self.version,
+                )
+            )
+        if batch.sample_ids and len(batch.sample_ids) == len(adv):
+            # |A| is constant over a trajectory's tokens, so it is also its mean token |A|.
+            await self.client.send(
+                P.PriorityUpdate(sample_ids=list(batch.sample_ids), priorities=np.abs(adv).tolist())
+            )
+
+    async def _train_one(self, batch: P.Batch) -> dict[str, Any]:
+        stale = [self.version - t.min_policy_version() for t in batch.items]
+        for s in stale:
+            TRAJECTORY_STALENESS.observe(max(0, s))
+        t0 = time.perf_counter()
+        diag, adv = await asyncio.to_thread(self.trainer.step, batch.items, batch.is_weights)
+        dt = time.perf_counter() - t0
+        self.step += 1
+        self.version += 1
+        self.cursor = max(self.cursor, batch.cursor)
+        M.STEPS.inc()
+        M.STEP_SECONDS.observe(dt)
+        M.POLICY_VERSION.set(self.version)
+        M.REWARD_MEAN.set(diag["reward_mean"])
+        M.LOSS.set(diag["loss"])
+        M.CLIP_FRACTION.set(diag["clip_fraction"])
+        M.ESS.set(diag["ess"])
+        M.KL_BEHAVIOUR.set(diag["kl_behaviour"])
+        M.TRAJECTORIES.inc(len(batch.items))
+        M.TOKENS.inc(diag["n_tokens"])
+        if self.step % max(1, self.lc.publish_every) == 0:
+            await self._publish()
+        await self._feedback(batch, adv)
+        entry = {
+            "step": self.step,
+            "reward_mean": diag.pop("reward_mean"),
+            "policy_version": self.version,
+            **diag,
+            "step_seconds": dt,
+            "staleness_mean": float(np.mean(stale)),
+            "staleness_max": float(max(stale)),
+        }
+        return json_safe(entry)
+
+    async def _checkpoint(self) -> None:
+        await asyncio.to_thread(
+            save_checkpoint,
+            self.opts.checkpoint_dir,
+            self.step,
+            self.trainer.model,
+            self.trainer.optimizer,
+            policy_version=self.version,
+            broker_cursor=self.cursor,
+            copy_from=self.cfg.model.path,
+        )
+        self.last_ckpt_step = self.step
+        log.info("checkpoint step %d (policy v%d)", self.step, self.version)
+
+    def _write_summary(self) -> None:
+        if self.opts.summary_json is not None:
+            write_json_atomic(self.opts.summary_json, {"steps": self.summary})
+
+    # ------------------------------------------------------------ main
+
+    async def run(self) -> int:
+        serve_metrics(self.opts.metrics_port, "learner")
+        self._load()
+        M.POLICY_VERSION.set(self.version)
+        port = self.opts.weights_port
+        self.publisher = WeightPublisher(f"tcp://0.0.0.0:{port if port else '*'}")
+        self.weights_endpoint = f"tcp://{self.lc.weights_host}:{self.publisher.port}"
+        self.publisher.start()
+        self.client = Client(self.opts.broker, peer_id=self.peer_id)
+        self.client.start()
+        try:
+            if not await self._connect():
+                return 0  # stopped while connecting: nothing trained, nothing to save
+            await self._publish()
+            return await self._train_loop()
+        finally:
+            self.client.close()
+            await self.publisher.aclose()
+
+    async def _train_loop(self) -> int:
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=self.opts.steps,
+            initial=self.step,
+            desc="learner",
+            unit="step",
+            disable=not self.opts.progress if self.opts.progress is not None else None,
+            dynamic_ncols=True,
+        )
+        try:
+            while self.step < self.opts.steps and not self.stop.is_set():
+                batch = await self._next_batch()
+                if batch is None:
+                    break
+                entry = await self._train_one(batch)
+                self.summary.append(entry)
+                self._write_summary()
+                if self.step % max(1, self.lc.checkpoint_every) == 0:
+                    await self._checkpoint()
+                self._report(bar, entry)
+        except LearnerExit:
+            if self.step != self.last_ckpt_step:
+                await self._checkpoint()  # the broker is gone; keep what was trained
+            raise
+        finally:
+            bar.close()
+        if self.last_published != self.version:
+            await self._publish()
+        if self.step != self.last_ckpt_step:
+            await self._checkpoint()
+        self._write_summary()
+        why = "stop requested" if self.stop.is_set() else "done"
+        log.info("%s at step %d (policy v%d)", why, self.step, self.version)
+        return 0
+
+    def _report(self, bar: Any, entry: dict[str, Any]) -> None:
+        bar.update(1)
+        bar.set_postfix(
+            v=self.version, reward=f"{entry['reward_mean']:.3f}", loss=f"{entry['loss']:.4f}"
+        )
+        if bar.disable:  # no TTY: one log line per step instead
+            log.info(
+                "step %d v%d reward %.3f loss %.4f ess %.3f kl %.4f (%.2fs)",
+                self.step,
+                self.version,
+                entry["reward_mean"],
+                entry["loss"],
+                entry["ess"],
+                entry["kl_behaviour"],
+                entry["step_seconds"],
+            )
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if self.stop.is_set():
+            raise SystemExit(130)  # a second signal: stop now
+        log.info("%s: stopping after the current step", signal.Signals(sig).name)
+        self.stop.set()
+
+
+async def run_learner(cfg: Config, opts: Options, install_signals: bool = False) -> int:
+    learner = Learner(cfg, opts)
+    if install_signals:
+        learner.install_signal_handlers()
+    return await learner.run()

@@ -1,0 +1,214 @@
+"""The learner's weight endpoint: versioned safetensors blobs served in digest-checked chunks.
+
+`publish(version, state_dict)` serialises the state dict (HF parameter names, safetensors
+layout, so the actor hands it straight to vLLM's loader) into one blob, cuts it into
+`chunk_bytes` pieces and records a blake2b-128 digest per chunk and for the whole blob in a
+`WeightManifest`, which the learner broadcasts via the broker as `PolicyPublished`.
+
+A ZMQ ROUTER answers `WeightRequest{version, chunk}` with `WeightChunk`. Flow control is
+credit-based on the client side: a fetcher keeps at most its window of requests outstanding,
+so the server never queues more than (clients x window) chunks. The latest `keep` versions stay
+servable, so an actor that started fetching version v can finish after v+1 is published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import save as st_save
+
+from shared import protocol as P
+from shared.metrics import WEIGHTS_SYNC_SECONDS
+from shared.transport import Client, Server
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
+
+
+def blake2b_128(data: bytes | memoryview) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")  # "float32", "bfloat16", ...
+
+
+def serialize_state_dict(state_dict: Mapping[str, torch.Tensor]) -> bytes:
+    """safetensors bytes of `state_dict`: contiguous CPU tensors, storage sharing broken."""
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, t in state_dict.items():
+        t = t.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        # safetensors refuses tensors that share storage (tied embeddings); copy the repeats.
+        if ptr in seen:
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        tensors[name] = t
+    return st_save(tensors)
+
+
+@dataclass
+class _Published:
+    manifest: P.WeightManifest
+    blob: bytes
+
+
+class WeightPublisher:
+    """Serves the latest `keep` published versions on `bind` (call `start()` inside a loop)."""
+
+    def __init__(
+        self,
+        bind: str,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        keep: int = 2,
+        max_frame_bytes: int = P.DEFAULT_MAX_FRAME_BYTES,
+    ) -> None:
+        if chunk_bytes <= 0 or chunk_bytes > max_frame_bytes // 2:
+            raise ValueError(f"chunk_bytes must be in (0, {max_frame_bytes // 2}]")
+        self.chunk_bytes = chunk_bytes
+        self.keep = keep
+        self.server = Server(bind, max_frame_bytes=max_frame_bytes)
+        self.endpoint = self.server.endpoint  # the real address (port resolved if bound to :0)
+        self._versions: OrderedDict[int, _Published] = OrderedDict()
+        self._task: asyncio.Task[None] | None = None
+        self.chunks_served = 0
+
+    @property
+    def port(self) -> int:
+        return int(self.endpoint.rsplit(":", 1)[1])
+
+    @property
+    def latest(self) -> P.WeightManifest | None:
+        return next(reversed(self._versions.values())).manifest if self._versions else None
+
+    def publish(self, version: int, state_dict: Mapping[str, torch.Tensor]) -> P.WeightManifest:
+        """Serialise and make `version` servable; returns its manifest.
+
+        Thread-safe with respect to the serving task: the heavy work happens before a single
+        dict update, so this may run in a worker thread (`asyncio.to_thread`) while the event
+        loop keeps answering chunk requests for the previous versions.
+        """
+        t0 = time.perf_counter()
+        blob = serialize_state_dict(state_dict)
+        view = memoryview(blob)
+        digests = [
+            blake2b_128(view[i : i + self.chunk_bytes])
+            for i in range(0, len(blob), self.chunk_bytes)
+        ]
+        manifest = P.WeightManifest(
+            version=version,
+            total_bytes=len(blob),
+            chunk_bytes=self.chunk_bytes,
+            chunk_digests=digests,
+            tensors=[
+                P.TensorInfo(name=k, dtype=_dtype_name(v.dtype), shape=list(v.shape))
+                for k, v in state_dict.items()
+            ],
+            digest=blake2b_128(blob),
+        )
+        versions = OrderedDict(self._versions)
+        versions.pop(version, None)  # re-publishing a version (after resume) replaces it
+        versions[version] = _Published(manifest, blob)
+        while len(versions) > self.keep:
+            versions.popitem(last=False)
+        self._versions = versions  # one atomic swap; the server reads whichever it sees
+        WEIGHTS_SYNC_SECONDS.labels(phase="publish").observe(time.perf_counter() - t0)
+        log.info("published policy v%d: %d bytes, %d chunks", version, len(blob), len(digests))
+        return manifest
+
+    def start(self) -> asyncio.Task[None]:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._serve())
+        return self._task
+
+    async def _serve(self) -> None:
+        while True:
+            ident, msg = await self.server.recv()
+            if not isinstance(msg, P.WeightRequest):
+                await self.server.send(
+                    ident, P.Error(reason="unexpected", detail=f"{type(msg).__name__}")
+                )
+                continue
+            pub = self._versions.get(msg.version)
+            if pub is None:
+                have = ",".join(map(str, self._versions)) or "none"
+                await self.server.send(
+                    ident,
+                    P.Error(reason="unknown_version", detail=f"v{msg.version}; have {have}"),
+                )
+                continue
+            n_chunks = len(pub.manifest.chunk_digests)
+            if not 0 <= msg.chunk < n_chunks:
+                await self.server.send(
+                    ident, P.Error(reason="bad_chunk", detail=f"{msg.chunk} of {n_chunks}")
+                )
+                continue
+            start = msg.chunk * self.chunk_bytes
+            # memoryview: the frame is encoded straight from the blob, no per-chunk copy here.
+            data = memoryview(pub.blob)[start : start + self.chunk_bytes]
+            await self.server.send(
+                ident, P.WeightChunk(version=msg.version, chunk=msg.chunk, data=data)
+            )
+            self.chunks_served += 1
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self.server.close()
+
+
+async def fetch_weights(
+    client: Client, manifest: P.WeightManifest, window: int = 4, timeout: float = 10.0
+) -> bytes:
+    """Reference fetcher (tests, tools): credit-windowed chunk requests, digests verified.
+
+    The actor has its own fetcher; this one documents the protocol and proves the round trip.
+    Raises ValueError on a digest mismatch and ProtocolError on an Error reply.
+    """
+    n = len(manifest.chunk_digests)
+    parts: list[bytes | None] = [None] * n
+    next_chunk = 0
+    in_flight = 0
+    client.start()
+    client.drain(P.WeightChunk)  # leftovers of an earlier, abandoned fetch
+    client.drain(P.Error)
+    while next_chunk < n or in_flight:
+        while in_flight < window and next_chunk < n:
+            await client.send(P.WeightRequest(version=manifest.version, chunk=next_chunk))
+            next_chunk += 1
+            in_flight += 1
+        chunk_task = asyncio.ensure_future(client.recv(P.WeightChunk))
+        err_task = asyncio.ensure_future(client.recv(P.Error))
+        done, pending = await asyncio.wait(
+            {chunk_task, err_task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        for f in pending:
+            f.cancel()
+        if not done:
+            raise TimeoutError(f"no weight chunk from {client.endpoint} in {timeout}s")
+        for msg in (f.result() for f in done):
+            if isinstance(msg, P.Error):
+                raise P.ProtocolError(msg.reason, msg.detail)
+            in_flight -= 1
+            if msg.version != manifest.version or parts[msg.chunk] is not None:
+                continue  # a late duplicate from an earlier fetch
+            if blake2b_128(msg.data) != manifest.chunk_digests[msg.chunk]:
+                raise ValueError(f"chunk {msg.chunk} of v{manifest.version}: digest mismatch")
+            parts[msg.chunk] = msg.data
+    blob = b"".join(p for p in parts if p is not None)
+    if len(blob) != manifest.total_bytes or blake2b_128(blob) != manifest.digest:
+        raise ValueError(f"v{manifest.version}: whole-blob digest mismatch")
+    return blob

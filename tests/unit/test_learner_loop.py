@@ -1,0 +1,195 @@
+"""The learner process loop against an in-process fake broker (no actors, no real broker)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load as st_load
+
+from learner.__main__ import main
+from learner.checkpoint import latest
+from learner.loop import Learner, LearnerExit, Options, run_learner
+from learner.publish import fetch_weights
+from learner.synthetic import synthetic_batch
+from shared import protocol as P
+from shared.config import Config
+from shared.transport import Client, Server
+
+
+class FakeBroker:
+    """Answers Hello and SampleRequest (NotReady first, then synthetic batches); records."""
+
+    def __init__(self, group_size: int) -> None:
+        self.server = Server("tcp://127.0.0.1:0")
+        self.group_size = group_size
+        self.received: list[P.Message] = []
+        self.n_batches = 0
+
+    async def serve(self) -> None:
+        while True:
+            ident, msg = await self.server.recv()
+            self.received.append(msg)
+            if isinstance(msg, P.Hello):
+                await self.server.send(
+                    ident,
+                    P.Welcome(run_id="r", policy_version=0, weights_endpoint="", config_digest=""),
+                )
+            elif isinstance(msg, P.SampleRequest):
+                if self.n_batches == 0 and not any(
+                    isinstance(m, P.NotReady) for m in self.received
+                ):
+                    self.received.append(P.NotReady(replay_size=0, retry_after_s=0.05))
+                    await self.server.send(ident, P.NotReady(replay_size=0, retry_after_s=0.05))
+                    continue
+                n_groups = msg.batch_size // self.group_size
+                items = synthetic_batch(
+                    n_groups, self.group_size, 16, seed=self.n_batches, prefix=f"b{self.n_batches}"
+                )
+                base = 100 * self.n_batches
+                self.n_batches += 1
+                await self.server.send(
+                    ident,
+                    P.Batch(
+                        items=items,
+                        sample_ids=[base + i for i in range(len(items))],
+                        is_weights=[1.0] * len(items),
+                        cursor=base + len(items),
+                    ),
+                )
+
+    def of(self, kind: type) -> list:
+        return [m for m in self.received if isinstance(m, kind)]
+
+
+def _config(tmp: Path) -> Config:
+    cfg = Config()
+    cfg.model.path = str(tmp / "model")
+    cfg.broker.group_size = 2
+    cfg.learner.batch_groups = 2
+    cfg.learner.checkpoint_every = 2
+    cfg.learner.connect_timeout_s = 5.0
+    return cfg
+
+
+async def _run(cfg: Config, opts: Options, broker: FakeBroker) -> tuple[int, list[P.Message]]:
+    serve = asyncio.create_task(broker.serve())
+    try:
+        code = await asyncio.wait_for(run_learner(cfg, opts), 60)
+    finally:
+        serve.cancel()
+    return code, broker.received
+
+
+def test_train_publish_checkpoint_resume(tmp_path: Path) -> None:
+    cfg = _config(tmp_path)
+    broker = FakeBroker(group_size=2)
+    opts = Options(
+        broker=broker.server.endpoint,
+        steps=3,
+        checkpoint_dir=tmp_path / "ckpt",
+        weights_port=0,
+        summary_json=tmp_path / "summary.json",
+        progress=False,
+    )
+    code, _ = asyncio.run(_run(cfg, opts, broker))
+    assert code == 0
+    steps = json.loads(opts.summary_json.read_text())["steps"]
+    assert [s["step"] for s in steps] == [1, 2, 3]
+    assert [s["policy_version"] for s in steps] == [1, 2, 3]
+    assert all(
+        {"reward_mean", "loss", "ess", "clip_fraction", "kl_behaviour"} <= set(s) for s in steps
+    )
+    assert [m.version for m in broker.of(P.PolicyPublished)] == [0, 1, 2, 3]
+    assert broker.of(P.Hello)[0].role == "learner"
+    assert len(broker.of(P.TaskFeedback)) == 3 * 2  # one per task (group) per step
+    assert broker.of(P.PriorityUpdate)[0].sample_ids == [0, 1, 2, 3]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step_000002", "step_000003"]
+    assert (tmp_path / "model" / "config.json").is_file()  # built because it was missing
+
+    # Resume: continues at step 3 / v3 and trains one more step.
+    broker2 = FakeBroker(group_size=2)
+    opts.broker = broker2.server.endpoint
+    opts.steps = 4
+    code, _ = asyncio.run(_run(cfg, opts, broker2))
+    assert code == 0
+    assert broker2.of(P.Hello)[0].capabilities["policy_version"] == "3"
+    assert [m.version for m in broker2.of(P.PolicyPublished)] == [3, 4]
+    steps = json.loads(opts.summary_json.read_text())["steps"]
+    assert [s["step"] for s in steps] == [1, 2, 3, 4]
+    assert latest(tmp_path / "ckpt").name == "step_000004"
+
+
+async def _fetch_during_run(tmp_path: Path) -> None:
+    """An actor-like client fetches the published weights while the learner is live."""
+    cfg = _config(tmp_path)
+    cfg.learner.checkpoint_every = 100
+    broker = FakeBroker(group_size=2)
+    opts = Options(
+        broker=broker.server.endpoint, steps=1, checkpoint_dir=tmp_path / "c", weights_port=0
+    )
+    serve = asyncio.create_task(broker.serve())
+    learner = asyncio.create_task(run_learner(cfg, opts))
+    while not broker.of(P.PolicyPublished):
+        await asyncio.sleep(0.05)
+    pub = broker.of(P.PolicyPublished)[0]
+    client = Client(pub.weights_endpoint, peer_id="fake-actor")
+    blob = await fetch_weights(client, pub.manifest)
+    client.close()
+    sd = st_load(blob)
+    assert sd["lm_head.weight"].shape == (256, 64) and sd["lm_head.weight"].dtype == torch.float32
+    assert await asyncio.wait_for(learner, 60) == 0
+    serve.cancel()
+
+
+def test_weights_fetchable_while_running(tmp_path: Path) -> None:
+    asyncio.run(_fetch_during_run(tmp_path))
+
+
+def test_no_broker_exits_with_reason(tmp_path: Path) -> None:
+    cfg = _config(tmp_path)
+    cfg.learner.connect_timeout_s = 1.0
+    opts = Options(
+        broker="tcp://127.0.0.1:1", steps=1, checkpoint_dir=tmp_path / "c", weights_port=0
+    )
+    with pytest.raises(LearnerExit) as e:
+        asyncio.run(run_learner(cfg, opts))
+    assert e.value.code == 3 and "did not answer Hello" in str(e.value)
+
+
+async def _stop_mid_run(tmp_path: Path) -> tuple[int, Learner]:
+    cfg = _config(tmp_path)
+    cfg.learner.checkpoint_every = 100
+    broker = FakeBroker(group_size=2)
+    opts = Options(
+        broker=broker.server.endpoint, steps=1000, checkpoint_dir=tmp_path / "c", weights_port=0
+    )
+    serve = asyncio.create_task(broker.serve())
+    learner = Learner(cfg, opts)
+    run = asyncio.create_task(learner.run())
+    while learner.step < 2:
+        await asyncio.sleep(0.01)
+    learner.stop.set()  # what the SIGTERM/SIGINT handler does
+    code = await asyncio.wait_for(run, 30)
+    serve.cancel()
+    return code, learner
+
+
+def test_stop_request_checkpoints_and_exits_zero(tmp_path: Path) -> None:
+    code, learner = asyncio.run(_stop_mid_run(tmp_path))
+    assert code == 0 and 2 <= learner.step < 1000
+    assert latest(tmp_path / "c").name == f"step_{learner.step:06d}"
+
+
+def test_cli_no_broker_one_line_reason(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text(f'[model]\npath = "{tmp_path / "m"}"\n[learner]\nconnect_timeout_s = 0.5\n')
+    argv = ["--config", str(cfg), "--broker", "tcp://127.0.0.1:1", "--metrics-port", "0"]
+    argv += ["--weights-port", "0", "--checkpoint-dir", str(tmp_path / "c")]
+    assert main(argv) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("headrace-learner: broker tcp://127.0.0.1:1 did not answer")
+    assert main(["--config", str(tmp_path / "missing.toml")]) == 2
