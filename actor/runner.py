@@ -72,6 +72,9 @@ class Actor:
             kv_cache_gib=self.acfg.kv_cache_gib,
         )
         ENGINE_UP.set(1)
+        # Starting the engine blocks for a while and the broker may have given up on us
+        # meanwhile: say hello again now that we can work, and take the newest policy.
+        welcome = await self._hello()
         if welcome.manifest is not None and welcome.weights_endpoint:
             self._on_policy(
                 P.PolicyPublished(

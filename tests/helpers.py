@@ -54,7 +54,9 @@ def metric(port: int, name: str, default: float = 0.0) -> float:
 
 
 class Proc:
-    def __init__(self, name: str, argv: list[str], log_dir: Path, env: dict | None = None):
+    def __init__(
+        self, name: str, argv: list[str], log_dir: Path, env: dict | None = None, nice: int = 0
+    ):
         self.name = name
         self.log = log_dir / f"{name}.log"
         full_env = {**os.environ, **(env or {})}
@@ -64,7 +66,24 @@ class Proc:
             stderr=subprocess.STDOUT,
             env=full_env,
             start_new_session=True,
+            preexec_fn=(lambda: os.nice(nice)) if nice else None,
         )
+
+    def renice(self, nice: int) -> None:
+        """Lower the priority of the role and its children (vLLM's engine processes).
+
+        Two cores are shared by every role of a test run; a role that is just starting (a vLLM
+        engine takes ~20 s of CPU to come up) gets the CPU first when the running ones are niced.
+        """
+        import psutil
+
+        procs = [psutil.Process(self.p.pid)]
+        procs += procs[0].children(recursive=True)
+        for pr in procs:
+            try:
+                pr.nice(nice)
+            except psutil.NoSuchProcess:
+                pass
 
     def alive(self) -> bool:
         return self.p.poll() is None

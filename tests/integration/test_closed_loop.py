@@ -54,17 +54,17 @@ class Run:
             tmp / "run.toml",
             model,
             broker={"port": self.port, "metrics_port": self.ports["broker"]},
-            learner={"steps": 1000, "weights_port": free_port(), "lr": 1e-3},
+            learner={"steps": 100000, "weights_port": free_port(), "lr": 1e-3},
         )
         self.procs: list[Proc] = []
 
-    def start(self, role: str, name: str, *extra: str) -> Proc:
+    def start(self, role: str, name: str, *extra: str, nice: int = 0) -> Proc:
         argv = [role, "--config", str(self.config), *extra]
-        p = Proc(name, argv, self.tmp)
+        p = Proc(name, argv, self.tmp, nice=nice)
         self.procs.append(p)
         return p
 
-    def actor(self, name: str, metrics_port: int) -> Proc:
+    def actor(self, name: str, metrics_port: int, nice: int = 0) -> Proc:
         return self.start(
             "actor",
             name,
@@ -74,6 +74,7 @@ class Run:
             str(metrics_port),
             "--actor-id",
             name,
+            nice=nice,
         )
 
 
@@ -151,6 +152,8 @@ def test_status_reports_the_run(run):
 
 
 def test_a_late_second_actor_joins_with_current_weights(run):
+    for p in (run.actor_proc, run.learner, run.broker):
+        p.renice(10)  # let the newcomer's engine start while the run keeps going
     port = free_port()
     run.actor2 = run.actor("actor2", port)
     version_at_join = metric(run.ports["learner"], "headrace_learner_policy_version")
@@ -171,6 +174,7 @@ def test_sigkilled_actor_restarts_rejoins_and_the_run_goes_on(run):
     steps = learner_steps(run)
     # the other actor keeps the learner going
     wait_for(lambda: learner_steps(run) >= steps + 2, 180, "learner progress after a kill -9")
+    run.actor2.renice(10)
     run.actor_proc = run.actor("actor1", run.ports["actor"])
     version = metric(run.ports["learner"], "headrace_learner_policy_version")
     wait_for(
