@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
 from collections import OrderedDict
@@ -27,15 +26,12 @@ from safetensors.torch import save as st_save
 
 from shared import protocol as P
 from shared.metrics import WEIGHTS_SYNC_SECONDS
-from shared.transport import Client, Server
+from shared.transport import Server
+from shared.weights import blake2b_128
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
-
-
-def blake2b_128(data: bytes | memoryview) -> str:
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -168,47 +164,3 @@ class WeightPublisher:
                 await self._task
             self._task = None
         self.server.close()
-
-
-async def fetch_weights(
-    client: Client, manifest: P.WeightManifest, window: int = 4, timeout: float = 10.0
-) -> bytes:
-    """Reference fetcher (tests, tools): credit-windowed chunk requests, digests verified.
-
-    The actor has its own fetcher; this one documents the protocol and proves the round trip.
-    Raises ValueError on a digest mismatch and ProtocolError on an Error reply.
-    """
-    n = len(manifest.chunk_digests)
-    parts: list[bytes | None] = [None] * n
-    next_chunk = 0
-    in_flight = 0
-    client.start()
-    client.drain(P.WeightChunk)  # leftovers of an earlier, abandoned fetch
-    client.drain(P.Error)
-    while next_chunk < n or in_flight:
-        while in_flight < window and next_chunk < n:
-            await client.send(P.WeightRequest(version=manifest.version, chunk=next_chunk))
-            next_chunk += 1
-            in_flight += 1
-        chunk_task = asyncio.ensure_future(client.recv(P.WeightChunk))
-        err_task = asyncio.ensure_future(client.recv(P.Error))
-        done, pending = await asyncio.wait(
-            {chunk_task, err_task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-        )
-        for f in pending:
-            f.cancel()
-        if not done:
-            raise TimeoutError(f"no weight chunk from {client.endpoint} in {timeout}s")
-        for msg in (f.result() for f in done):
-            if isinstance(msg, P.Error):
-                raise P.ProtocolError(msg.reason, msg.detail)
-            in_flight -= 1
-            if msg.version != manifest.version or parts[msg.chunk] is not None:
-                continue  # a late duplicate from an earlier fetch
-            if blake2b_128(msg.data) != manifest.chunk_digests[msg.chunk]:
-                raise ValueError(f"chunk {msg.chunk} of v{manifest.version}: digest mismatch")
-            parts[msg.chunk] = msg.data
-    blob = b"".join(p for p in parts if p is not None)
-    if len(blob) != manifest.total_bytes or blake2b_128(blob) != manifest.digest:
-        raise ValueError(f"v{manifest.version}: whole-blob digest mismatch")
-    return blob

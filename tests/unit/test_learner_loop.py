@@ -13,11 +13,11 @@ from safetensors.torch import load as st_load
 from learner.__main__ import main
 from learner.checkpoint import latest
 from learner.loop import Learner, LearnerExit, Options, run_learner
-from learner.publish import fetch_weights
 from learner.synthetic import synthetic_batch
 from shared import protocol as P
 from shared.config import Config
 from shared.transport import Client, Server
+from shared.weights import fetch_blob as fetch_weights
 
 
 class FakeBroker:

@@ -8,9 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load as st_load
 
-from learner.publish import WeightPublisher, blake2b_128, fetch_weights
+from learner.publish import WeightPublisher
 from shared import protocol as P
 from shared.transport import Client
+from shared.weights import blake2b_128
+from shared.weights import fetch_blob as fetch_weights
 
 
 def _state_dict(seed: int) -> dict[str, torch.Tensor]:
