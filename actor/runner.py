@@ -53,6 +53,7 @@ class Actor:
         self._episodes_done = 0
         self._stop = asyncio.Event()
         self._recent_rewards: list[float] = []
+        self._fatal: EngineDead | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -98,6 +99,10 @@ class Actor:
                 for other in tasks:
                     other.cancel()
                 raise t.exception()  # type: ignore[misc]
+        if self._fatal is not None or (self.engine is not None and self.engine.dead):
+            for t in tasks:
+                t.cancel()
+            raise self._fatal or EngineDead("the vLLM engine process died")
         # Graceful stop: let the outbox hand over what it holds.
         await self.outbox.drain(timeout=10.0)
         for t in tasks:
@@ -180,9 +185,11 @@ class Actor:
                 bos_id=self.tokenizer.bos_token_id,
                 needs_text=getattr(env, "needs_text", False),
             )
-        except EngineDead:
+        except EngineDead as e:
+            # The watcher may not have noticed yet: make sure the process exits non-zero.
+            self._fatal = e
             self._stop.set()
-            raise
+            return
         except Exception:
             log.exception("episode of %s failed", lease.task.task_id)
             return

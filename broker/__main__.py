@@ -19,7 +19,7 @@ import zmq
 
 from broker.metrics import init_label_values
 from broker.server import Broker
-from broker.store import StoreError
+from broker.store import StoreCorruptError, StoreError
 from shared.config import BrokerConfig, Config, ConfigError, load_config
 from shared.logs import setup_logging
 from shared.metrics import serve_metrics
@@ -74,6 +74,12 @@ def validate(b: BrokerConfig) -> None:
             problems.append(f"{name} must be > 0")
     if b.commit_interval_s < 0:
         problems.append("commit_interval_s must be >= 0")
+    r = b.retention
+    for name in ("max_age_s", "max_trajectories", "max_bytes"):
+        if getattr(r, name) < 0:
+            problems.append(f"retention.{name} must be >= 0 (0 = unlimited)")
+    if r.interval_s <= 0:
+        problems.append("retention.interval_s must be > 0")
     if b.replay_capacity < b.group_size:
         problems.append("replay_capacity must hold at least one group (>= group_size)")
     if problems:
@@ -93,6 +99,8 @@ async def run(cfg: Config) -> int:
     except zmq.ZMQError as e:
         why = "already in use" if e.errno == errno.EADDRINUSE else e.strerror
         raise StartupError(f"cannot bind tcp://{b.bind_host}:{b.port}: {why}") from None
+    except StoreCorruptError as e:
+        raise StartupError(f"store is corrupt: {e} (restore it or move it aside)") from None
     except StoreError as e:
         raise StartupError(f"store: {e}") from None
     stop = asyncio.Event()

@@ -49,6 +49,37 @@ COMMIT_BATCHES = Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64),
 )
 STORE_ERRORS = Counter("headrace_broker_store_errors_total", "Store failures", ["kind"])
+STORE_FAILING = Gauge(
+    "headrace_broker_store_failing",
+    "1 while store commits fail (disk full, corrupt database): nothing is acked; else 0",
+)
+STORE_BYTES = Gauge(
+    "headrace_broker_store_bytes", "Bytes the durable store takes on disk (database + WAL)"
+)
+RETENTION_DELETED = Counter(
+    "headrace_broker_retention_deleted_total",
+    "Trajectories deleted from the store by the retention policy, by what they were: consumed"
+    " (sampled max_times_sampled times), evicted, or unconsumed (deleted to stay within a limit)",
+    ["reason"],
+)
+RATE_LIMITER_BLOCKED = Counter(
+    "headrace_broker_rate_limiter_blocked_total",
+    "Requests the replay rate limiter held back: sample (learner ahead, answered NotReady) or"
+    " insert (actors ahead, fewer leases granted)",
+    ["side"],
+)
+RATE_LIMITER_INSERTS = Gauge(
+    "headrace_broker_rate_limiter_inserts",
+    "Trajectories inserted into replay, as the rate limiter counts them (since broker start)",
+)
+RATE_LIMITER_SAMPLES = Gauge(
+    "headrace_broker_rate_limiter_samples",
+    "Trajectories sampled from replay, as the rate limiter counts them (since broker start)",
+)
+PRIORITY_UPDATES = Counter(
+    "headrace_broker_priority_updates_total",
+    "Trajectory priorities from the learner applied to groups still in replay",
+)
 POLICY_VERSION = Gauge("headrace_broker_policy_version", "Latest policy version published")
 ACTORS_CONNECTED = Gauge(
     "headrace_broker_actors_connected", "Actors heard from within heartbeat_timeout_s"
@@ -69,7 +100,11 @@ def init_label_values() -> None:
         "invalid_trajectory",
     ):
         REJECTED_FRAMES.labels(reason=reason)
-    for reason in ("stale", "capacity", "incomplete"):
+    for reason in ("stale", "capacity", "incomplete", "retention"):
         EVICTED.labels(reason=reason)
+    for reason in ("consumed", "evicted", "unconsumed"):
+        RETENTION_DELETED.labels(reason=reason)
     for kind in ("full", "corrupt", "locked", "error"):
         STORE_ERRORS.labels(kind=kind)
+    for side in ("sample", "insert"):
+        RATE_LIMITER_BLOCKED.labels(side=side)

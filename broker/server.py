@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import time
 from collections import Counter
@@ -22,15 +23,8 @@ from broker.curriculum.banks import make_bank
 from broker.groups import GroupAssembler
 from broker.leases import LeaseBook, LeaseRecord
 from broker.peers import INFERRED_ROLE, Peer, check_trajectory
-from broker.replay import (
-    CapacityRemover,
-    FifoSampler,
-    GroupItem,
-    MaxTimesSampledRemover,
-    MinSize,
-    StalenessRemover,
-    Table,
-)
+from broker.replay import GroupItem, build_table
+from broker.retention import Retention
 from broker.store import Store, StoreError, TrajMeta
 from shared import protocol as P
 from shared.config import Config
@@ -53,15 +47,10 @@ class Broker:
         self.store = Store(
             None if b.durability == "none" else b.data_dir, commit_interval_s=b.commit_interval_s
         )
-        self.table = Table(
-            FifoSampler(),
-            [
-                CapacityRemover(b.replay_capacity),
-                StalenessRemover(),
-                MaxTimesSampledRemover(b.max_times_sampled),
-            ],
-            MinSize(b.min_size_to_sample),
+        self.retention = Retention(
+            self.store, b.retention, b.max_times_sampled, on_evict=self._evict_for_retention
         )
+        self.table = build_table(b)  # [broker.replay]: sampler, rate limiter; removers
         self.leases = LeaseBook(b.lease_deadline_s, b.heartbeat_timeout_s, clock)
         self.bank = make_bank(cfg.env)
         self.peers: dict[bytes, Peer] = {}
@@ -100,6 +89,7 @@ class Broker:
             raise
         loop = asyncio.get_running_loop()
         self._loops = [loop.create_task(self._serve()), loop.create_task(self._reap())]
+        self._loops.append(loop.create_task(self.retention.run()))
         log.info(
             "broker %s listening on %s (store %s, %d stored, replay %d, policy v%d)",
             self.run_id,
@@ -227,6 +217,8 @@ class Broker:
         M.REPLAY_GROUPS.set(len(self.table))
         M.PENDING_GROUPS.set(len(self.groups))
         M.LEASES_ACTIVE.set(len(self.leases))
+        M.RATE_LIMITER_INSERTS.set(self.table.rate_limiter.inserts)
+        M.RATE_LIMITER_SAMPLES.set(self.table.rate_limiter.samples)
         M.ACTORS_CONNECTED.set(
             sum(p.role == "actor" and now - p.last_seen <= timeout for p in self.peers.values())
         )
@@ -285,7 +277,7 @@ class Broker:
         b = self.cfg.broker
         want = max(0, min(msg.n, MAX_LEASES_PER_REQUEST))
         room = self.backpressure_bound() - self.outstanding()
-        n = min(want, max(0, room // b.group_size))
+        n = self._rate_limited(min(want, max(0, room // b.group_size)))
         tasks = [(t, 1.0 / len(self.bank)) for t in self.leases.take_requeued(n)]
         tasks += [(p.task, p.prob) for p in self.bank.pick(n - len(tasks))]
         granted = [
@@ -303,6 +295,34 @@ class Broker:
         self._update_gauges()
         await self._send(ident, P.TaskGrant(leases=[a.lease for a in granted], retry_after_s=retry))
 
+    def _rate_limited(self, n: int) -> int:
+        """How many of `n` leases the rate limiter lets be granted now (actors ahead: fewer).
+
+        Every trajectory already owed (partial groups, active leases) counts as an insert to
+        come, so grants stop before the ratio would be exceeded, not after. Data already sent
+        is never refused. Liveness: when nothing is owed and the learner still cannot be
+        served, enough leases for one batch are granted whatever the ratio says (otherwise an
+        eviction that left the ratio in debt, or a too narrow error_buffer, could stall both).
+        """
+        if n <= 0:
+            return n
+        g = self.cfg.broker.group_size
+        rl, size = self.table.rate_limiter, self.table.size
+        owed = self.outstanding() - size
+        k = 0
+        while k < n and rl.can_insert(size, owed + (k + 1) * g):
+            k += 1
+        if (
+            k == 0
+            and owed == 0
+            and self.learner_batch
+            and not self.table.can_sample(self.learner_batch)
+        ):
+            k = min(n, max(1, math.ceil((self.learner_batch - size) / g)))
+        if k < n:
+            M.RATE_LIMITER_BLOCKED.labels(side="insert").inc()
+        return k
+
     async def _on_trajectories(self, ident: bytes, peer: Peer, msg: P.TrajectoryBatch) -> None:
         for t in msg.items:
             problem = check_trajectory(t)
@@ -318,7 +338,8 @@ class Broker:
             result = await self.store.put(items)
         except StoreError as e:
             # No ack: the actor's outbox keeps the batch and resends it; dedupe makes that safe.
-            log.error("not acking %d trajectories from %s: %s", len(items), peer.peer_id, e)
+            # The store logged the failure (once per streak) and counted it.
+            log.debug("not acking %d trajectories from %s: %s", len(items), peer.peer_id, e)
             return
         now = self.clock()
         peer.episodes += len(result.new)
@@ -341,6 +362,20 @@ class Broker:
         if self.leases.complete(gid) is not None:
             self._spawn(self.store.kv_write([(f"lease/{gid}", None)]))
 
+    def _evict_for_retention(self, group_ids: set[str]) -> None:
+        """Retention is about to delete unconsumed trajectories of these groups: take the
+        groups out of replay and out of assembly first, counted as evicted ("retention")."""
+        doomed = [item for item in self.table.items() if item.group_id in group_ids]
+        for item in doomed:
+            self.table._remove(item.key)  # the rows are deleted, not marked: no _retire
+        # drop_abandoned with "now" = inf and idle 0 drops exactly the groups not kept here
+        dropped = self.groups.drop_abandoned(math.inf, 0.0, lambda gid: gid not in group_ids)
+        n = len(doomed) + len(dropped)
+        if n:
+            M.EVICTED.labels(reason="retention").inc(n)
+            self.evicted["retention"] += n
+            self._update_gauges()
+
     def _retire(self, removals: list[tuple[GroupItem, str]]) -> None:
         """Count evictions and record them durably so a restart does not resurrect them."""
         by_reason: dict[str, list[int]] = {}
@@ -357,6 +392,11 @@ class Broker:
         if msg.batch_size < 1:
             await self._send(ident, P.Error(reason="invalid", detail="batch_size must be >= 1"))
             return
+        if msg.batch_size != self.learner_batch:
+            check = getattr(self.table.rate_limiter, "check_window", None)
+            problem = check(msg.batch_size, self.cfg.broker.group_size) if check else None
+            if problem:
+                log.warning("%s", problem)
         self.learner_batch = msg.batch_size
         cap = msg.max_staleness if msg.max_staleness >= 0 else self.cfg.broker.max_staleness
         self._retire(self.table.evict_stale(msg.policy_version, cap))
@@ -364,6 +404,8 @@ class Broker:
         self._update_gauges()
         if items is None:
             M.NOT_READY.inc()
+            if self.table.last_refusal == "rate_limiter":
+                M.RATE_LIMITER_BLOCKED.labels(side="sample").inc()
             await self._send(ident, P.NotReady(self.table.size, NOT_READY_RETRY_S))
             return
         self._spawn(self._hand_out(ident, items, msg.policy_version))
@@ -402,7 +444,7 @@ class Broker:
         log.info("policy v%d published; relayed to %d actors", msg.version, len(actors))
 
     async def _on_priorities(self, ident: bytes, peer: Peer, msg: P.PriorityUpdate) -> None:
-        self.table.update_priorities(msg.sample_ids, msg.priorities)
+        M.PRIORITY_UPDATES.inc(self.table.update_priorities(msg.sample_ids, msg.priorities))
 
     async def _on_feedback(self, ident: bytes, peer: Peer, msg: P.TaskFeedback) -> None:
         self.bank.feedback(msg)
@@ -436,6 +478,7 @@ class Broker:
             "outstanding": self.outstanding(),
             "backpressure_bound": self.backpressure_bound(),
             "rate_limiter": self.table.rate_limiter.state(self.table.size),
+            "sampler": self.table.sampler.state(),
             "evicted": dict(self.evicted),
             "actors": [describe(p) for p in peers if p.role == "actor"],
             "learners": [describe(p) for p in peers if p.role == "learner"],

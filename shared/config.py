@@ -39,6 +39,50 @@ class EnvConfig(_Section):
     seed: int = 0
 
 
+class RetentionConfig(_Section):
+    """`[broker.retention]`: how old data leaves the store so the disk does not fill.
+
+    Consumed (sampled `max_times_sampled` times) and evicted trajectories go first, oldest
+    first; unconsumed ones only while a limit is still exceeded. 0 means unlimited.
+    """
+
+    max_age_s: float = 0.0  # delete trajectories stored longer ago than this
+    max_trajectories: int = 0  # keep at most this many trajectories
+    max_bytes: int = 0  # keep the store's used pages under this many bytes
+    interval_s: float = 30.0  # how often the policy runs
+
+
+class ReplayConfig(_Section):
+    """`[broker.replay]`: the replay table's sampler and rate limiter (Reverb's nouns).
+
+    The removers are `[broker]`'s `replay_capacity`, `max_times_sampled` and `max_staleness`;
+    the rate limiters' `min_size_to_sample` is `[broker]`'s too. Counts are in trajectories.
+    """
+
+    sampler: str = "fifo"  # "fifo" | "uniform" | "prioritized" (whole groups, sum tree)
+    alpha: float = 0.6  # prioritized: P(i) ~ priority_i ** alpha
+    beta0: float = 0.4  # prioritized: importance-weight exponent at the start ...
+    beta_anneal_steps: int = 10000  # ... rising linearly to 1 over this many samples (batches)
+    priority_eps: float = 0.0  # added to every priority (> 0: no group becomes unsampleable)
+    priority_reduce: str = "max"  # group priority from its trajectories' updates: max | mean
+    rate_limiter: str = "min_size"  # "min_size" | "sample_to_insert" (Reverb's ratio)
+    samples_per_insert: float = 1.0  # sample_to_insert: target samples / inserts
+    # sample_to_insert: tolerated drift (trajectories) from the ratio either way; must cover a
+    # learner batch plus a group (max_diff - min_diff = 2 * error_buffer) or both sides block
+    error_buffer: float = 64.0
+    seed: int = 0  # RNG of the uniform and prioritized samplers
+
+    def __post_init__(self) -> None:
+        choices = {
+            "sampler": ("fifo", "uniform", "prioritized"),
+            "rate_limiter": ("min_size", "sample_to_insert"),
+            "priority_reduce": ("mean", "max"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}")
+
+
 class BrokerConfig(_Section):
     port: int = 5555
     bind_host: str = "127.0.0.1"
@@ -54,6 +98,8 @@ class BrokerConfig(_Section):
     min_size_to_sample: int = 1
     max_frame_bytes: int = 64 * 1024 * 1024
     commit_interval_s: float = 0.02  # group-commit window
+    retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
+    replay: ReplayConfig = msgspec.field(default_factory=ReplayConfig)
 
 
 class ActorConfig(_Section):

@@ -4,15 +4,16 @@ Items are whole GRPO groups: a group enters the table only once all its trajecto
 stored, and leaves it whole, so the learner never sees half a group.
 """
 
-from broker.replay.rate_limiters import MinSize, RateLimiter
+from broker.replay.rate_limiters import MinSize, RateLimiter, SampleToInsertRatio
 from broker.replay.removers import (
     CapacityRemover,
     MaxTimesSampledRemover,
     Remover,
     StalenessRemover,
 )
-from broker.replay.samplers import FifoSampler, Sampler
-from broker.replay.table import GroupItem, Table
+from broker.replay.samplers import FifoSampler, PrioritizedSampler, Sampler, UniformSampler
+from broker.replay.sumtree import SumTree
+from broker.replay.table import GroupItem, Table, build_table
 
 __all__ = [
     "CapacityRemover",
@@ -20,9 +21,14 @@ __all__ = [
     "GroupItem",
     "MaxTimesSampledRemover",
     "MinSize",
+    "PrioritizedSampler",
     "RateLimiter",
     "Remover",
+    "SampleToInsertRatio",
     "Sampler",
     "StalenessRemover",
+    "SumTree",
     "Table",
+    "UniformSampler",
+    "build_table",
 ]

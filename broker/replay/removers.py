@@ -3,6 +3,11 @@
 Each remover answers at the three moments the table consults them: after an insert
 (capacity), before a sample (staleness: the learner's version is known only then) and after an
 item was sampled (reuse cap). Unused hooks keep the base class's no-op.
+
+Removers are independent of the sampler: the table removes what they name from its index and
+from the sampler (a sum-tree leaf goes to 0 and its slot is freed), whatever the sampler is.
+The table hands `on_insert` the items oldest first and `before_sample` stalest first (lowest
+`min_version` first), both lazily, so a remover that stops early costs nothing per item.
 """
 
 from __future__ import annotations
@@ -53,12 +58,14 @@ class CapacityRemover(_NoOp):
         self.capacity = capacity
 
     def on_insert(self, items: Iterable[GroupItem], size: int) -> list[int]:
-        out = []
+        out: list[int] = []
+        if size <= self.capacity:
+            return out  # the common case: the (lazy, sorting) iterator is never started
         for item in items:  # oldest first
-            if size <= self.capacity:
-                break
             out.append(item.key)
             size -= item.n_trajs
+            if size <= self.capacity:
+                break
         return out
 
 
@@ -89,4 +96,9 @@ class StalenessRemover(_NoOp):
         if max_staleness < 0:
             return []
         floor = policy_version - max_staleness
-        return [item.key for item in items if item.min_version < floor]
+        out = []
+        for item in items:  # stalest first: stop at the first fresh enough
+            if item.min_version >= floor:
+                break
+            out.append(item.key)
+        return out

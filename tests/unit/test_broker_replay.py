@@ -99,7 +99,10 @@ def test_min_size_rate_limiter() -> None:
     assert t.state()["rate_limiter"] == {
         "kind": "min_size",
         "min_size_to_sample": 12,
+        "inserts": 8,
+        "samples": 0,
         "can_sample": False,
+        "can_insert": True,  # MinSize never blocks inserts
     }
     t.insert(group(3))
     assert t.can_sample(4) and t.sample(4) is not None
@@ -118,8 +121,12 @@ def test_priority_updates_apply_to_live_groups_only() -> None:
     t = table()
     t.insert(group(1))
     assert t.update_priorities([10, 11, 999], [0.5, 2.0, 1.0]) == 2
-    assert t.sample(4)[0].priority == 2.0  # type: ignore[index]
+    assert t.sample(4)[0].priority == 2.0  # type: ignore[index]  # max over its updates
     assert t.update_priorities([10], [3.0]) == 0  # sampled out: ignored
+    t = Table(FifoSampler(), [], MinSize(1), priority_reduce="mean")
+    t.insert(group(1))
+    assert t.update_priorities([10, 11], [0.5, 2.0]) == 2
+    assert t.items()[0].priority == 1.25
 
 
 def meta(group_id: str, seq: int, version: int = 0) -> TrajMeta:

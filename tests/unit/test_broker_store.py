@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,7 @@ from broker.store import (
     StoreLockedError,
 )
 from tests.broker_helpers import make_traj
+from tests.helpers import free_port
 
 
 def metric(name: str, **labels: str) -> float:
@@ -135,3 +139,81 @@ def test_second_broker_on_same_data_dir_is_refused(tmp_path: Path) -> None:
         await first.close()
 
     asyncio.run(main())
+
+
+def test_full_disk_is_one_log_line_a_metric_and_recovers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A full disk: no ack, one error line per failure streak, the failing gauge up; once
+    space is freed (max_page_count raised) the next commit succeeds and the gauge drops."""
+
+    async def main() -> None:
+        store = Store(tmp_path, commit_interval_s=0, max_page_count=40)
+        await store.open()
+        big = [make_traj("big", i, n_tokens=20_000) for i in range(4)]
+        errors = metric("headrace_broker_store_errors_total", kind="full")
+        with caplog.at_level("ERROR", logger="broker.store"):
+            for _ in range(3):
+                with pytest.raises(StoreFullError, match=DB_NAME):  # names the file
+                    await store.put(big)
+        failures = [r for r in caplog.records if r.levelname == "ERROR"]
+        assert len(failures) == 1, [r.getMessage() for r in failures]
+        assert "store full" in failures[0].getMessage()
+        assert "not acked" in failures[0].getMessage()
+        assert metric("headrace_broker_store_errors_total", kind="full") == errors + 3
+        assert metric("headrace_broker_store_failing") == 1
+        assert store.stored == 0
+
+        assert await store.set_max_page_count(1_000_000) >= 1_000_000  # space freed
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="broker.store"):
+            res = await store.put(big)
+        assert len(res.new) == 4 and store.stored == 4
+        assert metric("headrace_broker_store_failing") == 0
+        assert any("succeed again after 3" in r.getMessage() for r in caplog.records)
+        await store.close()
+
+        store = Store(tmp_path)
+        await store.open()
+        assert [m.traj_id for m in await store.scan_open(1)] == [t.traj_id for t in big]
+        await store.close()
+
+    asyncio.run(main())
+
+
+def test_corrupt_header_error_names_the_file(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = Store(tmp_path, commit_interval_s=0)
+        await store.open()
+        await store.put([make_traj("g", i) for i in range(3)])
+        await store.close()
+        db = tmp_path / DB_NAME
+        with db.open("r+b") as f:  # garbage over the 100-byte header
+            f.write(b"\xde\xad\xbe\xef" * 25)
+        store = Store(tmp_path)
+        with pytest.raises(StoreCorruptError, match=str(db)):
+            await store.open()
+        await store.close()
+
+    asyncio.run(main())
+
+
+def test_broker_exits_nonzero_with_one_line_on_a_corrupt_store(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    db = data / DB_NAME
+    db.write_bytes(b"\x00garbage, not a database\xff" * 4096)
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    r = subprocess.run(
+        [sys.executable, "-m", "broker", "--data-dir", str(data), "--metrics-port", "0"]
+        + ["--port", str(free_port())],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        timeout=60,
+    )
+    lines = r.stderr.decode().strip().splitlines()
+    assert r.returncode == 1, r.stderr
+    assert len(lines) == 1, lines
+    assert str(db) in lines[0] and "corrupt" in lines[0]
