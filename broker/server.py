@@ -367,7 +367,7 @@ class Broker:
         groups out of replay and out of assembly first, counted as evicted ("retention")."""
         doomed = [item for item in self.table.items() if item.group_id in group_ids]
         for item in doomed:
-            self.table._remove(item.key)  # the rows are deleted, not marked: no _retire
+            self.table.remove(item.key)  # the rows are deleted, not marked: no _retire
         # drop_abandoned with "now" = inf and idle 0 drops exactly the groups not kept here
         dropped = self.groups.drop_abandoned(math.inf, 0.0, lambda gid: gid not in group_ids)
         n = len(doomed) + len(dropped)

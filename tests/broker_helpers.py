@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+
+from broker.server import Broker
 from shared import protocol as P
+from shared.config import Config
+from shared.transport import Client
 
 
 def make_traj(
@@ -30,3 +37,27 @@ def make_traj(
         termination=P.Termination.DONE,
         n_turns=1,
     )
+
+
+@contextlib.asynccontextmanager
+async def running(
+    cfg: Config, clock: Callable[[], float] = time.monotonic, max_page_count: int | None = None
+) -> AsyncIterator[tuple[Broker, Callable[[str], Client]]]:
+    """An in-process broker on a free loopback port, and a factory of connected clients."""
+    broker = Broker(cfg, clock=clock)
+    broker.store.max_page_count = max_page_count
+    endpoint = await broker.start("tcp://127.0.0.1:0")
+    clients: list[Client] = []
+
+    def client(name: str) -> Client:
+        c = Client(endpoint, name)
+        c.start()
+        clients.append(c)
+        return c
+
+    try:
+        yield broker, client
+    finally:
+        for c in clients:
+            c.close()
+        await broker.stop()

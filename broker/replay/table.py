@@ -111,7 +111,7 @@ class Table:
             self._by_version = [(it.min_version, k) for k, it in self._items.items()]
             heapq.heapify(self._by_version)
 
-    def _remove(self, key: int) -> GroupItem:
+    def remove(self, key: int) -> GroupItem:
         item = self._items.pop(key)
         for s in item.seqs:
             self._key_of_seq.pop(s, None)
@@ -130,7 +130,7 @@ class Table:
         for remover in self.removers:
             for key in remover.on_insert(self._oldest_first(), self.size):
                 if key in self._items:
-                    out.append((self._remove(key), remover.reason))
+                    out.append((self.remove(key), remover.reason))
         return out
 
     def evict_stale(self, policy_version: int, max_staleness: int) -> list[Removal]:
@@ -143,7 +143,7 @@ class Table:
                 stalest.close()
             for key in keys:
                 if key in self._items:
-                    out.append((self._remove(key), remover.reason))
+                    out.append((self.remove(key), remover.reason))
         return out
 
     def can_sample(self, batch_size: int) -> bool:
@@ -184,7 +184,7 @@ class Table:
             item.is_weight = w
             item.times_sampled += 1
             if any(r.after_sample(item) for r in self.removers):
-                self._remove(item.key)
+                self.remove(item.key)
         return items
 
     def restore(self, items: Sequence[GroupItem]) -> None:

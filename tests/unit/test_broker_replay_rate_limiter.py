@@ -4,8 +4,6 @@ lease grants slow down when the actors do. Every count below is worked out by ha
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import msgspec
@@ -20,11 +18,10 @@ from broker.replay import (
     SampleToInsertRatio,
     Table,
 )
-from broker.server import Broker
 from shared import protocol as P
 from shared.config import Config, ReplayConfig
 from shared.transport import Client
-from tests.broker_helpers import make_traj
+from tests.broker_helpers import make_traj, running
 
 
 def test_sample_to_insert_ratio_follows_reverbs_rule() -> None:
@@ -117,26 +114,6 @@ def config(data_dir: Path, replay: ReplayConfig, **broker: object) -> Config:
         **broker,
     )
     return msgspec.structs.replace(cfg, broker=b)
-
-
-@contextlib.asynccontextmanager
-async def running(cfg: Config) -> AsyncIterator[tuple[Broker, Callable[[str], Client]]]:
-    broker = Broker(cfg)
-    endpoint = await broker.start("tcp://127.0.0.1:0")
-    clients: list[Client] = []
-
-    def client(name: str) -> Client:
-        c = Client(endpoint, name)
-        c.start()
-        clients.append(c)
-        return c
-
-    try:
-        yield broker, client
-    finally:
-        for c in clients:
-            c.close()
-        await broker.stop()
 
 
 def blocked(side: str) -> float:

@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import msgspec
 import pytest
 from prometheus_client import REGISTRY
 
-from broker.server import Broker
 from shared import protocol as P
 from shared.config import Config
 from shared.transport import Client
-from tests.broker_helpers import make_traj
+from tests.broker_helpers import make_traj, running
 
 GROUP = 2
 
@@ -40,29 +37,6 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.t
-
-
-@contextlib.asynccontextmanager
-async def running(
-    cfg: Config, clock: Callable[[], float] = time.monotonic, max_page_count: int | None = None
-) -> AsyncIterator[tuple[Broker, Callable[[str], Client]]]:
-    broker = Broker(cfg, clock=clock)
-    broker.store.max_page_count = max_page_count
-    endpoint = await broker.start("tcp://127.0.0.1:0")
-    clients: list[Client] = []
-
-    def client(name: str) -> Client:
-        c = Client(endpoint, name)
-        c.start()
-        clients.append(c)
-        return c
-
-    try:
-        yield broker, client
-    finally:
-        for c in clients:
-            c.close()
-        await broker.stop()
 
 
 async def status(c: Client) -> dict:
