@@ -9,7 +9,7 @@ from shared import protocol as P
 # The role of a peer that never said Hello (e.g. after a broker restart), from what it sends.
 INFERRED_ROLE: dict[type, str] = {
     P.TaskRequest: "actor",
-    P.TrajectoryBatch: "actor",
+    P.TrajectoryBatchFrames: "actor",
     P.SampleRequest: "learner",
     P.PolicyPublished: "learner",
     P.PriorityUpdate: "learner",
@@ -40,7 +40,7 @@ class Peer:
         }
 
 
-def check_trajectory(t: P.Trajectory) -> str | None:
+def check_trajectory(t: P.TrajectoryView | P.Trajectory) -> str | None:
     """Why `t` cannot be stored (missing ids, per-token arrays of different lengths), or None."""
     if not t.traj_id or not t.group_id:
         return "empty traj_id or group_id"

@@ -25,7 +25,7 @@ from broker.leases import LeaseBook, LeaseRecord
 from broker.peers import INFERRED_ROLE, Peer, check_trajectory
 from broker.replay import GroupItem, build_table
 from broker.retention import Retention
-from broker.store import Store, StoreError, TrajMeta
+from broker.store import Incoming, Store, StoreError, TrajMeta
 from shared import protocol as P
 from shared.config import Config
 from shared.metrics import REJECTED_FRAMES, TRAJECTORY_STALENESS
@@ -66,7 +66,7 @@ class Broker:
             P.Hello: self._on_hello,
             P.Heartbeat: self._on_heartbeat,
             P.TaskRequest: self._on_task_request,
-            P.TrajectoryBatch: self._on_trajectories,
+            P.TrajectoryBatchFrames: self._on_trajectories,
             P.SampleRequest: self._on_sample,
             P.PolicyPublished: self._on_policy,
             P.PriorityUpdate: self._on_priorities,
@@ -79,7 +79,9 @@ class Broker:
     async def start(self, bind: str | None = None) -> str:
         """Bind, open the store, rebuild state; returns the bound endpoint."""
         b = self.cfg.broker
-        self.server = Server(bind or f"tcp://{b.bind_host}:{b.port}", b.max_frame_bytes)
+        self.server = Server(
+            bind or f"tcp://{b.bind_host}:{b.port}", b.max_frame_bytes, accepts=P.BrokerInbound
+        )
         try:
             await self.store.open()
             await self._load_state()
@@ -323,17 +325,29 @@ class Broker:
             M.RATE_LIMITER_BLOCKED.labels(side="insert").inc()
         return k
 
-    async def _on_trajectories(self, ident: bytes, peer: Peer, msg: P.TrajectoryBatch) -> None:
-        for t in msg.items:
-            problem = check_trajectory(t)
+    async def _on_trajectories(
+        self, ident: bytes, peer: Peer, msg: P.TrajectoryBatchFrames
+    ) -> None:
+        # Each item is validated as strictly as a full decode, but through a zero-copy view;
+        # the frame slice itself is what the store keeps and what the learner will get.
+        items = []
+        for frame in msg.items:
+            try:
+                view = P.decode_view(frame)
+            except P.ProtocolError as e:
+                REJECTED_FRAMES.labels(reason=e.reason).inc()
+                await self._send(ident, P.Error(reason=e.reason, detail=e.detail[:500]))
+                return
+            problem = check_trajectory(view)
             if problem is not None:
                 REJECTED_FRAMES.labels(reason="invalid_trajectory").inc()
                 await self._send(ident, P.Error(reason="invalid_trajectory", detail=problem))
                 return
-        M.TRAJ_RECEIVED.inc(len(msg.items))
-        self._spawn(self._ingest(ident, peer, msg.items))
+            items.append(Incoming(view, frame))
+        M.TRAJ_RECEIVED.inc(len(items))
+        self._spawn(self._ingest(ident, peer, items))
 
-    async def _ingest(self, ident: bytes, peer: Peer, items: list[P.Trajectory]) -> None:
+    async def _ingest(self, ident: bytes, peer: Peer, items: list[Incoming]) -> None:
         try:
             result = await self.store.put(items)
         except StoreError as e:
@@ -348,7 +362,7 @@ class Broker:
         M.TRAJ_ACKED.inc(len(items))
         M.DUPLICATES.inc(len(result.duplicates))
         self._update_gauges()
-        ack = P.Ack(traj_ids=[t.traj_id for t in items], duplicates=len(result.duplicates))
+        ack = P.Ack(traj_ids=[t.view.traj_id for t in items], duplicates=len(result.duplicates))
         await self._send(ident, ack)
 
     def _add_to_group(self, meta: TrajMeta, now: float, times_sampled: int = 0) -> None:
@@ -414,18 +428,20 @@ class Broker:
         seqs = [s for item in items for s in item.seqs]
         weights = self.table.weights(items)
         try:
-            trajs = await self.store.claim(seqs)  # durable before anything leaves the broker
+            claimed = await self.store.claim(seqs)  # durable before anything leaves the broker
         except StoreError as e:
             log.error("could not record sampling of %d trajectories: %s", len(seqs), e)
             self.table.restore(items)
             self._update_gauges()
             await self._send(ident, P.NotReady(self.table.size, NOT_READY_RETRY_S))
             return
-        for t in trajs:
-            TRAJECTORY_STALENESS.observe(max(0, version - t.min_policy_version()))
-        M.TRAJ_SAMPLED.inc(len(trajs))
+        for c in claimed:
+            TRAJECTORY_STALENESS.observe(max(0, version - c.min_version))
+        M.TRAJ_SAMPLED.inc(len(claimed))
         cursor = max(item.key for item in items)
-        await self._send(ident, P.Batch(trajs, sample_ids=seqs, is_weights=weights, cursor=cursor))
+        frames = [c.frame for c in claimed]
+        batch = P.BatchFrames(frames, sample_ids=seqs, is_weights=weights, cursor=cursor)
+        await self._send(ident, batch)
 
     async def _on_policy(self, ident: bytes, peer: Peer, msg: P.PolicyPublished) -> None:
         if self.policy is not None and msg.version < self.policy.version:

@@ -11,6 +11,9 @@ episode) so a 2k-token trajectory costs a handful of memcpys, not 2k msgpack int
 
 from __future__ import annotations
 
+import functools
+import operator
+import typing
 from enum import IntEnum
 
 import msgspec
@@ -163,6 +166,34 @@ class TrajectoryBatch(Base):
     items: list[Trajectory]
 
 
+# Zero-copy twins of Trajectory / TrajectoryBatch / Batch for the broker, which stores and
+# forwards trajectories without needing them as Python objects: same tags, so the bytes on the
+# wire are identical. `TrajectoryBatchFrames.items` are `msgspec.Raw` slices of the received
+# frame (each one trajectory's complete msgpack encoding, stored as is); `TrajectoryView` has
+# the same fields as Trajectory but per-token arrays as memoryviews into that frame, so
+# validating a trajectory copies none of its 16 bytes per token.
+def _view_field(f: msgspec.structs.FieldInfo) -> tuple:
+    kind = memoryview if f.name in TOKEN_ARRAYS else f.type
+    if f.required:
+        return (f.name, kind)
+    if f.default_factory is not msgspec.NODEFAULT:
+        return (f.name, kind, msgspec.field(default_factory=f.default_factory))
+    return (f.name, kind, f.default)
+
+
+TrajectoryView = msgspec.defstruct(
+    "TrajectoryView",
+    [_view_field(f) for f in msgspec.structs.fields(Trajectory)],
+    bases=(Base,),
+    tag="Trajectory",
+    module=__name__,
+)
+
+
+class TrajectoryBatchFrames(Base, tag="TrajectoryBatch"):
+    items: list[msgspec.Raw]
+
+
 class Ack(Base):
     traj_ids: list[str]
     duplicates: int = 0
@@ -182,6 +213,15 @@ class Batch(Base):
     sample_ids: list[int]
     is_weights: list[float]
     cursor: int = 0  # the broker's insert sequence number of the newest item handed out
+
+
+class BatchFrames(Base, tag="Batch"):
+    """`Batch` as the broker sends it: stored trajectory encodings spliced in unchanged."""
+
+    items: list[msgspec.Raw]
+    sample_ids: list[int]
+    is_weights: list[float]
+    cursor: int = 0
 
 
 class NotReady(Base):
@@ -279,19 +319,34 @@ class ProtocolError(Exception):
         self.detail = detail
 
 
+# What the broker decodes: every message, with trajectories left as frames (see above).
+BrokerInbound = TrajectoryBatchFrames | functools.reduce(
+    operator.or_, [m for m in typing.get_args(Message) if m is not TrajectoryBatch]
+)
+
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
+_view_decoder = msgspec.msgpack.Decoder(TrajectoryView)
+
+
+def decoder_for(kind: object) -> msgspec.msgpack.Decoder:
+    """A decoder for `kind` (e.g. `BrokerInbound`) to pass to `decode`."""
+    return msgspec.msgpack.Decoder(kind)
 
 
 def encode(msg: Base) -> bytes:
     return _encoder.encode(msg)
 
 
-def decode(frame: bytes | memoryview, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Message:
+def decode(
+    frame: bytes | memoryview | msgspec.Raw,
+    max_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    decoder: msgspec.msgpack.Decoder = _decoder,
+) -> Message:
     if len(frame) > max_bytes:
         raise ProtocolError("oversize", f"{len(frame)} bytes > cap {max_bytes}")
     try:
-        msg = _decoder.decode(frame)
+        msg = decoder.decode(frame)
     except msgspec.ValidationError as e:
         text = str(e)
         reason = "unknown_tag" if "Invalid value" in text and "`$.type`" in text else "invalid"
@@ -304,6 +359,11 @@ def decode(frame: bytes | memoryview, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) 
             f"peer speaks protocol {msg.protocol_version}, this build speaks {PROTOCOL_VERSION}",
         )
     return msg
+
+
+def decode_view(frame: msgspec.Raw | bytes | memoryview) -> TrajectoryView:
+    """Validate one trajectory's encoding (as strictly as `decode`) without copying arrays."""
+    return decode(frame, decoder=_view_decoder)  # type: ignore[return-value]
 
 
 def pack(array: np.ndarray | list, name: str) -> bytes:

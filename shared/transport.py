@@ -39,8 +39,16 @@ def _ctx() -> zmq.asyncio.Context:
 
 
 class Server:
-    def __init__(self, bind: str, max_frame_bytes: int = P.DEFAULT_MAX_FRAME_BYTES) -> None:
+    def __init__(
+        self,
+        bind: str,
+        max_frame_bytes: int = P.DEFAULT_MAX_FRAME_BYTES,
+        accepts: object = P.Message,
+    ) -> None:
+        """`accepts`: the union decoded (e.g. `P.BrokerInbound`, which leaves trajectories as
+        frames); whatever it is, frames are capped and validated the same way."""
         self.max_frame_bytes = max_frame_bytes
+        self._decoder = P.decoder_for(accepts)
         self.sock = _ctx().socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
@@ -50,7 +58,7 @@ class Server:
         self.sock.bind(bind)
         self.endpoint = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
 
-    async def recv(self) -> tuple[bytes, P.Message]:
+    async def recv(self) -> tuple[bytes, Any]:
         """Next well-formed message; bad frames are answered and counted here."""
         while True:
             parts = await self.sock.recv_multipart(copy=False)
@@ -61,7 +69,7 @@ class Server:
                 continue
             ident, frame = parts[0].bytes, parts[1].buffer
             try:
-                return ident, P.decode(frame, self.max_frame_bytes)
+                return ident, P.decode(frame, self.max_frame_bytes, self._decoder)
             except P.ProtocolError as e:
                 REJECTED_FRAMES.labels(reason=e.reason).inc()
                 log.warning("rejected frame from %r: %s", ident, e)

@@ -41,11 +41,11 @@ def make_traj(
 
 @contextlib.asynccontextmanager
 async def running(
-    cfg: Config, clock: Callable[[], float] = time.monotonic, max_page_count: int | None = None
+    cfg: Config, clock: Callable[[], float] = time.monotonic, quota_bytes: int | None = None
 ) -> AsyncIterator[tuple[Broker, Callable[[str], Client]]]:
     """An in-process broker on a free loopback port, and a factory of connected clients."""
     broker = Broker(cfg, clock=clock)
-    broker.store.max_page_count = max_page_count
+    broker.store.set_quota_bytes(quota_bytes)
     endpoint = await broker.start("tcp://127.0.0.1:0")
     clients: list[Client] = []
 

@@ -164,7 +164,7 @@ def test_policy_is_relayed_and_welcomed(tmp_path: Path) -> None:
 
 def test_full_store_is_never_acked(tmp_path: Path) -> None:
     async def main() -> None:
-        async with running(config(tmp_path), max_page_count=40) as (broker, client):
+        async with running(config(tmp_path), quota_bytes=640_000) as (broker, client):
             actor = client("a")
             errors = (
                 REGISTRY.get_sample_value("headrace_broker_store_errors_total", {"kind": "full"})

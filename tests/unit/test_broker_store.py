@@ -59,8 +59,8 @@ def test_reopen_keeps_data_sampling_and_kv(tmp_path: Path) -> None:
         await store.kv_write([("lease/x", b"1"), ("lease/y", b"2"), ("lease/x", None)])
         first = [m.seq for m in res.new]
         got = await store.claim(first[:2])
-        assert [t.traj_id for t in got] == ["a-0", "a-1"]
-        assert got[0].min_policy_version() == 3
+        assert [c.decode().traj_id for c in got] == ["a-0", "a-1"]
+        assert got[0].min_version == got[0].decode().min_policy_version() == 3
         await store.retire(first[3:], "stale")
         await store.close()
 
@@ -91,7 +91,7 @@ def test_durability_none_is_in_memory(tmp_path: Path) -> None:
         res = await store.put([make_traj("m", i) for i in range(2)])
         assert len(res.new) == 2
         assert (await store.put([make_traj("m", 0)])).duplicates == ["m-0"]
-        assert [t.traj_id for t in await store.claim([res.new[1].seq])] == ["m-1"]
+        assert [c.decode().traj_id for c in await store.claim([res.new[1].seq])] == ["m-1"]
         await store.close()
 
     asyncio.run(main())
@@ -100,10 +100,10 @@ def test_durability_none_is_in_memory(tmp_path: Path) -> None:
 
 def test_full_disk_raises_and_commits_nothing(tmp_path: Path) -> None:
     async def main() -> None:
-        store = Store(tmp_path, commit_interval_s=0, max_page_count=40)
+        store = Store(tmp_path, commit_interval_s=0, quota_bytes=640_000)
         await store.open()
         before = metric("headrace_broker_store_errors_total", kind="full")
-        big = [make_traj("big", i, n_tokens=20_000) for i in range(8)]  # ~1.2 MB >> 40 pages
+        big = [make_traj("big", i, n_tokens=20_000) for i in range(8)]  # ~2.6 MB > the quota
         with pytest.raises(StoreFullError):
             await store.put(big)
         assert metric("headrace_broker_store_errors_total", kind="full") == before + 1
@@ -145,16 +145,16 @@ def test_full_disk_is_one_log_line_a_metric_and_recovers(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A full disk: no ack, one error line per failure streak, the failing gauge up; once
-    space is freed (max_page_count raised) the next commit succeeds and the gauge drops."""
+    space is freed (the quota raised) the next commit succeeds and the gauge drops."""
 
     async def main() -> None:
-        store = Store(tmp_path, commit_interval_s=0, max_page_count=40)
+        store = Store(tmp_path, commit_interval_s=0, quota_bytes=640_000)
         await store.open()
         big = [make_traj("big", i, n_tokens=20_000) for i in range(4)]
         errors = metric("headrace_broker_store_errors_total", kind="full")
         with caplog.at_level("ERROR", logger="broker.store"):
             for _ in range(3):
-                with pytest.raises(StoreFullError, match=DB_NAME):  # names the file
+                with pytest.raises(StoreFullError, match=r"seg-\d+\.log"):  # names the file
                     await store.put(big)
         failures = [r for r in caplog.records if r.levelname == "ERROR"]
         assert len(failures) == 1, [r.getMessage() for r in failures]
@@ -164,7 +164,7 @@ def test_full_disk_is_one_log_line_a_metric_and_recovers(
         assert metric("headrace_broker_store_failing") == 1
         assert store.stored == 0
 
-        assert await store.set_max_page_count(1_000_000) >= 1_000_000  # space freed
+        store.set_quota_bytes(None)  # space freed
         caplog.clear()
         with caplog.at_level("WARNING", logger="broker.store"):
             res = await store.put(big)

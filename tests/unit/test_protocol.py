@@ -122,3 +122,38 @@ def test_wrong_protocol_version_is_rejected():
     with pytest.raises(P.ProtocolError) as e:
         P.decode(frame)
     assert e.value.reason == "version_mismatch"
+
+
+def test_trajectory_view_mirrors_trajectory_without_copying_arrays():
+    fields = [(f.name, f.required) for f in msgspec.structs.fields(P.Trajectory)]
+    assert [(f.name, f.required) for f in msgspec.structs.fields(P.TrajectoryView)] == fields
+    t = make_traj()
+    frame = P.encode(t)
+    v = P.decode_view(frame)
+    assert isinstance(v.token_ids, memoryview) and v.token_ids.obj is not None
+    for name in P.TOKEN_ARRAYS:
+        assert bytes(getattr(v, name)) == getattr(t, name)
+    assert (v.traj_id, v.turns, v.sampling) == (t.traj_id, t.turns, t.sampling)
+
+
+def test_broker_frames_are_byte_identical_to_the_full_messages():
+    trajs = [make_traj(traj_id=f"t{i}") for i in range(3)]
+    batch = P.encode(P.TrajectoryBatch(items=trajs))
+    frames = P.decode(batch, decoder=P.decoder_for(P.BrokerInbound))
+    assert isinstance(frames, P.TrajectoryBatchFrames)
+    assert [bytes(r) for r in frames.items] == [P.encode(t) for t in trajs]
+    out = P.BatchFrames(frames.items, sample_ids=[1, 2, 3], is_weights=[1.0, 0.5, 1.0], cursor=3)
+    full = P.Batch(trajs, sample_ids=[1, 2, 3], is_weights=[1.0, 0.5, 1.0], cursor=3)
+    assert P.encode(out) == P.encode(full)
+    assert P.decode(P.encode(out)) == full
+
+
+def test_view_validates_as_strictly_as_a_full_decode():
+    bad = msgspec.msgpack.encode({"type": "Trajectory", "traj_id": 1})
+    with pytest.raises(P.ProtocolError) as e:
+        P.decode_view(bad)
+    assert e.value.reason == "invalid"
+    t = make_traj()
+    extra = msgspec.to_builtins(t) | {"type": "Trajectory", "surprise": 1}
+    with pytest.raises(P.ProtocolError):
+        P.decode_view(msgspec.msgpack.encode(extra))
