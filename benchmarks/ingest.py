@@ -57,6 +57,7 @@ from shared import protocol as P  # noqa: E402
 
 GROUP = 16  # trajectories per TrajectoryBatch frame (one group)
 MIN_DISK_BATCH = 1 << 20
+ACKED = "headrace_broker_trajectories_acked_total"
 COMMIT_BYTES: dict[int, float] = {}  # N -> mean bytes per group commit of the durable run
 
 
@@ -356,14 +357,22 @@ class Result:
     traj_per_s: float
     mb_per_s: float
     note: str = ""
+    cpu_us_per_traj: float | None = None  # the broker process's CPU time per acked trajectory
 
 
 def bench_broker(mode: str, n: int, a: argparse.Namespace, work: Path, tb: int) -> Result:
+    import psutil
+
     broker = BrokerProc(work, mode, a.n_tokens)
     try:
+        proc = psutil.Process(broker.p.pid)
+        cpu0, acked0 = sum(proc.cpu_times()[:4]), broker.metrics()[ACKED]
         targets = [(broker_sender, (broker.endpoint, i, a.n_tokens, a.window)) for i in range(n)]
         res = run_children(targets, a.duration, a.warmup)
         m = broker.metrics()
+        # CPU per trajectory does not depend on what else the machine runs, unlike traj/s.
+        cpu = sum(proc.cpu_times()[:4]) - cpu0
+        cpu_us = cpu / max(1.0, m[ACKED] - acked0) * 1e6
     finally:
         broker.stop()
     acked = sum(r["acked"] for r in res)
@@ -374,9 +383,10 @@ def bench_broker(mode: str, n: int, a: argparse.Namespace, work: Path, tb: int) 
         note = f"{per_commit:.0f} traj/commit"
         if mode == "durable":
             COMMIT_BYTES[n] = per_commit * tb
+    note += f", broker CPU {cpu_us:.0f} us/traj"
     if any(r["errors"] for r in res):
         note += f" errors={sum(r['errors'] for r in res)}"
-    return Result(acked / a.duration, acked * tb / a.duration / 1e6, note)
+    return Result(acked / a.duration, acked * tb / a.duration / 1e6, note, cpu_us)
 
 
 def bench_zmq(n: int, a: argparse.Namespace, tb: int) -> Result:
@@ -561,6 +571,11 @@ def main(argv: list[str] | None = None) -> int:
             m: max(rs, key=lambda n: rs[n].mb_per_s) for m, rs in results.items() if m != "disk"
         },
         "goals": goals,
+        "broker_cpu_us_per_traj": {
+            m: round(min(r.cpu_us_per_traj for r in results[m].values()), 1)
+            for m in ("durable", "memory")
+            if m in results
+        },
         "traj_bytes": tb,
         "seconds": round(time.monotonic() - t_start, 1),
     }

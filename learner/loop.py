@@ -99,11 +99,15 @@ class Learner:
             model,
             opt,
             clip_eps=self.lc.clip_eps,
-            is_cap=self.lc.is_cap,
             grad_clip=self.lc.grad_clip,
             # vLLM reports "processed" logprobs, i.e. after temperature scaling: match it.
             temperature=self.cfg.actor.temperature,
             pad_id=0 if pad_id is None else int(pad_id),
+            ppo_epochs=self.lc.ppo_epochs,
+            minibatches=self.lc.minibatches,
+            correction=self.lc.correction,
+            advantage=self.lc.advantage,
+            weighting=self.lc.weighting,
         )
         ckpt = latest(self.opts.checkpoint_dir)
         if ckpt is not None:
@@ -255,7 +259,9 @@ class Learner:
         for s in stale:
             TRAJECTORY_STALENESS.observe(max(0, s))
         t0 = time.perf_counter()
-        diag, adv = await asyncio.to_thread(self.trainer.step, batch.items, batch.is_weights)
+        diag, adv = await asyncio.to_thread(
+            self.trainer.step, batch.items, batch.is_weights, self.version
+        )
         dt = time.perf_counter() - t0
         self.step += 1
         self.version += 1
@@ -264,10 +270,7 @@ class Learner:
         M.STEP_SECONDS.observe(dt)
         M.POLICY_VERSION.set(self.version)
         M.REWARD_MEAN.set(diag["reward_mean"])
-        M.LOSS.set(diag["loss"])
-        M.CLIP_FRACTION.set(diag["clip_fraction"])
-        M.ESS.set(diag["ess"])
-        M.KL_BEHAVIOUR.set(diag["kl_behaviour"])
+        M.observe_diagnostics(diag)
         M.TRAJECTORIES.inc(len(batch.items))
         M.TOKENS.inc(diag["n_tokens"])
         if self.step % max(1, self.lc.publish_every) == 0:
@@ -363,17 +366,25 @@ class Learner:
     def _report(self, bar: Any, entry: dict[str, Any]) -> None:
         bar.update(1)
         bar.set_postfix(
-            v=self.version, reward=f"{entry['reward_mean']:.3f}", loss=f"{entry['loss']:.4f}"
+            v=self.version,
+            reward=f"{entry['reward_mean']:.3f}",
+            loss=f"{entry['loss']:.4f}",
+            ess=f"{entry['ess']:.2f}",
+            clip=f"{entry['clip_fraction']:.2f}",
         )
         if bar.disable:  # no TTY: one log line per step instead
             log.info(
-                "step %d v%d reward %.3f loss %.4f ess %.3f kl %.4f (%.2fs)",
+                "step %d v%d reward %.3f loss %.4f ess %.3f kl %.4f clip %.3f masked %.3f "
+                "stale %.1f (%.2fs)",
                 self.step,
                 self.version,
                 entry["reward_mean"],
                 entry["loss"],
                 entry["ess"],
                 entry["kl_behaviour"],
+                entry["clip_fraction"],
+                entry["masked_fraction"],
+                entry["token_staleness_mean"],
                 entry["step_seconds"],
             )
 

@@ -1,17 +1,16 @@
-"""Off-policy-corrected, token-level clipped policy-gradient loss (decoupled PPO).
+"""Token-level clipped policy-gradient loss with an off-policy correction weight.
 
-Three policies meet here: the behaviour policy `mu` that generated the tokens (the actor, maybe
-several versions behind and sampling with vLLM kernels), the proximal policy `pi_prox` (the
-learner's weights when the batch was fetched) and the current policy `pi` being optimised.
-The trust region is taken around pi_prox, not around mu, so staleness does not shrink the step;
-the mu -> pi_prox mismatch is corrected by a truncated importance weight instead:
+    loss_t = -tw_t * w_t * min(r_t A_t, clip(r_t, 1-eps, 1+eps) A_t),   r_t = pi / pi_prox
 
-    ratio_t = pi(a_t) / pi_prox(a_t)
-    w_t     = min(pi_prox(a_t) / mu(a_t), is_cap)            (detached)
-    loss_t  = -w_t * min(ratio_t * A_t, clip(ratio_t, 1-eps, 1+eps) * A_t)
+`w_t` comes from learner/correction.py (behaviour -> proximal; truncated, masked or traced per
+mode) and `tw_t` is the token weight (ActFocus role weights times replay IS weights). Mode
+"tis" replaces the clipped term by the truncated IS policy gradient min(pi/mu, c) A.
 
-aggregated as a mean over masked tokens (each token counts once, so long episodes are not
-down-weighted per token as with a per-sequence mean).
+The loss is a sum over tokens divided by `denom`: by default the number of masked tokens (each
+token counts once, so long episodes are not down-weighted per token as with a per-sequence
+mean); the trainer passes the sum of role weights so that, as in ActFocus, the loss is a
+weighted token mean, and a micro-batch passes the whole minibatch's denominator so that
+micro-batch losses add up to the minibatch loss.
 """
 
 from __future__ import annotations
@@ -19,16 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
-def _masked_mean(x: Tensor, mask: Tensor, denom: Tensor) -> Tensor:
-    return (x * mask).sum() / denom
-
-
-def _quantiles(x: Tensor, qs: tuple[float, ...]) -> list[float]:
-    if x.numel() == 0:
-        return [float("nan")] * len(qs)
-    q = torch.quantile(x.double(), torch.tensor(qs, dtype=torch.float64, device=x.device))
-    return [float(v) for v in q]
+from learner import correction as C
+from shared.config import CorrectionConfig
 
 
 def clipped_pg_loss(
@@ -40,58 +31,84 @@ def clipped_pg_loss(
     clip_eps: float = 0.2,
     is_cap: float = 2.0,
     token_weights: Tensor | None = None,
+    *,
+    mode: str = "decoupled",
+    is_weight: Tensor | None = None,
+    denom: float | Tensor | None = None,
+    full_diagnostics: bool = True,
 ) -> tuple[Tensor, dict[str, float]]:
-    """Token-mean clipped surrogate with truncated IS correction; returns (loss, diagnostics).
+    """Clipped surrogate with an off-policy weight; returns (loss, diagnostics).
 
     All inputs are per token and broadcast-compatible (e.g. [N] or [B, T]); `mask` selects the
-    tokens that count (loss_mask & not padding). `token_weights` (default 1) scales each
-    token's loss — the hook for ActFocus-style token re-weighting and replay IS weights.
+    tokens that count (loss_mask & not padding). `is_weight` is the precomputed correction
+    weight (`correction.behaviour_weights`); if None it is computed here token by token for
+    `mode` with cap `is_cap` (sequence-level "mis" and "vtrace" need the trajectory layout,
+    so pass their weight). `token_weights` (default 1) scales each token's loss.
 
-    Diagnostics (all over masked tokens): clip_fraction (tokens whose gradient the clip cuts),
-    ess (normalised effective sample size of w, in (0, 1]), ratio_mean / ratio_p05 / p50 /
-    p95, kl_behaviour (k3 estimate of KL(mu || pi)), is_cap_fraction (w truncated), w_mean,
-    n_tokens.
+    Diagnostics over masked tokens: loss, clip_fraction (tokens whose gradient the clip cuts),
+    ratio_mean / ratio_p05 / p50 / p95 of pi/pi_prox, n_tokens, and with `full_diagnostics`
+    those of `correction.diagnostics` (ess, kl_behaviour of KL(mu || pi) here, is_cap_fraction,
+    masked_fraction, w_mean, is_ratio_*).
     """
     m = mask.to(logp.dtype)
     n = m.sum()
-    denom = n.clamp_min(1.0)
+    d = n.clamp_min(1.0) if denom is None else torch.as_tensor(denom, dtype=logp.dtype)
+    d = d.to(logp.device)
+    d = torch.where(d > 0, d, torch.ones_like(d))  # all-zero weights: the sum is 0 anyway
     prox_logp = prox_logp.detach().to(logp.dtype)
     behav_logp = behav_logp.detach().to(logp.dtype)
     adv = advantages.detach().to(logp.dtype)
+    cfg = CorrectionConfig(mode=mode, is_cap=is_cap)
+    dropped = torch.zeros_like(logp, dtype=torch.bool)
+    if is_weight is None and mode != "tis":
+        is_weight, dropped = C.behaviour_weights(cfg, prox_logp, behav_logp)
+    elif is_weight is not None:
+        dropped = is_weight.detach() == 0
+    w = torch.ones_like(logp) if is_weight is None else is_weight.detach().to(logp.dtype)
 
-    log_ratio = logp - prox_logp
-    ratio = torch.exp(log_ratio)
-    raw_w = torch.exp(prox_logp - behav_logp)
-    w = raw_w.clamp(max=is_cap)
-    surr1 = ratio * adv
-    surr2 = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * adv
-    per_token = -w * torch.minimum(surr1, surr2)
+    ratio = torch.exp(logp - prox_logp)
+    if mode == "tis":
+        tis_ratio, factor = C.tis_factor(logp, behav_logp, is_cap)
+        surrogate = factor * tis_ratio * adv
+        clipped = torch.zeros_like(m, dtype=torch.bool)
+    else:
+        surr1 = ratio * adv
+        surr2 = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * adv
+        surrogate = w * torch.minimum(surr1, surr2)
+        # The clip is active (zero gradient) where the clipped branch is strictly smaller.
+        clipped = surr2.detach() < surr1.detach()
+    per_token = -surrogate
     if token_weights is not None:
         per_token = per_token * token_weights.detach().to(logp.dtype)
-    loss = _masked_mean(per_token, m, denom)
+    loss = (per_token * m).sum() / d
 
     with torch.no_grad():
         sel = m > 0
-        # The clip is active (zero gradient) where the clipped branch is strictly smaller.
-        clipped = (surr2 < surr1) & sel
-        w_sel = w[sel].double()
-        ess = (w_sel.sum() ** 2 / (w_sel.numel() * (w_sel**2).sum())) if w_sel.numel() else 1.0
-        # k3: E_mu[r - 1 - log r] with r = pi/mu is an unbiased, always >= 0 estimate of
-        # KL(mu || pi) from samples of mu (Schulman, "Approximating KL divergence").
-        log_r = logp.detach() - behav_logp
-        k3 = torch.exp(log_r) - 1.0 - log_r
-        p05, p50, p95 = _quantiles(ratio.detach()[sel], (0.05, 0.5, 0.95))
+        r_sel = ratio.detach()[sel]
+        p05, p50, p95 = C.quantiles(r_sel, (0.05, 0.5, 0.95))
+        n_tok = max(float(n), 1.0)
         diag = {
             "loss": float(loss.detach()),
-            "clip_fraction": float(clipped.sum() / denom),
-            "ess": float(ess),
-            "ratio_mean": float(_masked_mean(ratio.detach(), m, denom)),
+            "clip_fraction": float((clipped & sel).sum()) / n_tok,
+            "ratio_mean": float(r_sel.sum()) / n_tok,
             "ratio_p05": p05,
             "ratio_p50": p50,
             "ratio_p95": p95,
-            "kl_behaviour": float(_masked_mean(k3, m, denom)),
-            "is_cap_fraction": float(((raw_w >= is_cap) & sel).sum() / denom),
-            "w_mean": float(_masked_mean(w, m, denom)),
             "n_tokens": float(n),
         }
+        if full_diagnostics:
+            shape = torch.broadcast_shapes(logp.shape, m.shape)
+            pick = lambda x: x.expand(shape)[sel]  # noqa: E731
+            # tis weighs by the current policy, the other modes by the proximal one.
+            ref = logp.detach() if mode == "tis" else prox_logp
+            diag.update(
+                C.diagnostics(
+                    cfg,
+                    pick(ref),
+                    pick(behav_logp),
+                    pick(w),
+                    pick(dropped),
+                )
+            )
+            diag["kl_behaviour"] = float(C.k3(pick(logp.detach()) - pick(behav_logp)).sum()) / n_tok
     return loss, diag

@@ -1,10 +1,12 @@
 """One optimisation step on a batch of trajectories, independent of any broker or socket.
 
 `collate` turns wire `Trajectory`s into right-padded token tensors plus a flat list of the
-trained tokens; `Trainer.step` recomputes their logprobs with the fused kernel, forms GRPO
-advantages, applies the off-policy-corrected clipped loss and steps the optimiser. The token at
-position t is predicted from the hidden state at t-1, so token 0 of an episode is never trained
-(it is prompt anyway) and `behav_logprob[t]` is compared with the hidden state at t-1.
+trained tokens; `Trainer.step` forms advantages (`[learner.advantage]`), computes the proximal
+logprobs and entropies with the fused kernel, derives the off-policy correction
+(`[learner.correction]`) and token weights (`[learner.weighting]`) from them once, and then
+runs `ppo_epochs` x `minibatches` clipped updates against those fixed proximal logprobs. The
+token at position t is predicted from the hidden state at t-1, so token 0 of an episode is never
+trained (it is prompt anyway) and `behav_logprob[t]` is compared with the hidden state at t-1.
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ import torch
 from torch import Tensor
 
 from kernels.logprobs import token_logprobs_and_entropy
-from learner.advantages import grpo_advantages
+from learner import correction as C
+from learner import weighting as W
+from learner.advantages import compute_advantages
 from learner.losses import clipped_pg_loss
-from shared.protocol import Trajectory
+from shared.config import AdvantageConfig, CorrectionConfig, WeightingConfig
+from shared.protocol import Role, Trajectory
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +35,15 @@ log = logging.getLogger(__name__)
 class TrainBatch:
     input_ids: Tensor  # [B, L] right-padded
     attention_mask: Tensor  # [B, L]
-    row: Tensor  # [N] batch row of each trained token
+    row: Tensor  # [N] batch row of each trained token (tokens of a row contiguous, in order)
     pos: Tensor  # [N] its position (>= 1); the logit comes from position pos - 1
     targets: Tensor  # [N] its token id
     behav_logp: Tensor  # [N] behaviour-policy logprob from the actor
     advantages: Tensor  # [N]
-    token_weights: Tensor  # [N]
+    token_weights: Tensor  # [N] replay IS weight of the token's trajectory
+    role: Tensor  # [N] `Role` of the token
+    turn: Tensor  # [N] turn index
+    version: Tensor  # [N] policy version that sampled the token
 
     @property
     def n_tokens(self) -> int:
@@ -44,34 +52,45 @@ class TrainBatch:
 
 def collate(
     trajs: Sequence[Trajectory],
-    advantages: np.ndarray,
+    advantages: Sequence[float | np.ndarray],
     pad_id: int = 0,
     traj_weights: Sequence[float] | None = None,
 ) -> TrainBatch:
-    """Pad trajectories into [B, L] and list every loss-masked token with its per-token data."""
+    """Pad trajectories into [B, L] and list every loss-masked token with its per-token data.
+
+    `advantages[i]` is trajectory i's advantage, or an array of per-turn advantages that its
+    tokens index by `turn_idx` (clamped to the last turn).
+    """
     lengths = [t.n_tokens for t in trajs]
     width = max(lengths, default=1)
     input_ids = np.full((len(trajs), width), pad_id, dtype=np.int64)
     attention = np.zeros((len(trajs), width), dtype=np.int64)
-    rows, poss, behav, adv, tw = [], [], [], [], []
+    parts: dict[str, list[np.ndarray]] = {
+        k: [] for k in ("row", "pos", "behav", "adv", "tw", "role", "turn", "version")
+    }
     for i, t in enumerate(trajs):
         ids = t.array("token_ids")
         input_ids[i, : len(ids)] = ids
         attention[i, : len(ids)] = 1
         pos = np.flatnonzero(t.array("loss_mask"))
         pos = pos[pos >= 1]  # token 0 has no preceding context to be predicted from
-        rows.append(np.full(pos.size, i))
-        poss.append(pos)
-        behav.append(t.array("behav_logprob")[pos])
-        adv.append(np.full(pos.size, advantages[i], dtype=np.float32))
+        turn = t.array("turn_idx")[pos].astype(np.int64)
+        a = np.atleast_1d(np.asarray(advantages[i], dtype=np.float32))
         w = 1.0 if traj_weights is None else float(traj_weights[i])
-        tw.append(np.full(pos.size, w, dtype=np.float32))
+        parts["row"].append(np.full(pos.size, i))
+        parts["pos"].append(pos)
+        parts["behav"].append(t.array("behav_logprob")[pos])
+        parts["adv"].append(a[np.clip(turn, 0, a.size - 1)])
+        parts["tw"].append(np.full(pos.size, w, dtype=np.float32))
+        parts["role"].append(t.array("role")[pos].astype(np.int64))
+        parts["turn"].append(turn)
+        parts["version"].append(t.array("policy_version")[pos].astype(np.int64))
 
-    def cat(parts: list[np.ndarray], dtype: torch.dtype) -> Tensor:
-        arr = np.concatenate(parts) if parts else np.zeros(0)
+    def cat(name: str, dtype: torch.dtype) -> Tensor:
+        arr = np.concatenate(parts[name]) if parts[name] else np.zeros(0)
         return torch.as_tensor(arr).to(dtype)
 
-    row, pos_t = cat(rows, torch.long), cat(poss, torch.long)
+    row, pos_t = cat("row", torch.long), cat("pos", torch.long)
     ids_t = torch.from_numpy(input_ids)
     return TrainBatch(
         input_ids=ids_t,
@@ -79,18 +98,23 @@ def collate(
         row=row,
         pos=pos_t,
         targets=ids_t[row, pos_t],
-        behav_logp=cat(behav, torch.float32),
-        advantages=cat(adv, torch.float32),
-        token_weights=cat(tw, torch.float32),
+        behav_logp=cat("behav", torch.float32),
+        advantages=cat("adv", torch.float32),
+        token_weights=cat("tw", torch.float32),
+        role=cat("role", torch.long),
+        turn=cat("turn", torch.long),
+        version=cat("version", torch.long),
     )
 
 
-def _micro_batches(batch: TrainBatch, max_tokens: int) -> list[Tensor]:
-    """Row groups whose padded size (rows x longest row) stays under `max_tokens`."""
+def _micro_batches(batch: TrainBatch, max_tokens: int, rows: Tensor | None = None) -> list[Tensor]:
+    """Groups of `rows` (default all) whose padded size (rows x longest row) stays under
+    `max_tokens`."""
     lengths = batch.attention_mask.sum(1).tolist()
+    order = range(len(lengths)) if rows is None else rows.tolist()
     groups: list[list[int]] = [[]]
     longest = 0
-    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+    for i in sorted(order, key=lengths.__getitem__):
         longest_if = max(longest, lengths[i])
         if groups[-1] and longest_if * (len(groups[-1]) + 1) > max_tokens:
             groups.append([])
@@ -100,8 +124,25 @@ def _micro_batches(batch: TrainBatch, max_tokens: int) -> list[Tensor]:
     return [torch.tensor(g, dtype=torch.long) for g in groups if g]
 
 
+@dataclass
+class Proximal:
+    """Per trained token, fixed for the whole step (float64, CPU): the proximal policy's logp
+    and entropy, the correction weight and the token weight derived from them."""
+
+    logp: Tensor
+    ent: Tensor
+    is_w: Tensor
+    dropped: Tensor
+    tok_w: Tensor  # role / ActFocus weight x replay IS weight
+
+    @classmethod
+    def empty(cls, n: int) -> Proximal:
+        z = torch.zeros(n, dtype=torch.float64)
+        return cls(z, z.clone(), z.clone(), torch.zeros(n, dtype=torch.bool), z.clone())
+
+
 class Trainer:
-    """Holds model + optimiser and the loss hyperparameters; `step()` is one update."""
+    """Holds model + optimiser and the loss settings; `step()` trains on one batch."""
 
     def __init__(
         self,
@@ -109,20 +150,29 @@ class Trainer:
         optimizer: torch.optim.Optimizer,
         *,
         clip_eps: float = 0.2,
-        is_cap: float = 2.0,
         grad_clip: float = 1.0,
         temperature: float = 1.0,
         pad_id: int = 0,
         chunk_size: int = 1024,
         micro_batch_tokens: int = 16384,
+        ppo_epochs: int = 1,
+        minibatches: int = 1,
+        correction: CorrectionConfig | None = None,
+        advantage: AdvantageConfig | None = None,
+        weighting: WeightingConfig | None = None,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
-        self.clip_eps, self.is_cap, self.grad_clip = clip_eps, is_cap, grad_clip
+        self.clip_eps, self.grad_clip = clip_eps, grad_clip
         self.temperature = temperature
         self.pad_id = pad_id
         self.chunk_size = chunk_size
         self.micro_batch_tokens = micro_batch_tokens
+        self.ppo_epochs, self.minibatches = max(1, ppo_epochs), max(1, minibatches)
+        self.correction = correction or CorrectionConfig()
+        self.advantage = advantage or AdvantageConfig()
+        self.weighting = weighting or WeightingConfig()
+        self.alerts = C.AlertMonitor(self.correction.alert)
         self.device = next(model.parameters()).device
 
     def token_logprobs(
@@ -141,53 +191,81 @@ class Trainer:
         targets = input_ids[row, pos].to(dev)
         return token_logprobs_and_entropy(h, head, targets, self.chunk_size, self.temperature)
 
-    def step(
-        self, trajs: Sequence[Trajectory], is_weights: Sequence[float] | None = None
-    ) -> tuple[dict[str, float], np.ndarray]:
-        """One update on `trajs`; returns (diagnostics, per-trajectory advantages)."""
-        rewards = np.array([t.outcome_reward for t in trajs], dtype=np.float64)
-        adv = np.asarray(grpo_advantages(rewards, [t.group_id for t in trajs]))
-        weights = None
-        if is_weights and len(is_weights) == len(trajs) and max(is_weights) > 0:
-            # Prioritised-replay IS weights, normalised by their max as in PER (Schaul et al.)
-            weights = np.asarray(is_weights, dtype=np.float64) / max(is_weights)
-        batch = collate(trajs, adv, self.pad_id, weights)
-        n_total = max(batch.n_tokens, 1)
+    def _micro_logprobs(self, batch: TrainBatch, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(sel, logp, entropy) for the trained tokens `sel` of the micro-batch `rows`."""
+        sel = torch.isin(batch.row, rows).nonzero().squeeze(1)
+        if sel.numel() == 0:
+            return sel, torch.zeros(0), torch.zeros(0)
+        # Re-index the selected rows to 0..len(rows)-1 within the micro-batch.
+        remap = torch.full((batch.input_ids.shape[0],), -1, dtype=torch.long)
+        remap[rows] = torch.arange(rows.numel())
+        width = int(batch.attention_mask[rows].sum(1).max())
+        logp, ent = self.token_logprobs(
+            batch.input_ids[rows, :width],
+            batch.attention_mask[rows, :width],
+            remap[batch.row[sel]],
+            batch.pos[sel],
+        )
+        return sel, logp, ent
 
-        self.model.train()
+    @torch.no_grad()
+    def _fill_proximal(
+        self, batch: TrainBatch, sel: Tensor, logp: Tensor, ent: Tensor, prox: Proximal
+    ) -> None:
+        """Correction and token weights of the tokens `sel` (whole trajectories) from the
+        proximal logp / entropy."""
+        logp, ent = logp.detach().double().cpu(), ent.detach().double().cpu()
+        row, turn = batch.row[sel], batch.turn[sel]
+        is_w, dropped = C.behaviour_weights(
+            self.correction, logp, batch.behav_logp[sel].double(), row, batch.version[sel]
+        )
+        turn_id = row * (int(batch.turn.max()) + 1) + turn  # ActFocus redistributes per turn
+        tok_w = W.token_weights(self.weighting, batch.role[sel], turn_id, ent, logp)
+        prox.logp[sel], prox.ent[sel] = logp, ent
+        prox.is_w[sel], prox.dropped[sel] = is_w, dropped
+        prox.tok_w[sel] = tok_w * batch.token_weights[sel].double()
+
+    def _update(
+        self, batch: TrainBatch, rows: Tensor, role_w: Tensor, prox: Proximal, fill: bool
+    ) -> dict[str, float | Tensor]:
+        """One optimiser step on the trajectories `rows`. With `fill` (a single update per
+        batch) the proximal values come from this same forward: ratio 1, no extra pass."""
+        in_minibatch = torch.isin(batch.row, rows)
+        if not bool(in_minibatch.any()):  # nothing to train: no step, and nothing to warn about
+            empty = torch.zeros(0, dtype=torch.float64)
+            return {"loss": 0.0, "n_clipped": 0.0, "ratio": empty, "grad_norm": 0.0, "skipped": 0.0}
+        # The loss is a role-weighted token mean over the minibatch; ActFocus conserves each
+        # turn's action weight, so the sum of role weights is the sum of final weights.
+        denom = float(role_w[in_minibatch].sum())
+        cfg = self.correction
         self.optimizer.zero_grad(set_to_none=True)
-        kept: dict[str, list[Tensor]] = {"logp": [], "ent": [], "sel": []}
-        for rows in _micro_batches(batch, self.micro_batch_tokens):
-            sel = torch.isin(batch.row, rows).nonzero().squeeze(1)
+        loss_sum, n_clipped, ratios = 0.0, 0.0, []
+        for micro in _micro_batches(batch, self.micro_batch_tokens, rows):
+            sel, logp, ent = self._micro_logprobs(batch, micro)
             if sel.numel() == 0:
                 continue
-            # Re-index the selected rows to 0..len(rows)-1 within the micro-batch.
-            remap = torch.full((batch.input_ids.shape[0],), -1, dtype=torch.long)
-            remap[rows] = torch.arange(rows.numel())
-            width = int(batch.attention_mask[rows].sum(1).max())
-            logp, ent = self.token_logprobs(
-                batch.input_ids[rows, :width],
-                batch.attention_mask[rows, :width],
-                remap[batch.row[sel]],
-                batch.pos[sel],
-            )
+            if fill:
+                self._fill_proximal(batch, sel, logp, ent, prox)
             dev = logp.device
-            # One update per batch, so the proximal policy is the current one before the
-            # update: prox = logp detached from this same forward (ratio starts at 1).
-            loss, _ = clipped_pg_loss(
+            prox_logp = prox.logp[sel].to(dev, logp.dtype)
+            loss, d = clipped_pg_loss(
                 logp,
-                logp.detach(),
+                prox_logp,
                 batch.behav_logp[sel].to(dev),
                 batch.advantages[sel].to(dev),
                 torch.ones_like(logp),
                 self.clip_eps,
-                self.is_cap,
-                batch.token_weights[sel].to(dev),
+                cfg.is_cap,
+                prox.tok_w[sel].to(dev),
+                mode=cfg.mode,
+                is_weight=prox.is_w[sel].to(dev),
+                denom=denom,
+                full_diagnostics=False,
             )
-            (loss * (sel.numel() / n_total)).backward()
-            kept["logp"].append(logp.detach().cpu())
-            kept["ent"].append(ent.detach().cpu())
-            kept["sel"].append(sel)
+            loss.backward()
+            loss_sum += d["loss"]
+            n_clipped += d["clip_fraction"] * d["n_tokens"]
+            ratios.append(torch.exp(logp.detach() - prox_logp).double().cpu())
 
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = float("nan")
@@ -204,34 +282,125 @@ class Trainer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return {
+            "loss": loss_sum,
+            "n_clipped": n_clipped,
+            "ratio": torch.cat(ratios) if ratios else torch.zeros(0, dtype=torch.float64),
+            "grad_norm": grad_norm,
+            "skipped": float(skipped),
+        }
 
-        diag = self._diagnostics(batch, kept)
+    def step(
+        self,
+        trajs: Sequence[Trajectory],
+        is_weights: Sequence[float] | None = None,
+        policy_version: int | None = None,
+    ) -> tuple[dict[str, float], np.ndarray]:
+        """Train on `trajs`; returns (diagnostics, per-trajectory advantage).
+
+        `policy_version` is the learner's version when the batch was fetched (staleness is
+        measured against it; default: the newest version in the batch). The per-trajectory
+        advantage is the mean over its trained tokens (0 for a masked trajectory).
+        """
+        adv = compute_advantages(trajs, self.advantage)
+        idx = np.flatnonzero(adv.keep)
+        weights = np.ones(len(trajs))
+        if is_weights and len(is_weights) == len(trajs) and max(is_weights) > 0:
+            # Prioritised-replay IS weights, normalised by their max as in PER (Schaul et al.)
+            weights = np.asarray(is_weights, dtype=np.float64) / max(is_weights)
+        kept = [trajs[i] for i in idx]
+        batch = collate(kept, [adv.per_turn[i] for i in idx], self.pad_id, weights[idx])
+        n = batch.n_tokens
+        role_w = W.role_weights(batch.role, self.weighting)
+        prox = Proximal.empty(n)
+
+        self.model.train()
+        n_rows = len(kept)
+        n_mb = max(1, min(self.minibatches, n_rows))
+        single = self.ppo_epochs * n_mb == 1
+        if not single and n:
+            with torch.no_grad():  # pi_prox: the weights as fetched, before any update
+                for micro in _micro_batches(batch, self.micro_batch_tokens):
+                    sel, logp, ent = self._micro_logprobs(batch, micro)
+                    if sel.numel():
+                        self._fill_proximal(batch, sel, logp, ent, prox)
+        updates = []
+        if n:
+            all_rows = torch.arange(n_rows)
+            for _ in range(self.ppo_epochs):
+                order = all_rows if single else torch.randperm(n_rows)
+                for rows in torch.tensor_split(order, n_mb):
+                    updates.append(self._update(batch, rows, role_w, prox, fill=single))
+
+        diag = self._diagnostics(batch, prox, updates, policy_version)
+        traj_adv = self._per_trajectory(trajs, adv.per_turn, idx, batch)
+        rewards = np.array([t.outcome_reward for t in trajs], dtype=np.float64)
         diag.update(
-            grad_norm=grad_norm,
-            skipped=float(skipped),
             reward_mean=float(rewards.mean()) if len(rewards) else 0.0,
             pass_rate=float(np.mean([t.success for t in trajs])) if trajs else 0.0,
-            adv_abs_mean=float(np.abs(adv).mean()) if len(adv) else 0.0,
+            adv_abs_mean=float(np.abs(traj_adv).mean()) if len(traj_adv) else 0.0,
+            adv_token_abs_mean=float(batch.advantages.abs().mean()) if n else 0.0,
             n_trajectories=float(len(trajs)),
+            n_masked_trajectories=float(len(trajs) - len(idx)),
         )
-        return diag, adv
+        crossed = self.alerts.check(diag)
+        diag["alerts"] = float(len(crossed))
+        diag.update({f"alert_{name}": 1.0 for name in crossed})
+        return diag, traj_adv
 
-    def _diagnostics(self, batch: TrainBatch, kept: dict[str, list[Tensor]]) -> dict[str, float]:
-        if not kept["sel"]:
-            return {"loss": 0.0, "n_tokens": 0.0, "entropy_mean": 0.0}
-        sel = torch.cat(kept["sel"])
-        logp = torch.cat(kept["logp"])
-        # The loss over the whole batch from the pre-update logprobs, with all diagnostics.
-        _, diag = clipped_pg_loss(
-            logp,
-            logp,
-            batch.behav_logp[sel],
-            batch.advantages[sel],
-            torch.ones_like(logp),
-            self.clip_eps,
-            self.is_cap,
-            batch.token_weights[sel],
+    @staticmethod
+    def _per_trajectory(
+        trajs: Sequence[Trajectory], per_turn: list[np.ndarray], idx: np.ndarray, batch: TrainBatch
+    ) -> np.ndarray:
+        """Mean advantage over each trajectory's trained tokens (its turn mean if it has none)."""
+        out = np.zeros(len(trajs), dtype=np.float64)
+        rows = batch.row.numpy()
+        count = np.bincount(rows, minlength=len(idx))
+        total = np.bincount(rows, weights=batch.advantages.double().numpy(), minlength=len(idx))
+        for r, i in enumerate(idx):
+            out[i] = total[r] / count[r] if count[r] else float(np.mean(per_turn[i]))
+        return out
+
+    def _diagnostics(
+        self,
+        batch: TrainBatch,
+        prox: Proximal,
+        updates: list[dict[str, float | Tensor]],
+        policy_version: int | None,
+    ) -> dict[str, float]:
+        n = batch.n_tokens
+        if policy_version is None:
+            policy_version = int(batch.version.max()) if n else 0
+        staleness = policy_version - batch.version.double()
+        diag = C.diagnostics(
+            self.correction,
+            prox.logp,
+            batch.behav_logp.double(),
+            prox.is_w,
+            prox.dropped,
+            staleness,
         )
-        diag["entropy_mean"] = float(torch.cat(kept["ent"]).mean())
-        diag["logp_mean"] = float(logp.mean())
+        ratio = torch.cat([u["ratio"] for u in updates]) if updates else torch.zeros(0)
+        p05, p50, p95 = C.quantiles(ratio, (0.05, 0.5, 0.95))
+        norms = [u["grad_norm"] for u in updates if math.isfinite(u["grad_norm"])]
+        diag.update(
+            # Means over the step's updates; with one update, the loss at the fetched weights.
+            loss=float(np.mean([u["loss"] for u in updates])) if updates else 0.0,
+            clip_fraction=float(sum(u["n_clipped"] for u in updates) / max(ratio.numel(), 1)),
+            ratio_mean=float(ratio.mean()) if ratio.numel() else 1.0,
+            ratio_p05=p05,
+            ratio_p50=p50,
+            ratio_p95=p95,
+            grad_norm=float(np.mean(norms)) if norms else float("nan"),
+            skipped=float(sum(u["skipped"] for u in updates)),
+            n_updates=float(len(updates)),
+            n_tokens=float(n),
+            entropy_mean=float(prox.ent.mean()) if n else 0.0,
+            logp_mean=float(prox.logp.mean()) if n else 0.0,
+        )
+        for role in ("reasoning", "action"):
+            sel = batch.role == int(getattr(Role, role.upper()))
+            if bool(sel.any()):
+                diag[f"tok_w_{role}_mean"] = float(prox.tok_w[sel].mean())
+                diag[f"tok_w_{role}_max"] = float(prox.tok_w[sel].max())
         return diag

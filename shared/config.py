@@ -97,7 +97,7 @@ class BrokerConfig(_Section):
     max_times_sampled: int = 1
     min_size_to_sample: int = 1
     max_frame_bytes: int = 64 * 1024 * 1024
-    commit_interval_s: float = 0.02  # group-commit window
+    commit_interval_s: float = 0.0  # min spacing of group commits (0: back to back)
     retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
     replay: ReplayConfig = msgspec.field(default_factory=ReplayConfig)
 
@@ -117,6 +117,97 @@ class ActorConfig(_Section):
     engine_multiprocessing: bool = False
 
 
+def _check_choice(section: msgspec.Struct, name: str, allowed: tuple[str, ...]) -> None:
+    if getattr(section, name) not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}")
+
+
+class AlertConfig(_Section):
+    """`[learner.correction.alert]`: log a WARNING naming the diagnostic that crosses its bound.
+
+    A bound <= 0 is off. While a diagnostic stays out of bounds the warning repeats every
+    `repeat_every` steps; its return inside the bounds is logged once.
+    """
+
+    min_ess: float = 0.3  # normalised effective sample size of the IS weights, in (0, 1]
+    max_kl_behaviour: float = 1.0  # k3 estimate of KL(behaviour || proximal), nats per token
+    max_clip_fraction: float = 0.0  # fraction of tokens whose gradient the PPO clip cuts
+    max_masked_fraction: float = 0.5  # fraction of tokens the correction drops (mis)
+    max_staleness: float = 0.0  # mean policy versions between a token and the learner
+    repeat_every: int = 20
+
+
+class CorrectionConfig(_Section):
+    """`[learner.correction]`: how tokens sampled by older / other policies are corrected.
+
+    Modes (see learner/correction.py): "none" | "tis" | "mis" | "decoupled" | "vtrace".
+    """
+
+    mode: str = "decoupled"
+    is_cap: float = 2.0  # tis, decoupled: truncation cap c of the importance weight
+    mis_threshold: float = 2.0  # mis: keep tokens whose ratio lies in [1/thr, thr]
+    level: str = "token"  # mis: drop single tokens ("token") or whole trajectories ("sequence")
+    rho_bar: float = 1.0  # vtrace: cap of the per-token importance weight
+    c_bar: float = 1.0  # vtrace: cap of the per-segment trace coefficient
+    trace: str = "suffix"  # vtrace: traces of later ("suffix") or earlier ("prefix") segments
+    alert: AlertConfig = msgspec.field(default_factory=AlertConfig)
+
+    def __post_init__(self) -> None:
+        _check_choice(self, "mode", ("none", "tis", "mis", "decoupled", "vtrace"))
+        _check_choice(self, "level", ("token", "sequence"))
+        _check_choice(self, "trace", ("suffix", "prefix"))
+        if self.is_cap <= 0 or self.rho_bar <= 0 or self.c_bar <= 0:
+            raise ValueError("is_cap, rho_bar and c_bar must be > 0")
+        if self.mis_threshold <= 1:
+            raise ValueError("mis_threshold must be > 1")
+
+
+class AdvantageConfig(_Section):
+    """`[learner.advantage]`: the critic-free advantage estimator (learner/advantages.py)."""
+
+    estimator: str = "grpo"  # "grpo" | "rloo" | "turn_level" (TRLOO) | "gigpo"
+    scale_by_std: bool = True  # grpo and both gigpo levels: divide by the group std
+    gamma: float = 1.0  # turn_level, gigpo: discount of later turns' rewards in a turn's return
+    step_weight: float = 1.0  # gigpo: w in A = A_episode + w * A_step
+    # Rollouts cut by the turn or token limit get loss mask 0 (and leave the baseline)
+    # instead of being trained on as failures.
+    mask_truncated: bool = False
+
+    def __post_init__(self) -> None:
+        _check_choice(self, "estimator", ("grpo", "rloo", "turn_level", "gigpo"))
+
+
+def _default_role_weights() -> dict[str, float]:
+    return {"prompt": 0.0, "observation": 0.0, "reasoning": 0.1, "action": 1.0, "template": 0.0}
+
+
+class WeightingConfig(_Section):
+    """`[learner.weighting]`: per-token loss weights by role (learner/weighting.py).
+
+    "uniform": every trained token 1. "roles": `role_weights` by token role. "actfocus": role
+    weights, then each turn's action-token weight is redistributed towards uncertain tokens.
+    """
+
+    mode: str = "uniform"
+    # Roles left out keep these defaults; set reasoning > action to test HICRA's hypothesis.
+    role_weights: dict[str, float] = msgspec.field(default_factory=_default_role_weights)
+    energy: str = "entropy"  # actfocus: "entropy" | "neg_logprob" of the proximal policy
+    tau: float = 1.0  # actfocus: softmax temperature over energies (inf: uniform)
+    w_max: float = 3.0  # actfocus: cap of an action token's weight relative to the turn mean
+
+    def __post_init__(self) -> None:
+        _check_choice(self, "mode", ("uniform", "roles", "actfocus"))
+        _check_choice(self, "energy", ("entropy", "neg_logprob"))
+        self.role_weights = {**_default_role_weights(), **self.role_weights}
+        unknown = set(self.role_weights) - set(_default_role_weights())
+        if unknown:
+            raise ValueError(f"unknown roles in role_weights: {', '.join(sorted(unknown))}")
+        if any(w < 0 for w in self.role_weights.values()):
+            raise ValueError("role_weights must be >= 0")
+        if self.tau <= 0 or self.w_max < 1:
+            raise ValueError("tau must be > 0 and w_max >= 1")
+
+
 class LearnerConfig(_Section):
     broker: str = "tcp://127.0.0.1:5555"
     metrics_port: int = 9102
@@ -128,12 +219,20 @@ class LearnerConfig(_Section):
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     clip_eps: float = 0.2
-    is_cap: float = 2.0  # truncated importance weight cap (behaviour -> proximal)
+    ppo_epochs: int = 1  # passes over each batch; > 1 makes the clip around the proximal bite
+    minibatches: int = 1  # optimiser steps per pass (the batch split by trajectory)
     publish_every: int = 1
     checkpoint_every: int = 10
     checkpoint_dir: str = "runs/learner"
     connect_timeout_s: float = 60.0
     seed: int = 0
+    correction: CorrectionConfig = msgspec.field(default_factory=CorrectionConfig)
+    advantage: AdvantageConfig = msgspec.field(default_factory=AdvantageConfig)
+    weighting: WeightingConfig = msgspec.field(default_factory=WeightingConfig)
+
+    def __post_init__(self) -> None:
+        if self.ppo_epochs < 1 or self.minibatches < 1:
+            raise ValueError("ppo_epochs and minibatches must be >= 1")
 
 
 class Config(_Section):

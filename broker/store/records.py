@@ -102,16 +102,19 @@ class Claimed:
 
 
 def min_loss_version(t: P.TrajectoryView | P.Trajectory) -> int:
-    """`t.min_policy_version()` on bytes or memoryviews, with a fast path for the common
-    case, one version for the whole episode (no weight swap while it ran), that compares
-    bytes instead of calling into numpy (a few microseconds a trajectory on the ingest path)."""
-    # bytes() of a memoryview is one memcpy, and bytes compare with memcmp where a
-    # memoryview compares item by item (10x slower).
-    pv, mask = bytes(t.policy_version), bytes(t.loss_mask)
-    if not pv or not mask.strip(b"\0"):
+    """`t.min_policy_version()`, reading a few bytes instead of the whole array.
+
+    An actor only ever moves to newer weights, so versions never decrease along an episode:
+    if the first loss token and the last token carry the same version, every loss token
+    does. Only an episode that spans a weight swap pays for the exact minimum.
+    """
+    mask = bytes(t.loss_mask)
+    first = len(mask) - len(mask.lstrip(b"\0"))  # index of the first loss token
+    if first == len(mask):
         return 0  # no loss token
-    first = pv[:4]
-    if pv == first * (len(pv) // 4):
-        return int.from_bytes(first, "little", signed=True)
+    pv = t.policy_version
+    v_first = int.from_bytes(pv[4 * first : 4 * first + 4], "little", signed=True)
+    if v_first == int.from_bytes(pv[len(pv) - 4 :], "little", signed=True):
+        return v_first
     versions = np.frombuffer(pv, _I4)[np.frombuffer(mask, _U1) != 0]
     return int(versions.min())

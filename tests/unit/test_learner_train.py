@@ -6,6 +6,7 @@ import copy
 import time
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 import torch
@@ -14,6 +15,8 @@ from transformers import AutoModelForCausalLM
 from learner.synthetic import synthetic_batch as make_batch
 from learner.tiny_model import build_tiny_model
 from learner.train import Trainer, collate
+from shared.config import AdvantageConfig, AlertConfig, CorrectionConfig, WeightingConfig
+from shared.protocol import Role, pack
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +90,101 @@ def test_step_timing_32x64(model_dir: Path) -> None:
     elapsed = time.perf_counter() - t0
     print(f"one step, 32 trajectories x <=64 tokens, tiny model: {elapsed * 1000:.1f} ms")
     assert elapsed < 10
+
+
+def _with_roles(trajs, reasoning_turn0: bool = True, truncated: int | None = None):
+    """Two turns per trajectory: the first half of its trained tokens is turn 0 (reasoning
+    then one action token), the rest turn 1 (actions)."""
+    out = []
+    for k, t in enumerate(trajs):
+        mask = t.array("loss_mask")
+        trained = np.flatnonzero(mask)
+        half = trained[: trained.size // 2]
+        role = t.array("role").copy()
+        turn = np.zeros(t.n_tokens, dtype=np.int16)
+        turn[trained[trained.size // 2 :]] = 1
+        if reasoning_turn0:
+            role[half[:-1]] = Role.REASONING
+        out.append(
+            msgspec.structs.replace(
+                t,
+                role=pack(role, "role"),
+                turn_idx=pack(turn, "turn_idx"),
+                termination="max_turns" if k == truncated else "done",
+            )
+        )
+    return out
+
+
+def _trainer(model_dir: Path, lr: float = 1e-2, opt=torch.optim.AdamW, **kw) -> Trainer:
+    model = AutoModelForCausalLM.from_pretrained(model_dir).double()
+    return Trainer(model, opt(model.parameters(), lr=lr), **kw)
+
+
+def test_ppo_epochs_make_the_clip_bite(model_dir: Path) -> None:
+    torch.manual_seed(0)
+    trajs = make_batch(2, 4, 32)
+    diag, _ = _trainer(model_dir).step(trajs)
+    assert diag["clip_fraction"] == 0 and diag["n_updates"] == 1
+    diag, _ = _trainer(model_dir, ppo_epochs=2).step(trajs)
+    assert diag["n_updates"] == 2 and diag["skipped"] == 0
+    # The proximal logprobs are fixed before the first update, so the second pass sees
+    # ratios != 1 and the clip cuts some tokens.
+    assert diag["clip_fraction"] > 0
+    assert diag["ratio_p05"] < 1 < diag["ratio_p95"]
+    diag, _ = _trainer(model_dir, minibatches=3, ppo_epochs=2).step(trajs)
+    assert diag["n_updates"] == 6 and np.isfinite(diag["loss"])
+
+
+@pytest.mark.parametrize("mode", ["none", "tis", "mis", "decoupled", "vtrace"])
+def test_every_correction_mode_trains(model_dir: Path, mode: str) -> None:
+    trajs = make_batch(2, 4, 24, seed=1, policy_version=3)
+    cfg = CorrectionConfig(mode=mode, level="sequence", alert=AlertConfig(min_ess=0.0))
+    diag, _ = _trainer(model_dir, correction=cfg).step(trajs, policy_version=5)
+    assert np.isfinite(diag["loss"]) and diag["skipped"] == 0
+    assert diag["token_staleness_mean"] == 2 and diag["token_staleness_max"] == 2
+    for key in ("ess", "kl_behaviour", "is_ratio_p50", "masked_fraction", "is_cap_fraction"):
+        assert np.isfinite(diag[key]), key
+
+
+def test_zero_reasoning_weight_equals_masking_reasoning(model_dir: Path) -> None:
+    """Role weights with reasoning 0 give the same update as leaving reasoning untrained."""
+    trajs = _with_roles(make_batch(2, 2, 24, seed=2))
+    masked = [
+        msgspec.structs.replace(
+            t,
+            loss_mask=pack(t.array("loss_mask") * (t.array("role") != Role.REASONING), "loss_mask"),
+        )
+        for t in trajs
+    ]
+    roles = WeightingConfig(mode="roles", role_weights={"reasoning": 0.0})
+    sgd = torch.optim.SGD
+    a, b = _trainer(model_dir, 1.0, sgd, weighting=roles), _trainer(model_dir, 1.0, sgd)
+    da, _ = a.step(trajs)
+    db, _ = b.step(masked)
+    assert da["tok_w_reasoning_mean"] == 0 and da["tok_w_action_mean"] == 1
+    assert da["loss"] == pytest.approx(db["loss"], rel=1e-9)
+    pa = torch.cat([p.detach().flatten() for p in a.model.parameters()])
+    pb = torch.cat([p.detach().flatten() for p in b.model.parameters()])
+    torch.testing.assert_close(pa, pb, rtol=1e-9, atol=1e-12)
+
+
+def test_actfocus_and_turn_level_in_a_step(model_dir: Path) -> None:
+    trajs = _with_roles(make_batch(2, 4, 32, seed=4), truncated=0)
+    weighting = WeightingConfig(mode="actfocus", w_max=2.0)
+    advantage = AdvantageConfig(estimator="turn_level", mask_truncated=True)
+    trainer = _trainer(model_dir, weighting=weighting, advantage=advantage)
+    diag, adv = trainer.step(trajs)
+    assert diag["tok_w_reasoning_mean"] == pytest.approx(0.1)
+    assert diag["tok_w_action_mean"] == pytest.approx(1.0)  # conserved per turn
+    assert 1.0 < diag["tok_w_action_max"] <= 2.0 + 1e-9
+    assert diag["n_masked_trajectories"] == 1 and adv[0] == 0
+    full = collate(trajs, np.zeros(len(trajs)))
+    assert diag["n_tokens"] == full.n_tokens - int((full.row == 0).sum())
+
+
+def test_collate_indexes_per_turn_advantages() -> None:
+    trajs = _with_roles(make_batch(1, 1, 16))
+    b = collate(trajs, [np.array([0.5, -2.0])])
+    np.testing.assert_array_equal(b.advantages.numpy(), np.where(b.turn == 0, 0.5, -2.0))
+    assert set(b.role.tolist()) == {Role.REASONING, Role.ACTION}
