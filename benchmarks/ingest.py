@@ -218,8 +218,11 @@ def zmq_receiver(endpoint: str, n_senders: int, ready, go, out) -> None:
     sock.setsockopt(zmq.RCVHWM, 64)
     sock.setsockopt(zmq.LINGER, 0)
     sock.bind(endpoint)
+    import resource
+
     w = _await_go(ready, go)
     frames = nbytes = 0
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     while True:
         now = time.time()
         if now >= w.end:
@@ -229,7 +232,12 @@ def zmq_receiver(endpoint: str, n_senders: int, ready, go, out) -> None:
             if w.start <= time.time() < w.end:
                 frames += 1
                 nbytes += len(f.buffer)
-    out.put({"frames": frames, "bytes": nbytes})
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime  # over warm-up + window
+    total = frames * (w.end - w.begin) / max(1e-9, w.end - w.start)
+    out.put(
+        {"frames": frames, "bytes": nbytes, "cpu_us_per_traj": cpu / max(1, total * GROUP) * 1e6}
+    )
     sock.close()
     ctx.term()
 
@@ -396,7 +404,9 @@ def bench_zmq(n: int, a: argparse.Namespace, tb: int) -> Result:
     res = run_children(targets, a.duration, a.warmup)
     frames = res_of(res, "frames")
     trajs = frames * GROUP
-    return Result(trajs / a.duration, trajs * tb / a.duration / 1e6)
+    cpu_us = next(r["cpu_us_per_traj"] for r in res if "cpu_us_per_traj" in r)
+    note = f"receiver CPU {cpu_us:.0f} us/traj"
+    return Result(trajs / a.duration, trajs * tb / a.duration / 1e6, note, cpu_us)
 
 
 def res_of(results: list[dict], key: str) -> int:
@@ -576,6 +586,11 @@ def main(argv: list[str] | None = None) -> int:
             for m in ("durable", "memory")
             if m in results
         },
+        "raw_zmq_receiver_cpu_us_per_traj": round(
+            min(r.cpu_us_per_traj or 0.0 for r in results["raw_zmq"].values()), 1
+        )
+        if "raw_zmq" in results
+        else None,
         "traj_bytes": tb,
         "seconds": round(time.monotonic() - t_start, 1),
     }

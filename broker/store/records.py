@@ -7,7 +7,6 @@ import sqlite3
 from dataclasses import dataclass
 
 import msgspec
-import numpy as np
 
 from shared import protocol as P
 
@@ -73,7 +72,6 @@ class PutResult:
     duplicates: list[str]
 
 
-_I4, _U1 = np.dtype("<i4"), np.dtype("u1")
 
 
 @dataclass(slots=True)
@@ -102,19 +100,15 @@ class Claimed:
 
 
 def min_loss_version(t: P.TrajectoryView | P.Trajectory) -> int:
-    """`t.min_policy_version()`, reading a few bytes instead of the whole array.
+    """`t.min_policy_version()` from four bytes instead of the whole array.
 
-    An actor only ever moves to newer weights, so versions never decrease along an episode:
-    if the first loss token and the last token carry the same version, every loss token
-    does. Only an episode that spans a weight swap pays for the exact minimum.
+    An actor only ever moves to newer weights (it ignores older publications), so versions
+    never decrease along an episode and the oldest version of any loss token is the one of
+    the first loss token. (The learner measures per-token staleness itself; this value only
+    orders the broker's staleness eviction.)
     """
     mask = bytes(t.loss_mask)
     first = len(mask) - len(mask.lstrip(b"\0"))  # index of the first loss token
     if first == len(mask):
         return 0  # no loss token
-    pv = t.policy_version
-    v_first = int.from_bytes(pv[4 * first : 4 * first + 4], "little", signed=True)
-    if v_first == int.from_bytes(pv[len(pv) - 4 :], "little", signed=True):
-        return v_first
-    versions = np.frombuffer(pv, _I4)[np.frombuffer(mask, _U1) != 0]
-    return int(versions.min())
+    return int.from_bytes(t.policy_version[4 * first : 4 * first + 4], "little", signed=True)

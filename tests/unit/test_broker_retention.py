@@ -274,9 +274,9 @@ def test_min_loss_version_fast_path_matches_protocol() -> None:
         make_traj("g", 0, version=7),  # one version
         make_traj("g", 1, version=0, n_tokens=3, n_prompt=3),  # no loss token
     ]
-    mixed = make_traj("g", 2, version=5, n_tokens=6)
-    mixed.policy_version = P.pack([9, 9, 5, 6, 4, 8], "policy_version")
-    cases.append(mixed)
+    swapped = make_traj("g", 2, version=5, n_tokens=6)  # weights swapped mid-episode, twice
+    swapped.policy_version = P.pack([3, 3, 4, 4, 6, 8], "policy_version")
+    cases.append(swapped)
     masked = make_traj("g", 3, version=5, n_tokens=4)
     masked.policy_version = P.pack([1, 3, 3, 3], "policy_version")  # token 0 is a prompt
     cases.append(masked)
