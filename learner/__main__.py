@@ -3,6 +3,10 @@
 Exit codes: 0 done or stopped by SIGTERM/SIGINT (after a checkpoint); 2 bad config, model or
 port; 3 the broker did not answer Hello (or refused it); 4 the broker went silent mid-run.
 Every non-zero exit prints one line `headrace-learner: <reason>` on stderr.
+
+Under `torchrun --nproc_per_node N -m learner ...` the N ranks train one FSDP-sharded model
+(see `learner.distributed`): rank 0 is the learner the broker and actors see, the other ranks
+only follow its steps.
 """
 
 from __future__ import annotations
@@ -13,10 +17,14 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import zmq
 
-from shared.config import ConfigError, load_config
+from shared.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from learner.loop import Options
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     lc = cfg.learner
 
-    from learner.loop import LearnerExit, Options, run_learner
+    from learner.loop import Options
 
     opts = Options(
         broker=args.broker or lc.broker,
@@ -78,6 +86,24 @@ def main(argv: list[str] | None = None) -> int:
         progress=False if args.no_progress else None,
     )
     _set_threads(opts.torch_threads)
+    from learner import distributed as D
+
+    try:
+        D.init_distributed()  # no-op unless torchrun started more than one rank
+        if not D.is_main():
+            return _follow(cfg, opts)
+        code = _run(cfg, opts)
+        # Only after an orderly end: after a crash the followers may be inside a collective,
+        # and torchrun tears the group down when this rank exits.
+        D.stop_followers()
+        return code
+    finally:
+        D.shutdown()
+
+
+def _run(cfg: Config, opts: Options) -> int:
+    from learner.loop import LearnerExit, run_learner
+
     try:
         return asyncio.run(run_learner(cfg, opts, install_signals=True))
     except LearnerExit as e:
@@ -88,6 +114,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _follow(cfg: Config, opts: Options) -> int:
+    """A follower rank: the same model, optimizer and checkpoint as rank 0, then its commands."""
+    import signal
+
+    from learner.loop import Learner
+
+    # torchrun forwards SIGTERM/SIGINT to every rank; rank 0 finishes its step, checkpoints
+    # (a collective this rank must join) and then sends stop, so the signal is not ours to act on.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    learner = Learner(cfg, opts)
+    learner._load()  # the exact setup rank 0 runs, resume included
+    learner.trainer.follow()
+    return 0
 
 
 if __name__ == "__main__":

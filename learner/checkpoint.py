@@ -4,13 +4,25 @@ Layout of `<root>/step_000123/`:
 
     config.json, model.safetensors, ...   # a plain HF model dir (vLLM / transformers load it)
     tokenizer files                       # copied from the base model when given
-    trainer/optimizer.safetensors         # every tensor of optimizer.state_dict(), flattened
+    trainer/optimizer.safetensors         # every tensor of the optimizer state, flattened
     trainer/optimizer.json                # the rest of that dict, tensors replaced by refs
-    state.json                            # step, policy version, broker cursor, RNG states
+    state.json                            # step, policy version, broker cursor, RNG states,
+                                          # LR scheduler state
 
 The optimizer state lives in `trainer/` so a loader globbing `*.safetensors` at the top level
-sees only model weights. A checkpoint is written into a temp dir and renamed into place with
-`state.json` written last, so `latest()` never returns a half-written checkpoint.
+sees only model weights. It is keyed by parameter name (as `torch.distributed.checkpoint`'s
+full optimizer state dict is), not by position, so a checkpoint written by an FSDP run loads
+into a single process and back. A checkpoint is written into a temp dir and renamed into place
+with `state.json` written last, so `latest()` never returns a half-written checkpoint.
+
+With an FSDP-sharded model (`learner.distributed`) rank 0 alone calls `save_checkpoint`: the
+whole model and optimizer state are gathered to its CPU first (the other ranks join that
+collective from their command loop). `load_checkpoint` runs on every rank and scatters the
+whole state into the shards.
+
+Everything needed for an exact resume is here: weights, optimizer, scheduler, step, policy
+version, the broker cursor of the last consumed batch and the python / numpy / torch (and
+CUDA) RNG streams.
 """
 
 from __future__ import annotations
@@ -29,6 +41,8 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from learner import distributed as D
 
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 _TOKENIZER_FILES = (
@@ -85,6 +99,40 @@ def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(obj, list):
         return [_unflatten(v, tensors) for v in obj]
     return obj
+
+
+# ---------------------------------------------------------------- optimizer keys
+
+
+def _param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The name of each optimizer parameter, in `optimizer.state_dict()` index order."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def _rekey(sd: dict[str, Any], key: Any) -> dict[str, Any]:
+    return {
+        **sd,
+        "state": {key(k): v for k, v in sd["state"].items()},
+        "param_groups": [
+            {**g, "params": [key(k) for k in g["params"]]} for g in sd["param_groups"]
+        ],
+    }
+
+
+def optimizer_state_by_name(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """`optimizer.state_dict()` keyed by parameter name instead of position."""
+    names = _param_names(model, optimizer)
+    return _rekey(optimizer.state_dict(), lambda k: names[k] if isinstance(k, int) else k)
+
+
+def _optimizer_state_by_index(
+    sd: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
+    index = {n: i for i, n in enumerate(_param_names(model, optimizer))}
+    return _rekey(sd, lambda k: index[k] if isinstance(k, str) else k)
 
 
 # ---------------------------------------------------------------- RNG
@@ -160,14 +208,22 @@ def save_checkpoint(
     extra: dict[str, Any] | None = None,
     copy_from: str | Path | None = None,
     keep: int = 3,
+    scheduler: Any | None = None,  # a torch LR scheduler
 ) -> Path:
-    """Write `<root>/step_{step:06d}` atomically and prune to the newest `keep` checkpoints."""
+    """Write `<root>/step_{step:06d}` atomically and prune to the newest `keep` checkpoints.
+
+    With an FSDP-sharded model, call it on rank 0 only (see the module docstring)."""
+    if D.is_sharded(model):
+        model_state, opt_state = D.full_training_state(model, optimizer)
+    else:
+        model_state = None  # save_pretrained takes the model's own state dict
+        opt_state = None if optimizer is None else optimizer_state_by_name(model, optimizer)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
         if copy_from is not None:  # tokenizer etc., so the checkpoint is a runnable model dir
             for name in _TOKENIZER_FILES:
                 src = Path(copy_from) / name
@@ -175,9 +231,9 @@ def save_checkpoint(
                     shutil.copy2(src, tmp / name)
         trainer = tmp / "trainer"
         trainer.mkdir()
-        if optimizer is not None:
+        if opt_state is not None:
             tensors: dict[str, torch.Tensor] = {}
-            tree = _flatten(optimizer.state_dict(), "opt", tensors)
+            tree = _flatten(opt_state, "opt", tensors)
             save_file(tensors, str(trainer / "optimizer.safetensors"))
             (trainer / "optimizer.json").write_text(json.dumps(tree))
         state = {
@@ -187,6 +243,11 @@ def save_checkpoint(
             "extra": extra or {},
             "rng": rng_state(),
         }
+        if scheduler is not None:
+            no_tensors: dict[str, torch.Tensor] = {}
+            state["scheduler"] = _flatten(scheduler.state_dict(), "sched", no_tensors)
+            if no_tensors:
+                raise TypeError(f"scheduler state holds tensors: {sorted(no_tensors)[:3]}")
         with open(tmp / "state.json", "w") as f:  # last: marks the checkpoint complete
             json.dump(state, f)
             f.flush()
@@ -223,23 +284,42 @@ def load_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
     restore_rng: bool = True,
+    scheduler: Any | None = None,
 ) -> TrainerState:
-    """Load weights (and optimizer, RNG) from a checkpoint dir into existing objects."""
+    """Load weights (and optimizer, scheduler, RNG) from a checkpoint dir into existing objects.
+
+    With an FSDP-sharded model, call it on every rank (each reads the files)."""
     path = Path(path)
     state = json.loads((path / "state.json").read_text())
     tensors = _load_model_tensors(path)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    expected = set(model.state_dict())
+    unexpected = sorted(set(tensors) - expected)
     if unexpected:
         raise ValueError(f"{path}: unexpected tensors {unexpected[:5]}")
     # save_pretrained drops tied copies (e.g. lm_head tied to embed_tokens); those are fine.
-    loaded_ptrs = {p.data_ptr() for k, p in model.state_dict().items() if k in tensors}
-    really_missing = [k for k in missing if model.state_dict()[k].data_ptr() not in loaded_ptrs]
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {id(params[k]) for k in tensors if k in params}
+    really_missing = [
+        k for k in sorted(expected - set(tensors)) if k not in params or id(params[k]) not in loaded
+    ]
     if really_missing:
         raise ValueError(f"{path}: missing tensors {really_missing[:5]}")
+    opt_state = None
     if optimizer is not None:
         opt_tensors = load_file(str(path / "trainer" / "optimizer.safetensors"))
         tree = json.loads((path / "trainer" / "optimizer.json").read_text())
-        optimizer.load_state_dict(_unflatten(tree, opt_tensors))
+        opt_state = _unflatten(tree, opt_tensors)
+    if D.is_sharded(model):
+        if opt_state is not None and optimizer is not None:  # older checkpoints: by position
+            names = _param_names(model, optimizer)
+            opt_state = _rekey(opt_state, lambda k: names[k] if isinstance(k, int) else k)
+        D.load_full_state(model, tensors, optimizer, opt_state)
+    else:
+        model.load_state_dict(tensors, strict=False)
+        if opt_state is not None and optimizer is not None:
+            optimizer.load_state_dict(_optimizer_state_by_index(opt_state, model, optimizer))
+    if scheduler is not None and "scheduler" in state:
+        scheduler.load_state_dict(_unflatten(state["scheduler"], {}))
     if restore_rng:
         set_rng_state(state["rng"])
     return TrainerState(

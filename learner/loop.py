@@ -28,9 +28,9 @@ import torch
 
 from learner import metrics as M
 from learner.checkpoint import latest, load_checkpoint, save_checkpoint
+from learner.distributed import ShardedTrainer, full_state_dict, shard_model
 from learner.publish import WeightPublisher
 from learner.tiny_model import build_tiny_model
-from learner.train import Trainer
 from learner.util import json_safe, seed_everything, write_json_atomic
 from shared import protocol as P
 from shared.config import Config
@@ -91,11 +91,12 @@ class Learner:
             build_tiny_model(path, self.cfg.model.seed)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+        model = shard_model(model)  # FSDP2 under torchrun (learner.distributed), else as is
         opt = torch.optim.AdamW(
             model.parameters(), lr=self.lc.lr, weight_decay=self.lc.weight_decay
         )
         pad_id = model.config.pad_token_id
-        self.trainer = Trainer(
+        self.trainer = ShardedTrainer(
             model,
             opt,
             clip_eps=self.lc.clip_eps,
@@ -182,7 +183,8 @@ class Learner:
     async def _publish(self) -> None:
         assert self.publisher is not None and self.client is not None
         model = self.trainer.model
-        manifest = await asyncio.to_thread(self.publisher.publish, self.version, model.state_dict())
+        state = await asyncio.to_thread(full_state_dict, model)  # an FSDP gather: off the loop
+        manifest = await asyncio.to_thread(self.publisher.publish, self.version, state)
         await self.client.send(
             P.PolicyPublished(
                 version=self.version, weights_endpoint=self.weights_endpoint, manifest=manifest
