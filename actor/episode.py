@@ -122,7 +122,7 @@ async def run_episode(
         termination = P.Termination.ENV_ERROR
 
     rewards = [t.reward for t in turns]
-    outcome = sum(rewards) / env.max_turns if env.max_turns else 0.0
+    outcome = env.outcome(rewards)
     return P.Trajectory(
         traj_id=uuid.uuid4().hex,
         group_id=lease.lease_id,

@@ -51,8 +51,9 @@ class GroupAssembler:
 
     def add(
         self, meta: TrajMeta, group_size: int, now: float, times_sampled: int = 0
-    ) -> GroupItem | None:
-        """Add a stored trajectory; returns its group as a replay item once complete.
+    ) -> tuple[GroupItem, list[TrajMeta]] | None:
+        """Add a stored trajectory; returns its group as a replay item, with the group's
+        trajectories (for the curriculum), once complete.
 
         Returns None while incomplete, and for a trajectory of an already completed group (an
         actor sending more than `group_size`): it stays stored but joins no group.
@@ -74,7 +75,7 @@ class GroupAssembler:
         if len(self.completed) > self.REMEMBER_COMPLETED:
             self.completed.popitem(last=False)
         # The completing trajectory's seq orders groups FIFO and survives a restart.
-        return g.item(key=max(m.seq for m in g.metas), times_sampled=times_sampled)
+        return g.item(key=max(m.seq for m in g.metas), times_sampled=times_sampled), g.metas
 
     def drop_abandoned(
         self, now: float, idle_s: float, has_lease: Callable[[str], bool]

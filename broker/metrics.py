@@ -86,6 +86,31 @@ ACTORS_CONNECTED = Gauge(
 )
 
 
+CURRICULUM_VERSION = Gauge("headrace_broker_curriculum_version", "Curator version (updates)")
+CURRICULUM_ENTROPY = Gauge(
+    "headrace_broker_curriculum_sampling_entropy",
+    "Entropy (nats) of the curator's pick distribution over its last candidate pool",
+)
+CURRICULUM_ZERO_VARIANCE_FRACTION = Gauge(
+    "headrace_broker_curriculum_zero_variance_fraction",
+    "Fraction of finished groups whose rewards were all equal (no GRPO signal)",
+)
+CURRICULUM_GROUPS = Counter(
+    "headrace_broker_curriculum_groups_total", "Finished groups, by task family", ["family"]
+)
+CURRICULUM_ZERO_VARIANCE = Counter(
+    "headrace_broker_curriculum_zero_variance_groups_total",
+    "Finished groups whose rewards were all equal, by task family",
+    ["family"],
+)
+CURRICULUM_PASS_RATE = Gauge(
+    "headrace_broker_curriculum_pass_rate", "Running pass rate by task family", ["family"]
+)
+CURRICULUM_SHARE = Gauge(
+    "headrace_broker_curriculum_pick_share", "Running share of picks by task family", ["family"]
+)
+
+
 def init_label_values() -> None:
     """Export every known label value at 0 from the start, so dashboards and `rate()` see the
     series before the first event (a labelled counter is otherwise absent until then)."""
@@ -100,7 +125,7 @@ def init_label_values() -> None:
         "invalid_trajectory",
     ):
         REJECTED_FRAMES.labels(reason=reason)
-    for reason in ("stale", "capacity", "incomplete", "retention"):
+    for reason in ("stale", "capacity", "incomplete", "retention", "zero_variance"):
         EVICTED.labels(reason=reason)
     for reason in ("consumed", "evicted", "unconsumed"):
         RETENTION_DELETED.labels(reason=reason)

@@ -20,6 +20,8 @@ import msgspec
 
 from broker import metrics as M
 from broker.curriculum.banks import make_bank
+from broker.curriculum.service import STATE_KEY as CURRICULUM_STATE_KEY
+from broker.curriculum.service import Curriculum
 from broker.groups import GroupAssembler
 from broker.leases import LeaseBook, LeaseRecord
 from broker.peers import INFERRED_ROLE, Peer, check_trajectory
@@ -53,6 +55,7 @@ class Broker:
         self.table = build_table(b)  # [broker.replay]: sampler, rate limiter; removers
         self.leases = LeaseBook(b.lease_deadline_s, b.heartbeat_timeout_s, clock)
         self.bank = make_bank(cfg.env)
+        self.curriculum = Curriculum(self.bank, b.curriculum)
         self.peers: dict[bytes, Peer] = {}
         self.groups = GroupAssembler()
         self.policy: P.PolicyPublished | None = None
@@ -110,6 +113,9 @@ class Broker:
         await asyncio.gather(*self._loops, return_exceptions=True)
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=10)
+        self._save_curriculum()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=10)
         await self.store.close()
         if self.server is not None:
             self.server.close()
@@ -132,10 +138,11 @@ class Broker:
         self.leases.restore(records)
         for _, v in await self.store.kv_scan("feedback/"):
             self.bank.feedback(msgspec.msgpack.decode(v, type=P.TaskFeedback))
+        self.curriculum.load(await self.store.kv_get(CURRICULUM_STATE_KEY))
         # Rebuild the replay index: open trajectories regrouped, complete groups in FIFO order.
         now = self.clock()
         for meta in await self.store.scan_open(self.cfg.broker.max_times_sampled):
-            self._add_to_group(meta, now, times_sampled=meta.times_sampled)
+            self._add_to_group(meta, now, times_sampled=meta.times_sampled, restoring=True)
         self._update_gauges()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -191,8 +198,15 @@ class Broker:
             await asyncio.sleep(tick)
             self.reap()
 
+    def _save_curriculum(self) -> None:
+        state = self.curriculum.state_if_changed()
+        if state is not None:
+            self._spawn(self.store.kv_set(CURRICULUM_STATE_KEY, state))
+
     def reap(self) -> None:
         b = self.cfg.broker
+        self._save_curriculum()
+        self.curriculum.refresh_metrics()
         expired = self.leases.expire(
             lambda ident: self.peers[ident].last_seen if ident in self.peers else None
         )
@@ -281,9 +295,9 @@ class Broker:
         room = self.backpressure_bound() - self.outstanding()
         n = self._rate_limited(min(want, max(0, room // b.group_size)))
         tasks = [(t, 1.0 / len(self.bank)) for t in self.leases.take_requeued(n)]
-        tasks += [(p.task, p.prob) for p in self.bank.pick(n - len(tasks))]
+        tasks += [(p.task, p.prob) for p in self.curriculum.pick(n - len(tasks))]
         granted = [
-            self.leases.grant(ident, task, b.group_size, prob, self.bank.version)
+            self.leases.grant(ident, task, b.group_size, prob, self.curriculum.version)
             for task, prob in tasks
         ]
         if granted:
@@ -365,14 +379,26 @@ class Broker:
         ack = P.Ack(traj_ids=[t.view.traj_id for t in items], duplicates=len(result.duplicates))
         await self._send(ident, ack)
 
-    def _add_to_group(self, meta: TrajMeta, now: float, times_sampled: int = 0) -> None:
+    def _add_to_group(
+        self, meta: TrajMeta, now: float, times_sampled: int = 0, restoring: bool = False
+    ) -> None:
         gid = meta.group_id
         lease = self.leases.get(gid)  # group_id == lease_id
         size = lease.lease.group_size if lease else self.cfg.broker.group_size
-        item = self.groups.add(meta, size, now, times_sampled)
-        if item is None:
+        done = self.groups.add(meta, size, now, times_sampled)
+        if done is None:
             return
-        self._retire(self.table.insert(item))
+        item, metas = done
+        # After a restart the curator resumes from its saved state: rebuilt groups taught it
+        # already, so only live completions are fed to it.
+        if restoring:
+            zero_variance = len({m.reward for m in metas}) <= 1
+        else:
+            zero_variance = self.curriculum.group_done(item.task_id, metas)
+        if zero_variance and self.cfg.broker.exclude_zero_variance:
+            self._retire([(item, "zero_variance")])
+        else:
+            self._retire(self.table.insert(item))
         if self.leases.complete(gid) is not None:
             self._spawn(self.store.kv_write([(f"lease/{gid}", None)]))
 
@@ -463,7 +489,7 @@ class Broker:
         M.PRIORITY_UPDATES.inc(self.table.update_priorities(msg.sample_ids, msg.priorities))
 
     async def _on_feedback(self, ident: bytes, peer: Peer, msg: P.TaskFeedback) -> None:
-        self.bank.feedback(msg)
+        self.curriculum.feedback(msg)
         self._spawn(self.store.kv_set(f"feedback/{msg.task_id}", P.encode(msg)))
 
     # ------------------------------------------------------------ status
@@ -496,6 +522,7 @@ class Broker:
             "rate_limiter": self.table.rate_limiter.state(self.table.size),
             "sampler": self.table.sampler.state(),
             "evicted": dict(self.evicted),
+            "curriculum": self.curriculum.summary(),
             "actors": [describe(p) for p in peers if p.role == "actor"],
             "learners": [describe(p) for p in peers if p.role == "learner"],
         }

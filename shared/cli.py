@@ -161,9 +161,30 @@ def cmd_status(args: argparse.Namespace) -> int:
     console = Console()
     table = Table(title=f"headrace broker {args.broker}", show_header=False)
     for key, value in info.items():
-        if key != "actors":
+        if key not in ("actors", "curriculum"):
             table.add_row(key, json.dumps(value) if isinstance(value, dict | list) else str(value))
     console.print(table)
+    cur = info.get("curriculum") or {}
+    families = cur.get("families") or {}
+    if families:
+        title = (
+            f"curriculum ({cur.get('mode')}, v{cur.get('version')}, entropy"
+            f" {cur.get('sampling_entropy', 0):.2f}/{cur.get('sampling_entropy_max', 0):.2f},"
+            f" zero-variance {cur.get('zero_variance_fraction', 0):.0%})"
+        )
+        ct = Table(title=title)
+        for c in ("family", "pick share", "pass rate", "groups", "zero-variance groups"):
+            ct.add_column(c)
+        ranked = sorted(families.items(), key=lambda kv: -kv[1].get("pick_share", 0))
+        for name, f in ranked[:12]:
+            ct.add_row(
+                name,
+                f"{f.get('pick_share', 0):.1%}",
+                f"{f.get('pass_rate', 0):.2f}",
+                str(f.get("groups", 0)),
+                str(f.get("zero_var_groups", 0)),
+            )
+        console.print(ct)
     actors = info.get("actors") or []
     if actors:
         at = Table(title="actors")

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import msgspec
 
+from shared.curriculum_config import CuratorConfig
+
 
 class ConfigError(ValueError):
     pass
@@ -28,15 +30,42 @@ class ModelConfig(_Section):
 
 
 class EnvConfig(_Section):
-    """The built-in `symbols` environment and its task bank (see actor/envs/symbols.py)."""
+    """`[env]`: the environment actors play and the broker's task bank of it.
+
+    `name` picks the bank (broker/curriculum/banks.py) and with it the environment:
+      "symbols"        built-in, learnable by the tiny model (actor/envs/symbols.py)
+      "reasoning_gym"  reasoning-gym datasets x difficulties (actor/envs/reasoning_gym_env.py)
+      "textarena"      offline single-player TextArena games (actor/envs/textarena_env.py)
+      "mixed"          the banks listed in `mixed`, together, uniform over all their tasks
+    Each bank reads only its own fields below; task seeds derive from `seed`, so a task id
+    means the same task in every process.
+    """
 
     name: str = "symbols"
+    # symbols: one family per level; level 0 is trivial (one choice: every action is right)
     levels: list[int] = msgspec.field(default_factory=lambda: [1, 2])  # task-bank levels
     tasks_per_level: int = 64
     reasoning_tokens: int = 4  # free tokens the agent writes before each action
     n_choices: int = 4
     n_turns: int = 3
     seed: int = 0
+    # reasoning_gym: families <dataset>.<difficulty> (datasets: banks.RG_PRESETS)
+    rg_datasets: list[str] = msgspec.field(
+        default_factory=lambda: ["chain_sum", "basic_arithmetic", "leg_counting", "gcd"]
+    )
+    rg_difficulties: list[str] = msgspec.field(default_factory=lambda: ["easy", "medium", "hard"])
+    rg_tasks_per_family: int = 10000
+    rg_max_turns: int = 1  # answers per task; > 1: "Wrong, try again." after a wrong answer
+    rg_max_tokens: int = 512  # generation budget per answer (reasoning + answer)
+    # textarena: families are game presets (banks.TA_PRESETS)
+    ta_games: list[str] = msgspec.field(
+        default_factory=lambda: ["guess_the_number.easy", "guess_the_number.medium"]
+    )
+    ta_tasks_per_family: int = 10000
+    ta_max_tokens: int = 256  # generation budget per move
+    ta_max_turns: int = 0  # cap on moves per game; 0: the game's limit (x2 for retries)
+    # mixed: which banks, each built from its fields above
+    mixed: list[str] = msgspec.field(default_factory=lambda: ["symbols", "reasoning_gym"])
 
 
 class RetentionConfig(_Section):
@@ -100,6 +129,11 @@ class BrokerConfig(_Section):
     commit_interval_s: float = 0.0  # min spacing of group commits (0: back to back)
     retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
     replay: ReplayConfig = msgspec.field(default_factory=ReplayConfig)
+    curriculum: CuratorConfig = msgspec.field(default_factory=CuratorConfig)
+    # Groups whose rewards are all equal carry no GRPO signal. true: they never enter replay
+    # (counted as evicted "zero_variance"; batches keep their size, the learner waits for
+    # other groups); false: they are trained on like any other (advantage 0).
+    exclude_zero_variance: bool = False
 
 
 class ActorConfig(_Section):

@@ -80,6 +80,12 @@ class Env(ABC):
     def success(self, rewards: Sequence[float]) -> bool:
         return bool(rewards) and min(rewards) > 0
 
+    def outcome(self, rewards: Sequence[float]) -> float:
+        """The episode's reward from its turn rewards: by default their sum over the turn
+        limit (a turn never played counts 0). Environments that reward only the final turn
+        (try again, games) return that turn's reward instead."""
+        return sum(rewards) / self.max_turns if self.max_turns else 0.0
+
 
 def char_span_to_token_span(pieces: Sequence[str], start: int, end: int) -> tuple[int, int]:
     """Map a character span of the concatenated pieces onto the tokens that cover it."""

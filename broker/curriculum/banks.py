@@ -1,12 +1,24 @@
-"""Task banks: the finite set of tasks the broker leases out, and how to pick from it.
+"""Task banks: the set of tasks the broker leases out, and how to pick from it.
 
-Picking is uniform for now; a curator (ACTOR-CURATOR style, see METHODS.md) will replace
-`pick` with learned probabilities and use the feedback recorded here.
+Banks are procedural. A bank is a list of families (name, difficulty, size); task `i` of family
+`f` is generated on demand from (seed, f, i), and its id `<prefix>-<family>-<i>` parses back to
+the same spec, so a bank of millions of tasks costs a few objects per family, not one per task.
+Every environment-specific detail an actor needs travels in the task's payload, which is why
+this module spells out the reasoning-gym and TextArena settings without importing either
+package (the broker stays light: pure Python and numpy).
+
+Picking is uniform for now (`pick`); a curator (ACTOR-CURATOR style, see METHODS.md) will draw
+candidates with `sample_candidates`, score them with the feedback recorded here and replace
+`pick` with learned probabilities.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 
 import numpy as np
@@ -21,10 +33,23 @@ class Picked:
     prob: float  # probability this pick had (logged with the lease as `sample_prob`)
 
 
+@dataclass(frozen=True, slots=True)
+class Family:
+    name: str
+    difficulty: float
+    size: int  # number of tasks
+
+
 class TaskBank(Protocol):
     version: int  # curator version (0: uniform)
 
     def __len__(self) -> int: ...
+
+    def families(self) -> list[Family]: ...
+
+    def task(self, task_id: str) -> P.TaskSpec: ...
+
+    def sample_candidates(self, rng: np.random.Generator, k: int) -> list[P.TaskSpec]: ...
 
     def pick(self, n: int) -> list[Picked]: ...
 
@@ -38,51 +63,320 @@ def _task_seed(base: int, level: int, index: int) -> int:
     return int(np.random.SeedSequence([base, level, index]).generate_state(1)[0])
 
 
-class SymbolsBank:
-    """Tasks of the built-in `symbols` environment (actor/envs/symbols.py plays them)."""
+def _name_key(name: str) -> int:
+    # Python's hash() is salted per process; task seeds must not be.
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=4).digest(), "little")
+
+
+class _TaskSeq(Sequence[P.TaskSpec]):
+    """`bank.tasks`: every task in order, generated when indexed (ints only)."""
+
+    def __init__(self, bank: ProceduralBank) -> None:
+        self._bank = bank
+
+    def __len__(self) -> int:
+        return len(self._bank)
+
+    def __getitem__(self, i: int) -> P.TaskSpec:  # type: ignore[override]
+        return self._bank.task_at(i + len(self) if i < 0 else i)
+
+
+class _TaskIndex(Mapping[str, P.TaskSpec]):
+    """`bank.by_id`: task id -> spec, parsed from the id rather than stored."""
+
+    def __init__(self, bank: ProceduralBank) -> None:
+        self._bank = bank
+
+    def __getitem__(self, task_id: str) -> P.TaskSpec:
+        return self._bank.task(task_id)
+
+    def __iter__(self) -> Iterator[str]:
+        return (self._bank.task_id_at(g) for g in range(len(self._bank)))
+
+    def __len__(self) -> int:
+        return len(self._bank)
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    """One family of one bank: `make(i)` is its task i, with id `<prefix>-<family>-<i>`."""
+
+    prefix: str
+    family: Family
+    make: Callable[[int], P.TaskSpec]
+
+
+class ProceduralBank:
+    """Families laid end to end: global index g -> (family, index) by cumulative sizes.
+
+    Picking is uniform over tasks, so family sizes set how often each family is drawn.
+    """
 
     version = 0
 
-    def __init__(self, env: EnvConfig) -> None:
-        if not env.levels or env.tasks_per_level < 1:
-            raise ConfigError("env: the symbols bank needs levels and tasks_per_level >= 1")
-        self.tasks: list[P.TaskSpec] = [
-            P.TaskSpec(
-                task_id=f"symbols-L{level}-{i}",
-                env="symbols",
-                family=f"L{level}",
-                difficulty=float(level),
-                payload={
-                    "level": level,
-                    "seed": _task_seed(env.seed, level, i),
-                    "n_choices": env.n_choices,
-                    "n_turns": env.n_turns,
-                    "reasoning_tokens": env.reasoning_tokens,
-                },
-            )
-            for level in env.levels
-            for i in range(env.tasks_per_level)
-        ]
-        self.by_id = {t.task_id: t for t in self.tasks}
-        self.rng = np.random.default_rng(env.seed)
+    def __init__(self, parts: list[Part], seed: int) -> None:
+        if not parts or any(p.family.size < 1 for p in parts):
+            raise ConfigError("env: a task bank needs families with >= 1 task each")
+        keys = [(p.prefix, p.family.name) for p in parts]
+        if len(set(keys)) != len(keys):
+            raise ConfigError(f"env: a task family is listed twice: {keys}")
+        self.parts = parts
+        self._part_by_key = {k: i for i, k in enumerate(keys)}
+        self._ends = np.cumsum([p.family.size for p in parts])
+        self.rng = np.random.default_rng(seed)
+        # Latest feedback per task, for the curator and `Status`; it grows with the tasks that
+        # have been played, not with the bank.
         self.feedback_by_task: dict[str, P.TaskFeedback] = {}
+        self.tasks = _TaskSeq(self)
+        self.by_id = _TaskIndex(self)
 
     def __len__(self) -> int:
-        return len(self.tasks)
+        return int(self._ends[-1])
+
+    def families(self) -> list[Family]:
+        return [p.family for p in self.parts]
+
+    def _locate(self, g: int) -> tuple[Part, int]:
+        if not 0 <= g < len(self):
+            raise IndexError(g)
+        k = int(np.searchsorted(self._ends, g, side="right"))
+        return self.parts[k], g - (int(self._ends[k - 1]) if k else 0)
+
+    def task_at(self, g: int) -> P.TaskSpec:
+        part, index = self._locate(g)
+        return part.make(index)
+
+    def task_id_at(self, g: int) -> str:
+        part, index = self._locate(g)
+        return f"{part.prefix}-{part.family.name}-{index}"
+
+    def task(self, task_id: str) -> P.TaskSpec:
+        """The spec of `task_id`; KeyError if this bank has no such task."""
+        prefix, _, rest = task_id.partition("-")
+        family, _, index = rest.rpartition("-")
+        k = self._part_by_key.get((prefix, family))
+        # str(int(index)) == index rejects spellings like "007" that would alias task 7
+        if k is None or not index.isdigit() or str(int(index)) != index:
+            raise KeyError(task_id)
+        if int(index) >= self.parts[k].family.size:
+            raise KeyError(task_id)
+        return self.parts[k].make(int(index))
+
+    def sample_candidates(self, rng: np.random.Generator, k: int) -> list[P.TaskSpec]:
+        """`k` distinct tasks uniformly over the whole bank, drawn from `rng` alone (so a seeded
+        rng repeats them); the whole bank, in order, when it holds no more than `k`."""
+        if k <= 0:
+            return []
+        if k >= len(self):
+            return [self.task_at(g) for g in range(len(self))]
+        # Generator.choice without replacement costs O(k) here, not O(len(bank)).
+        return [self.task_at(int(g)) for g in rng.choice(len(self), size=k, replace=False)]
 
     def pick(self, n: int) -> list[Picked]:
         """`n` tasks uniformly at random, with replacement."""
         if n <= 0:
             return []
-        prob = 1.0 / len(self.tasks)
-        return [Picked(self.tasks[i], prob) for i in self.rng.integers(len(self.tasks), size=n)]
+        prob = 1.0 / len(self)
+        return [Picked(self.task_at(int(g)), prob) for g in self.rng.integers(len(self), size=n)]
 
     def feedback(self, fb: P.TaskFeedback) -> None:
         # Kept (latest per task) for the curator and for `Status`; uniform picking ignores it.
         self.feedback_by_task[fb.task_id] = fb
 
 
+def _spec(
+    prefix: str, fam: Family, index: int, env: str, payload: dict[str, str | int | float]
+) -> P.TaskSpec:
+    return P.TaskSpec(
+        task_id=f"{prefix}-{fam.name}-{index}",
+        env=env,
+        family=fam.name,
+        difficulty=fam.difficulty,
+        payload=payload,
+    )
+
+
+class SymbolsBank(ProceduralBank):
+    """Tasks of the built-in `symbols` environment (actor/envs/symbols.py plays them).
+
+    One family per level (`L<level>`), `tasks_per_level` tasks each. Level 0 is a trivial
+    level for mixed-difficulty banks: one choice, so every action is right.
+    """
+
+    def __init__(self, env: EnvConfig) -> None:
+        if not env.levels or env.tasks_per_level < 1 or min(env.levels) < 0:
+            raise ConfigError("env: the symbols bank needs levels >= 0 and tasks_per_level >= 1")
+        self.env = env
+        parts = []
+        for lv in env.levels:
+            fam = Family(f"L{lv}", float(lv), env.tasks_per_level)
+            parts.append(Part("symbols", fam, partial(self._make, fam, lv)))
+        super().__init__(parts, env.seed)
+
+    def _make(self, fam: Family, level: int, index: int) -> P.TaskSpec:
+        payload: dict[str, str | int | float] = {
+            "level": level,
+            "seed": _task_seed(self.env.seed, level, index),
+            "n_choices": 1 if level == 0 else self.env.n_choices,
+            "n_turns": self.env.n_turns,
+            "reasoning_tokens": self.env.reasoning_tokens,
+        }
+        return _spec("symbols", fam, index, "symbols", payload)
+
+
+# reasoning-gym: dataset -> difficulty -> dataset config. Only purely procedural datasets whose
+# items are generated from (seed, index) in O(1) with no download, and whose easy variants
+# have short numeric answers a small model can produce.
+_MARKS = {"easy": 1.0, "medium": 2.0, "hard": 3.0}
+
+
+def _span(**ranges: tuple[int, int]) -> dict[str, object]:
+    """terms=(2, 4) -> {"min_terms": 2, "max_terms": 4}: reasoning-gym's config spelling."""
+    return {f"{m}_{k}": v for k, (lo, hi) in ranges.items() for m, v in (("min", lo), ("max", hi))}
+
+
+def _ops(ops: str, nested: bool) -> dict[str, object]:
+    return {"operators": list(ops), "allow_parentheses": nested, "allow_negation": nested}
+
+
+RG_PRESETS: dict[str, dict[str, dict[str, object]]] = {
+    "chain_sum": {  # "3 + 4 - 2 ="
+        "easy": _span(terms=(2, 2), digits=(1, 1)),
+        "medium": _span(terms=(2, 4), digits=(1, 2)),
+        "hard": _span(terms=(4, 6), digits=(2, 4)),
+    },
+    "basic_arithmetic": {  # + - * / with precedence, parentheses and negation
+        "easy": {**_span(terms=(2, 2), digits=(1, 1)), **_ops("+-", False)},
+        "medium": {**_span(terms=(2, 3), digits=(1, 2)), **_ops("+-*", False)},
+        "hard": {**_span(terms=(3, 6), digits=(1, 3)), **_ops("+-*/", True)},
+    },
+    "leg_counting": {  # "how many legs do 3 ducks and 2 cats have?"
+        "easy": _span(animals=(1, 2), instances=(1, 3)),
+        "medium": _span(animals=(2, 4), instances=(1, 6)),
+        "hard": _span(animals=(4, 10), instances=(1, 15)),
+    },
+    "gcd": {
+        "easy": _span(numbers=(2, 2), value=(1, 20)),
+        "medium": _span(numbers=(2, 2), value=(1, 200)),
+        "hard": _span(numbers=(3, 4), value=(1, 5000)),
+    },
+}
+
+
+class ReasoningGymBank(ProceduralBank):
+    """reasoning-gym datasets x difficulties (actor/envs/reasoning_gym_env.py plays them).
+
+    Family `<dataset>.<difficulty>`; task i is item i of the dataset built with the family's
+    config and seed, i.e. `reasoning_gym.create_dataset(dataset, seed=seed, **config)[i]`.
+    """
+
+    def __init__(self, env: EnvConfig) -> None:
+        if min(env.rg_tasks_per_family, env.rg_max_turns, env.rg_max_tokens) < 1:
+            raise ConfigError("env: rg_tasks_per_family, rg_max_turns, rg_max_tokens must be >= 1")
+        self.env = env
+        parts = []
+        for ds in env.rg_datasets:
+            if ds not in RG_PRESETS:
+                raise ConfigError(f"env.rg_datasets: unknown {ds!r} (known: {sorted(RG_PRESETS)})")
+            for diff in env.rg_difficulties:
+                if diff not in _MARKS:
+                    raise ConfigError(f"env.rg_difficulties: {diff!r} is not one of {list(_MARKS)}")
+                fam = Family(f"{ds}.{diff}", _MARKS[diff], env.rg_tasks_per_family)
+                cfg = json.dumps(RG_PRESETS[ds][diff], sort_keys=True)
+                seed = _task_seed(env.seed, _name_key(fam.name), 0)
+                parts.append(Part("rg", fam, partial(self._make, fam, ds, cfg, seed)))
+        super().__init__(parts, env.seed)
+
+    def _make(self, fam: Family, ds: str, cfg: str, seed: int, index: int) -> P.TaskSpec:
+        payload: dict[str, str | int | float] = {
+            "dataset": ds,
+            "config": cfg,  # JSON: the dataset config's fields
+            "seed": seed,
+            "index": index,
+            "size": fam.size,
+            "max_turns": self.env.rg_max_turns,
+            "max_tokens": self.env.rg_max_tokens,
+        }
+        return _spec("rg", fam, index, "reasoning_gym", payload)
+
+
+# TextArena single-player games: family -> (registry id without wrappers, game kwargs,
+# difficulty). All seed their state from the reset seed and need no downloads (word games
+# such as Hangman/Wordle need NLTK corpora, so they are left out).
+def _guess(hi: int, turns: int) -> dict[str, object]:
+    return {"min_number": 1, "max_number": hi, "max_turns": turns}
+
+
+TA_PRESETS: dict[str, tuple[str, dict[str, object], float]] = {
+    "guess_the_number.easy": ("GuessTheNumber-v0-raw", _guess(10, 6), 1.0),
+    "guess_the_number.medium": ("GuessTheNumber-v0-raw", _guess(20, 10), 2.0),
+    "guess_the_number.hard": ("GuessTheNumber-v0-raw", _guess(100, 7), 3.0),  # exact bisection
+    "tower_of_hanoi.easy": ("TowerOfHanoi-v0-raw", {"num_disks": 3, "max_turns": 14}, 2.0),
+    "tower_of_hanoi.hard": ("TowerOfHanoi-v0-raw", {"num_disks": 4, "max_turns": 30}, 3.0),
+    "mastermind.medium": (
+        "Mastermind-v0-raw",
+        {"code_length": 4, "num_numbers": 6, "max_turns": 20, "duplicate_numbers": False},
+        3.0,
+    ),
+}
+
+
+class TextArenaBank(ProceduralBank):
+    """TextArena games (actor/envs/textarena_env.py plays them); task i = one reset seed."""
+
+    def __init__(self, env: EnvConfig) -> None:
+        if min(env.ta_tasks_per_family, env.ta_max_tokens) < 1 or env.ta_max_turns < 0:
+            raise ConfigError("env: ta_tasks_per_family, ta_max_tokens >= 1; ta_max_turns >= 0")
+        self.env = env
+        parts = []
+        for game in env.ta_games:
+            if game not in TA_PRESETS:
+                raise ConfigError(f"env.ta_games: unknown {game!r} (known: {sorted(TA_PRESETS)})")
+            fam = Family(game, TA_PRESETS[game][2], env.ta_tasks_per_family)
+            parts.append(Part("ta", fam, partial(self._make, fam)))
+        super().__init__(parts, env.seed)
+
+    def _make(self, fam: Family, index: int) -> P.TaskSpec:
+        game_id, kwargs, _ = TA_PRESETS[fam.name]
+        # Each game turn allows one invalid-move retry (TextArena's error allowance), so 2x the
+        # game's turn limit bounds the agent's turns; `ta_max_turns` may cap it lower.
+        turns = 2 * int(kwargs.get("max_turns", 50))  # type: ignore[call-overload]
+        if self.env.ta_max_turns:
+            turns = min(turns, self.env.ta_max_turns)
+        payload: dict[str, str | int | float] = {
+            "game": game_id,
+            "kwargs": json.dumps(kwargs, sort_keys=True),
+            "seed": _task_seed(self.env.seed, _name_key(fam.name), index),
+            "max_turns": turns,
+            "max_tokens": self.env.ta_max_tokens,
+        }
+        return _spec("ta", fam, index, "textarena", payload)
+
+
+class MixedBank(ProceduralBank):
+    """Several banks as one: uniform over all their tasks (so their sizes set the mixture)."""
+
+    def __init__(self, banks: list[ProceduralBank], seed: int) -> None:
+        if not banks:
+            raise ConfigError("env.mixed: name at least one bank")
+        self.banks = banks
+        super().__init__([p for b in banks for p in b.parts], seed)
+
+
+_BANKS: dict[str, Callable[[EnvConfig], ProceduralBank]] = {
+    "symbols": SymbolsBank,
+    "reasoning_gym": ReasoningGymBank,
+    "textarena": TextArenaBank,
+}
+
+
 def make_bank(env: EnvConfig) -> TaskBank:
-    if env.name == "symbols":
-        return SymbolsBank(env)
-    raise ConfigError(f"env.name: no task bank for environment {env.name!r} (known: symbols)")
+    if env.name in _BANKS:
+        return _BANKS[env.name](env)
+    if env.name == "mixed":
+        unknown = [b for b in env.mixed if b not in _BANKS]
+        if unknown:
+            raise ConfigError(f"env.mixed: unknown banks {unknown} (known: {sorted(_BANKS)})")
+        return MixedBank([_BANKS[b](env) for b in env.mixed], env.seed)
+    known = ", ".join([*_BANKS, "mixed"])
+    raise ConfigError(f"env.name: no task bank for environment {env.name!r} (known: {known})")

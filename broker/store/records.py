@@ -47,7 +47,8 @@ def classify(e: sqlite3.Error | OSError, path: str) -> StoreError:
 
 @dataclass(frozen=True, slots=True)
 class TrajMeta:
-    """What the replay index needs of a stored trajectory (the blob stays in SQLite)."""
+    """What the replay index and the curriculum need of a stored trajectory (the body stays
+    in its segment file)."""
 
     seq: int
     traj_id: str
@@ -57,6 +58,10 @@ class TrajMeta:
     actor_id: str
     min_version: int
     n_tokens: int
+    reward: float
+    success: bool
+    sample_prob: float  # of the grant the episode ran under (curriculum importance weight)
+    seconds: float  # episode wall time
     times_sampled: int = 0
 
 
@@ -70,8 +75,6 @@ class StoreUsage:
 class PutResult:
     new: list[TrajMeta]
     duplicates: list[str]
-
-
 
 
 @dataclass(slots=True)

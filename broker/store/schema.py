@@ -16,6 +16,10 @@ CREATE TABLE IF NOT EXISTS trajectories (
     actor_id TEXT NOT NULL,
     min_version INTEGER NOT NULL,       -- oldest policy version of any loss token
     n_tokens INTEGER NOT NULL,
+    reward REAL NOT NULL,               -- outcome reward, success and the grant's pick
+    success INTEGER NOT NULL,           -- probability: what the curriculum learns from
+    sample_prob REAL NOT NULL,
+    seconds REAL NOT NULL,              -- the episode's wall time (cost-aware curriculum)
     times_sampled INTEGER NOT NULL DEFAULT 0,
     evicted TEXT,                       -- reason, once removed from replay unsampled
     created REAL NOT NULL,
@@ -31,17 +35,22 @@ CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 """
 INSERT = (
     "INSERT INTO trajectories (seq, traj_id, group_id, task_id, lease_id, actor_id,"
-    " min_version, n_tokens, created, seg_id, seg_offset, nbytes) VALUES "
+    " min_version, n_tokens, reward, success, sample_prob, seconds, created,"
+    " seg_id, seg_offset, nbytes) VALUES "
 )
-INSERT_ROWS = 64  # rows per INSERT statement (12 parameters each)
+INSERT_ROWS = 64  # rows per INSERT statement (16 parameters each)
+SEG_COLUMN = 13  # index of seg_id in an insert row (seg_offset follows)
 
 
 @functools.cache
 def insert_rows(n: int) -> str:
-    return INSERT + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * n)
+    return INSERT + ", ".join(["(" + ", ".join(["?"] * 16) + ")"] * n)
 
 
 PAGE_SIZE = 16384
 COMPACT_LIVE_FRACTION = 0.5  # `compact` rewrites segments with less than this still live
 MAX_SQL_PARAMS = 30000  # below SQLite's 32766 host parameters per statement
-META_COLS = "seq, traj_id, group_id, task_id, lease_id, actor_id, min_version, n_tokens"
+META_COLS = (
+    "seq, traj_id, group_id, task_id, lease_id, actor_id, min_version, n_tokens,"
+    " reward, success, sample_prob, seconds"
+)

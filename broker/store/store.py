@@ -61,6 +61,7 @@ from broker.store.schema import (
     PAGE_SIZE,
     SCHEMA,
     SCHEMA_VERSION,
+    SEG_COLUMN,
     insert_rows,
 )
 from broker.store.segments import SegmentLog
@@ -358,10 +359,35 @@ class Store(Maintenance):
                 seen.add(tid)
                 gid, task, lease, actor = t.group_id, t.task_id, t.lease_id, t.actor_id
                 mv, nt = min_loss_version(t), len(t.token_ids) // 4
+                r, ok, p, sec = (
+                    t.outcome_reward,
+                    t.success,
+                    t.sample_prob,
+                    t.timings.get("episode_s", 0.0),
+                )
                 frame = item.frame
                 size = len(frame)
-                rows.append([seq, tid, gid, task, lease, actor, mv, nt, now, None, None, size])
-                new.append(TrajMeta(seq, tid, gid, task, lease, actor, mv, nt))
+                rows.append(
+                    [
+                        seq,
+                        tid,
+                        gid,
+                        task,
+                        lease,
+                        actor,
+                        mv,
+                        nt,
+                        r,
+                        ok,
+                        p,
+                        sec,
+                        now,
+                        None,
+                        None,
+                        size,
+                    ]
+                )
+                new.append(TrajMeta(seq, tid, gid, task, lease, actor, mv, nt, r, ok, p, sec))
                 if memory:
                     raw = frame if isinstance(frame, msgspec.Raw) else msgspec.Raw(frame)
                     bodies.append((seq, Claimed(seq, mv, raw)))
@@ -376,7 +402,7 @@ class Store(Maintenance):
                 # Bodies first and synced, rows after: a committed row never points at bytes
                 # that a crash could lose (see broker/segments.py).
                 for row, (seg, off, _) in zip(rows, segs.append(frames), strict=True):
-                    row[9], row[10] = seg, off
+                    row[SEG_COLUMN], row[SEG_COLUMN + 1] = seg, off
                 segs.sync()
             # sqlite3 releases the GIL around each statement step and must win it back from
             # the event loop thread afterwards: one step per INSERT_ROWS rows, not per row.

@@ -130,7 +130,9 @@ def test_priority_updates_apply_to_live_groups_only() -> None:
 
 
 def meta(group_id: str, seq: int, version: int = 0) -> TrajMeta:
-    return TrajMeta(seq, f"{group_id}-{seq}", group_id, "t", group_id, "a", version, 8)
+    return TrajMeta(
+        seq, f"{group_id}-{seq}", group_id, "t", group_id, "a", version, 8, 0.0, False, 1.0, 0.0
+    )
 
 
 def test_groups_complete_only_when_full() -> None:
@@ -139,8 +141,10 @@ def test_groups_complete_only_when_full() -> None:
     assert asm.add(meta("h", 2), 3, now=0) is None
     assert asm.add(meta("g", 3, version=2), 3, now=0) is None
     assert asm.delivered("g") == 2 and asm.n_trajs == 3
-    item = asm.add(meta("g", 5, version=7), 3, now=0)
-    assert item is not None and item.seqs == [1, 3, 5] and item.key == 5
+    done = asm.add(meta("g", 5, version=7), 3, now=0)
+    assert done is not None
+    item, metas = done
+    assert item.seqs == [1, 3, 5] and item.key == 5 and [m.seq for m in metas] == [1, 3, 5]
     assert item.min_version == 2
     assert asm.add(meta("g", 6), 3, now=0) is None  # extra trajectory: joins no group
     assert len(asm) == 1 and asm.n_trajs == 1

@@ -2,8 +2,10 @@ from __future__ import annotations
 
 import asyncio
 
-from actor.envs import make_env
-from actor.envs.base import Generation, char_span_to_token_span
+import pytest
+
+from actor.envs import REGISTRY, make_env
+from actor.envs.base import EnvError, Generation, char_span_to_token_span
 from actor.envs.symbols import correct_choice
 from shared import protocol as P
 
@@ -64,3 +66,13 @@ def test_char_span_maps_to_covering_tokens():
     start = text.index("42")
     assert char_span_to_token_span(pieces, start, start + 2) == (3, 4)
     assert char_span_to_token_span(pieces, text.index("<a>"), len(text)) == (2, 5)
+
+
+def test_registry_names_every_bank_environment() -> None:
+    assert set(REGISTRY) == {"symbols", "reasoning_gym", "textarena"}
+    with pytest.raises(EnvError):
+        make_env(P.TaskSpec(task_id="t", env="nope"), 0)
+    # text-parsing environments ask the actor to decode generated tokens; symbols does not
+    assert not getattr(make_env(task(), 0), "needs_text", False)
+    for name, payload in [("reasoning_gym", {"dataset": "gcd"}), ("textarena", {"game": "x"})]:
+        assert make_env(P.TaskSpec(task_id="t", env=name, payload=payload), 0).needs_text
