@@ -64,6 +64,8 @@ async def run_episode(
     actor_id: str,
     *,
     temperature: float,
+    top_p: float = 1.0,
+    top_k: int = 0,
     max_model_len: int,
     bos_id: int | None,
     needs_text: bool = False,
@@ -89,6 +91,8 @@ async def run_episode(
                 list(buf.token_ids),
                 max_tokens=min(limits.max_tokens, room),
                 temperature=temperature,
+                top_p=top_p,
+                top_k=top_k if top_k > 0 else -1,  # vLLM: -1 is off
                 stop_token_ids=limits.stop_token_ids,
                 ignore_eos=limits.ignore_eos,
             )
@@ -141,7 +145,7 @@ async def run_episode(
         success=termination != P.Termination.ENV_ERROR and env.success(rewards),
         termination=termination,
         n_turns=len(turns),
-        sampling={"temperature": temperature, "top_p": 1.0, "top_k": -1.0},
+        sampling={"temperature": temperature, "top_p": top_p, "top_k": float(top_k)},
         timings={"episode_s": time.monotonic() - t0, "generate_s": gen_seconds},
         sample_prob=lease.sample_prob,
         curator_version=lease.curator_version,

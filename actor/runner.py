@@ -14,16 +14,18 @@ import os
 import socket
 import time
 
+import msgspec
 from prometheus_client import Counter, Gauge
 
 from actor.engine import Engine, EngineDead
 from actor.envs import make_env
 from actor.episode import run_episode
 from actor.outbox import Outbox
-from actor.weights import fetch_weights
+from actor.weights import WEIGHTS_REJECTED, WeightDigestMismatch, fetch_weights
 from shared import protocol as P
 from shared.config import Config
 from shared.metrics import WEIGHTS_SYNC_SECONDS
+from shared.security import client_keys
 from shared.transport import Client, PeerUnreachable
 
 log = logging.getLogger(__name__)
@@ -42,7 +44,11 @@ class Actor:
         self.cfg = cfg
         self.acfg = cfg.actor
         self.actor_id = actor_id or f"actor-{socket.gethostname()}-{os.getpid()}"
-        self.client = Client(self.acfg.broker, self.actor_id)
+        # [security] curve: the broker's and the weight endpoint's keys (None: plaintext)
+        self.client = Client(
+            self.acfg.broker, self.actor_id, curve=client_keys(cfg.security, "actor", "broker")
+        )
+        self._weights_curve = client_keys(cfg.security, "actor", "learner")
         self.outbox = Outbox(self.client, self.acfg.outbox_batch, self.acfg.outbox_flush_s)
         self.engine: Engine | None = None
         self.tokenizer = None
@@ -149,8 +155,15 @@ class Actor:
 
     async def _lease_loop(self) -> None:
         group = self.cfg.broker.group_size
+        sync_version, sync_groups, sync_since = -1, 0, time.monotonic()  # [actor] sync
         while True:
             free = self._free
+            if self.acfg.sync and self.engine is not None:
+                # One learner batch per policy version, then wait for the next version.
+                stuck = time.monotonic() - sync_since > self.cfg.broker.lease_deadline_s
+                if self.engine.version != sync_version or stuck:
+                    sync_version, sync_groups, sync_since = self.engine.version, 0, time.monotonic()
+                free = min(free, (self.cfg.learner.batch_groups - sync_groups) * group)
             if free < group:
                 await asyncio.sleep(0.02)
                 continue
@@ -164,6 +177,7 @@ class Actor:
             if not grant.leases:
                 await asyncio.sleep(grant.retry_after_s or 0.2)
                 continue
+            sync_groups += len(grant.leases)
             for lease in grant.leases:
                 for k in range(lease.group_size):
                     self._free -= 1
@@ -173,7 +187,11 @@ class Actor:
         assert self.engine is not None
         RUNNING.inc()
         try:
-            env = make_env(lease.task, episode_seed=k)
+            task = lease.task
+            if self.cfg.env.step_delay_s > 0 and task.env == "symbols":
+                payload = {**task.payload, "step_delay_s": self.cfg.env.step_delay_s}
+                task = msgspec.structs.replace(task, payload=payload)
+            env = make_env(task, episode_seed=k)
             traj = await run_episode(
                 self.engine,
                 env,
@@ -181,6 +199,8 @@ class Actor:
                 lease,
                 self.actor_id,
                 temperature=self.acfg.temperature,
+                top_p=self.acfg.top_p,
+                top_k=self.acfg.top_k,
                 max_model_len=self.acfg.max_model_len,
                 bos_id=self.tokenizer.bos_token_id,
                 needs_text=getattr(env, "needs_text", False),
@@ -206,7 +226,19 @@ class Actor:
     # ------------------------------------------------------------------ weights
 
     def _on_policy(self, msg: P.PolicyPublished) -> None:
-        if self._latest is None or msg.version > self._latest.version:
+        # Only the broker's announcement says what a version's bytes are (actor/weights.py).
+        if msg.manifest.version != msg.version:
+            WEIGHTS_REJECTED.labels(reason="manifest_version").inc()
+            log.error("policy v%d announced with a v%d manifest", msg.version, msg.manifest.version)
+            return
+        latest = self._latest
+        # The same version with another digest: the learner re-published it (resumed from a
+        # checkpoint); the older manifest would fail every fetch from now on.
+        if (
+            latest is None
+            or msg.version > latest.version
+            or (msg.version == latest.version and msg.manifest.digest != latest.manifest.digest)
+        ):
             self._latest = msg
             self._new_policy.set()
 
@@ -220,7 +252,14 @@ class Actor:
                 continue
             t0 = time.perf_counter()
             try:
-                path = await fetch_weights(pub.weights_endpoint, pub.manifest, self.actor_id)
+                path = await fetch_weights(
+                    pub.weights_endpoint, pub.manifest, self.actor_id, curve=self._weights_curve
+                )
+            except WeightDigestMismatch as e:
+                # Retrying cannot help: wait for the broker's next announcement (a newer
+                # version, or this one re-published) and keep running the current policy.
+                log.error("refused policy v%d: %s", pub.version, e)
+                continue
             except Exception as e:
                 log.warning("fetching policy v%d failed: %s; will retry", pub.version, e)
                 await asyncio.sleep(1.0)

@@ -31,6 +31,7 @@ from broker.store import Incoming, Store, StoreError, TrajMeta
 from shared import protocol as P
 from shared.config import Config
 from shared.metrics import REJECTED_FRAMES, TRAJECTORY_STALENESS
+from shared.security import server_keys
 from shared.transport import Server
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,10 @@ class Broker:
         """Bind, open the store, rebuild state; returns the bound endpoint."""
         b = self.cfg.broker
         self.server = Server(
-            bind or f"tcp://{b.bind_host}:{b.port}", b.max_frame_bytes, accepts=P.BrokerInbound
+            bind or f"tcp://{b.bind_host}:{b.port}",
+            b.max_frame_bytes,
+            accepts=P.BrokerInbound,
+            curve=server_keys(self.cfg.security, "broker"),  # None unless [security] curve
         )
         try:
             await self.store.open()

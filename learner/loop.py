@@ -35,6 +35,7 @@ from learner.util import json_safe, seed_everything, write_json_atomic
 from shared import protocol as P
 from shared.config import Config
 from shared.metrics import TRAJECTORY_STALENESS, serve_metrics
+from shared.security import client_keys, server_keys
 from shared.transport import Client, PeerUnreachable
 
 log = logging.getLogger("learner")
@@ -103,6 +104,8 @@ class Learner:
             grad_clip=self.lc.grad_clip,
             # vLLM reports "processed" logprobs, i.e. after temperature scaling: match it.
             temperature=self.cfg.actor.temperature,
+            top_k=self.cfg.actor.top_k,
+            top_p=self.cfg.actor.top_p,
             pad_id=0 if pad_id is None else int(pad_id),
             ppo_epochs=self.lc.ppo_epochs,
             minibatches=self.lc.minibatches,
@@ -314,10 +317,17 @@ class Learner:
         self._load()
         M.POLICY_VERSION.set(self.version)
         port = self.opts.weights_port
-        self.publisher = WeightPublisher(f"tcp://0.0.0.0:{port if port else '*'}")
+        self.publisher = WeightPublisher(
+            f"tcp://0.0.0.0:{port if port else '*'}",
+            curve=server_keys(self.cfg.security, "learner"),
+        )
         self.weights_endpoint = f"tcp://{self.lc.weights_host}:{self.publisher.port}"
         self.publisher.start()
-        self.client = Client(self.opts.broker, peer_id=self.peer_id)
+        self.client = Client(
+            self.opts.broker,
+            peer_id=self.peer_id,
+            curve=client_keys(self.cfg.security, "learner", "broker"),
+        )
         self.client.start()
         try:
             if not await self._connect():
@@ -341,10 +351,14 @@ class Learner:
         )
         try:
             while self.step < self.opts.steps and not self.stop.is_set():
+                t_wait = time.monotonic()
                 batch = await self._next_batch()
                 if batch is None:
                     break
+                waited = time.monotonic() - t_wait
                 entry = await self._train_one(batch)
+                # idle time (waiting for the batch) and when the step ended, for benchmarks
+                entry.update(wait_seconds=waited, time=time.time())
                 self.summary.append(entry)
                 self._write_summary()
                 if self.step % max(1, self.lc.checkpoint_every) == 0:

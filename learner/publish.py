@@ -26,6 +26,7 @@ from safetensors.torch import save as st_save
 
 from shared import protocol as P
 from shared.metrics import WEIGHTS_SYNC_SECONDS
+from shared.security import CurveServer
 from shared.transport import Server
 from shared.weights import blake2b_128
 
@@ -68,12 +69,15 @@ class WeightPublisher:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         keep: int = 2,
         max_frame_bytes: int = P.DEFAULT_MAX_FRAME_BYTES,
+        curve: CurveServer | None = None,
     ) -> None:
+        """`curve`: `shared.security.server_keys(cfg.security, "learner")` serves only
+        listed actors over CurveZMQ (None: plaintext)."""
         if chunk_bytes <= 0 or chunk_bytes > max_frame_bytes // 2:
             raise ValueError(f"chunk_bytes must be in (0, {max_frame_bytes // 2}]")
         self.chunk_bytes = chunk_bytes
         self.keep = keep
-        self.server = Server(bind, max_frame_bytes=max_frame_bytes)
+        self.server = Server(bind, max_frame_bytes=max_frame_bytes, curve=curve)
         self.endpoint = self.server.endpoint  # the real address (port resolved if bound to :0)
         self._versions: OrderedDict[int, _Published] = OrderedDict()
         self._task: asyncio.Task[None] | None = None

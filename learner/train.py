@@ -152,8 +152,10 @@ class Trainer:
         clip_eps: float = 0.2,
         grad_clip: float = 1.0,
         temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
         pad_id: int = 0,
-        chunk_size: int = 1024,
+        chunk_size: int | None = None,  # None: sized from a memory budget by the kernel
         micro_batch_tokens: int = 16384,
         ppo_epochs: int = 1,
         minibatches: int = 1,
@@ -165,6 +167,7 @@ class Trainer:
         self.optimizer = optimizer
         self.clip_eps, self.grad_clip = clip_eps, grad_clip
         self.temperature = temperature
+        self.top_k, self.top_p = top_k, top_p  # the actors' sampling truncation
         self.pad_id = pad_id
         self.chunk_size = chunk_size
         self.micro_batch_tokens = micro_batch_tokens
@@ -189,7 +192,15 @@ class Trainer:
         h = hidden[row.to(dev), pos.to(dev) - 1]  # only the trained tokens reach the LM head
         head = self.model.get_output_embeddings().weight
         targets = input_ids[row, pos].to(dev)
-        return token_logprobs_and_entropy(h, head, targets, self.chunk_size, self.temperature)
+        return token_logprobs_and_entropy(
+            h,
+            head,
+            targets,
+            self.chunk_size,
+            self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+        )
 
     def _micro_logprobs(self, batch: TrainBatch, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(sel, logp, entropy) for the trained tokens `sel` of the micro-batch `rows`."""

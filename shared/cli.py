@@ -1,4 +1,5 @@
-"""The `headrace` command: `run` (broker + learner + actors on this machine) and `status`.
+"""The `headrace` command: `run` (broker + learner + actors on this machine), `status`, and
+`keys generate` (CurveZMQ key pairs for `[security]`).
 
 The launcher never imports a role: it starts each one as a subprocess by module name, exactly
 as a user would in separate shells, so the embedded run exercises the same code paths as a
@@ -137,11 +138,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     return code
 
 
-async def _status(endpoint: str, timeout: float) -> dict:
+async def _status(endpoint: str, timeout: float, curve: object = None) -> dict:
     from shared import protocol as P
     from shared.transport import Client
 
-    client = Client(endpoint, peer_id=f"cli-{os.getpid()}")
+    client = Client(endpoint, peer_id=f"cli-{os.getpid()}", curve=curve)  # type: ignore[arg-type]
     client.start()
     try:
         reply = await client.request(P.Status(), P.StatusReply, timeout=timeout, retries=0)
@@ -151,7 +152,13 @@ async def _status(endpoint: str, timeout: float) -> dict:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    info = asyncio.run(_status(args.broker, args.timeout))
+    curve = None
+    if getattr(args, "config", None):  # a CurveZMQ broker: the cli key pair from [security]
+        from shared.config import load_config
+        from shared.security import client_keys
+
+        curve = client_keys(load_config(args.config).security, "cli", "broker")
+    info = asyncio.run(_status(args.broker, args.timeout, curve))
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
         return 0
@@ -197,6 +204,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    from shared.security import CLIENTS_SUBDIR, generate_keys
+
+    clients = [c for c in args.clients.split(",") if c]
+    written = generate_keys(args.dir, clients=clients, force=args.force)
+    for path in written:
+        print(f"{oct(path.stat().st_mode & 0o777)[2:]}  {path}")
+    print(
+        f"\n# Each role needs its own <role>.key_secret and the servers' public keys;\n"
+        f"# servers admit the public keys in {Path(args.dir) / CLIENTS_SUBDIR}.\n"
+        f'[security]\ncurve = true\nkeys_dir = "{args.dir}"'
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="headrace", description="headrace: RL for LLM agents")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -214,9 +236,21 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--broker", default="tcp://127.0.0.1:5555")
     s.add_argument("--json", action="store_true")
     s.add_argument("--timeout", type=float, default=5.0)
+    s.add_argument("--config", help="TOML config; its [security] keys reach a CurveZMQ broker")
+    k = sub.add_parser("keys", help="CurveZMQ keys for [security]")
+    ksub = k.add_subparsers(dest="keys_cmd", required=True)
+    g = ksub.add_parser("generate", help="write key pairs for broker, learner and clients")
+    g.add_argument("dir", help="where the keys go (secret files are written 0600)")
+    g.add_argument(
+        "--clients",
+        default="learner,actor,cli",
+        help="comma-separated client names admitted by the servers (default: %(default)s)",
+    )
+    g.add_argument("--force", action="store_true", help="replace existing keys")
     args = p.parse_args(argv)
+    commands = {"run": cmd_run, "status": cmd_status, "keys": cmd_keys}
     try:
-        code = cmd_run(args) if args.cmd == "run" else cmd_status(args)
+        code = commands[args.cmd](args)
     except ConfigError as e:
         print(f"headrace: bad config: {e}", file=sys.stderr)
         code = 2

@@ -66,6 +66,9 @@ class EnvConfig(_Section):
     ta_max_turns: int = 0  # cap on moves per game; 0: the game's limit (x2 for retries)
     # mixed: which banks, each built from its fields above
     mixed: list[str] = msgspec.field(default_factory=lambda: ["symbols", "reasoning_gym"])
+    # symbols: seconds every `step` awaits (asyncio.sleep), standing in for a tool call's
+    # latency (benchmarks/async_vs_sync.py); the actor passes it to the env, 0: none
+    step_delay_s: float = 0.0
 
 
 class RetentionConfig(_Section):
@@ -141,6 +144,10 @@ class ActorConfig(_Section):
     metrics_port: int = 9103
     max_concurrent_episodes: int = 32
     temperature: float = 1.0
+    # Sampling truncation (vLLM's order: top-k, then top-p). The learner recomputes logprobs
+    # under the same truncated distribution, so the importance ratio stays unbiased.
+    top_p: float = 1.0  # 1: off
+    top_k: int = 0  # 0: off
     max_model_len: int = 512
     outbox_batch: int = 16
     outbox_flush_s: float = 0.2
@@ -149,6 +156,14 @@ class ActorConfig(_Section):
     seed: int = 0
     kv_cache_gib: int = 1
     engine_multiprocessing: bool = False
+    # Synchronous RL (generate a batch, train, update weights, repeat), for comparison with
+    # the default asynchronous pipeline. true: per policy version the actor takes leases for
+    # at most `[learner] batch_groups` groups, then takes no more until it has loaded the
+    # next version (a lease-free `lease_deadline_s` also frees it, should a group be lost).
+    # Pair it with `[broker] max_staleness = 0` (anything older than the learner's version is
+    # evicted) and `[learner] publish_every = 1`; with several sync actors each takes a whole
+    # batch per version and the surplus is evicted as stale.
+    sync: bool = False
 
 
 def _check_choice(section: msgspec.Struct, name: str, allowed: tuple[str, ...]) -> None:
@@ -269,12 +284,31 @@ class LearnerConfig(_Section):
             raise ValueError("ppo_epochs and minibatches must be >= 1")
 
 
+class SecurityConfig(_Section):
+    """`[security]`: CurveZMQ on every socket (shared/security.py).
+
+    `headrace keys generate DIR` writes `<role>.key` / `<role>.key_secret` for broker,
+    learner, actor and cli, and the clients' public keys in `DIR/clients`. A path left ""
+    resolves inside `keys_dir` by role, so one config serves every role; set `secret_key` only
+    in a per-machine config (it applies to every role that reads the file).
+    """
+
+    curve: bool = False  # encrypt and authenticate every connection
+    keys_dir: str = "keys"
+    secret_key: str = ""  # this role's key pair; "": <keys_dir>/<role>.key_secret
+    broker_public_key: str = ""  # the broker to trust; "": <keys_dir>/broker.key
+    learner_public_key: str = ""  # the weight endpoint to trust; "": <keys_dir>/learner.key
+    # Servers admit only the client public keys (*.key) in here; "": <keys_dir>/clients
+    allowed_clients_dir: str = ""
+
+
 class Config(_Section):
     model: ModelConfig = msgspec.field(default_factory=ModelConfig)
     env: EnvConfig = msgspec.field(default_factory=EnvConfig)
     broker: BrokerConfig = msgspec.field(default_factory=BrokerConfig)
     actor: ActorConfig = msgspec.field(default_factory=ActorConfig)
     learner: LearnerConfig = msgspec.field(default_factory=LearnerConfig)
+    security: SecurityConfig = msgspec.field(default_factory=SecurityConfig)
 
     def digest(self) -> str:
         return hashlib.blake2b(msgspec.json.encode(self), digest_size=8).hexdigest()

@@ -353,6 +353,13 @@ def decode(
         raise ProtocolError(reason, text) from None
     except msgspec.DecodeError as e:
         raise ProtocolError("malformed", str(e)) from None
+    # msgspec lets two errors through that are not DecodeErrors: RecursionError on ~1,000
+    # levels of nested maps (a 3 KiB frame) and UnicodeDecodeError on a field name that is
+    # not UTF-8. Both are the peer's fault, and must never end a receive loop.
+    except RecursionError:
+        raise ProtocolError("too_deep", "nesting exceeds the decoder's recursion limit") from None
+    except UnicodeDecodeError as e:
+        raise ProtocolError("malformed", f"invalid UTF-8: {e}") from None
     if isinstance(msg, Hello) and msg.protocol_version != PROTOCOL_VERSION:
         raise ProtocolError(
             "version_mismatch",

@@ -5,6 +5,8 @@
 `Client` is a DEALER with a stable routing id (so a server keeps recognising a peer across
 reconnects); a background task routes incoming messages to per-type queues and callbacks.
 ZeroMQ reconnects by itself; the client layers request retries and a retry budget on top.
+Given `curve` keys (shared/security.py) either side speaks CurveZMQ: a server then admits only
+listed client keys, and a refused peer's frames never reach `recv`.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import msgspec
 import zmq
 import zmq.asyncio
 
 from shared import protocol as P
 from shared.metrics import REJECTED_FRAMES
+from shared.security import CurveClient, CurveServer, HandshakeWatch, secure_client, secure_server
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -34,6 +38,23 @@ class PeerUnreachable(RuntimeError):
     """The other side did not answer within the retry budget."""
 
 
+def decode_frame(
+    frame: bytes | memoryview,
+    max_bytes: int = P.DEFAULT_MAX_FRAME_BYTES,
+    decoder: msgspec.msgpack.Decoder | None = None,
+) -> Any:
+    """`P.decode`, and anything else msgspec might raise is still the peer's fault: a
+    ProtocolError, never an exception that ends the receiving loop."""
+    try:
+        if decoder is None:
+            return P.decode(frame, max_bytes)
+        return P.decode(frame, max_bytes, decoder)
+    except P.ProtocolError:
+        raise
+    except Exception as e:
+        raise P.ProtocolError("malformed", f"{type(e).__name__}: {e}") from None
+
+
 def _ctx() -> zmq.asyncio.Context:
     return zmq.asyncio.Context.instance()
 
@@ -44,9 +65,11 @@ class Server:
         bind: str,
         max_frame_bytes: int = P.DEFAULT_MAX_FRAME_BYTES,
         accepts: object = P.Message,
+        curve: CurveServer | None = None,
     ) -> None:
         """`accepts`: the union decoded (e.g. `P.BrokerInbound`, which leaves trajectories as
-        frames); whatever it is, frames are capped and validated the same way."""
+        frames); whatever it is, frames are capped and validated the same way. `curve`: serve
+        CurveZMQ to the clients it lists (None: plaintext)."""
         self.max_frame_bytes = max_frame_bytes
         self._decoder = P.decoder_for(accepts)
         self.sock = _ctx().socket(zmq.ROUTER)
@@ -55,7 +78,13 @@ class Server:
         self.sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes * _HARD_CAP_FACTOR)
         self.sock.setsockopt(zmq.SNDHWM, 10_000)
         self.sock.setsockopt(zmq.RCVHWM, 10_000)
-        self.sock.bind(bind)
+        # Before bind: a connection accepted before the ZAP handler exists would be let in.
+        self._watch: HandshakeWatch | None = secure_server(self.sock, curve) if curve else None
+        try:
+            self.sock.bind(bind)
+        except zmq.ZMQError:
+            self.close()  # e.g. port in use: do not leave the monitor thread behind
+            raise
         self.endpoint = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
 
     async def recv(self) -> tuple[bytes, Any]:
@@ -69,7 +98,7 @@ class Server:
                 continue
             ident, frame = parts[0].bytes, parts[1].buffer
             try:
-                return ident, P.decode(frame, self.max_frame_bytes, self._decoder)
+                return ident, decode_frame(frame, self.max_frame_bytes, self._decoder)
             except P.ProtocolError as e:
                 REJECTED_FRAMES.labels(reason=e.reason).inc()
                 log.warning("rejected frame from %r: %s", ident, e)
@@ -85,6 +114,8 @@ class Server:
             log.debug("send to %r failed: %s", ident, e)
 
     def close(self) -> None:
+        if self._watch is not None:
+            self._watch.stop()
         self.sock.close(linger=0)
 
 
@@ -96,7 +127,9 @@ class Client:
         connect: str,
         peer_id: str,
         max_frame_bytes: int = P.DEFAULT_MAX_FRAME_BYTES,
+        curve: CurveClient | None = None,
     ) -> None:
+        """`curve`: connect with CurveZMQ, trusting only the server key it names."""
         self.endpoint = connect
         self.peer_id = peer_id
         self.max_frame_bytes = max_frame_bytes
@@ -107,6 +140,9 @@ class Client:
         self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
         self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         self.sock.setsockopt(zmq.SNDHWM, 10_000)
+        self._watch: HandshakeWatch | None = (
+            secure_client(self.sock, curve, connect) if curve else None
+        )
         self.sock.connect(connect)
         self._queues: dict[type, asyncio.Queue[Any]] = defaultdict(asyncio.Queue)
         self._handlers: dict[type, Callable[[Any], Awaitable[None] | None]] = {}
@@ -127,7 +163,7 @@ class Client:
             frame = await self.sock.recv(copy=False)
             self.last_recv = loop.time()
             try:
-                msg = P.decode(frame.buffer, self.max_frame_bytes)
+                msg = decode_frame(frame.buffer, self.max_frame_bytes)
             except P.ProtocolError as e:
                 REJECTED_FRAMES.labels(reason=e.reason).inc()
                 log.warning("rejected frame from %s: %s", self.endpoint, e)
@@ -190,4 +226,6 @@ class Client:
     def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
+        if self._watch is not None:
+            self._watch.stop()
         self.sock.close(linger=0)

@@ -15,6 +15,7 @@ Levels (task difficulty):
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 from actor.envs.base import Env, Generation, GenerationLimits, ParsedAction, StepResult
@@ -38,6 +39,8 @@ class SymbolsEnv(Env):
         self.n_choices = int(payload.get("n_choices", 4))
         self.max_turns = int(payload.get("n_turns", 3))
         self.reasoning_tokens = int(payload.get("reasoning_tokens", 4))
+        # A tool call's latency, awaited in every `step` ([env] step_delay_s, via the actor).
+        self.step_delay_s = float(payload.get("step_delay_s", 0.0))
         # The task seed fixes the symbol sequence: every episode of a group sees the same task.
         rng = random.Random(int(payload.get("seed", 0)))
         n_sym = N_SYMBOLS.get(self.level, 32)
@@ -65,6 +68,8 @@ class SymbolsEnv(Env):
         return f"t{self.turn}:sym{self.symbols[self.turn]}"
 
     async def step(self, action: ParsedAction) -> StepResult:
+        if self.step_delay_s > 0:
+            await asyncio.sleep(self.step_delay_s)
         key = self.state_key()
         want = correct_choice(self.level, self.symbols[self.turn], self.turn, self.n_choices)
         right = action.valid and int(action.action) == want

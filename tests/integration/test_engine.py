@@ -132,19 +132,25 @@ def test_learner_recomputes_vllm_behaviour_logprobs_to_1e_6(engine, tiny_model, 
     from learner.train import Trainer
 
     prompt = [1, 10, 11, 12]
-    out = loop.run_until_complete(engine.generate(prompt, max_tokens=64, ignore_eos=True))
-    ids = prompt + out.token_ids
     model = AutoModelForCausalLM.from_pretrained(tiny_model, torch_dtype=torch.float32)
-    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.0))
-    n = len(ids)
-    with torch.no_grad():
-        logp, _ = trainer.token_logprobs(
-            torch.tensor([ids]),
-            torch.ones(1, n, dtype=torch.long),
-            torch.zeros(n - len(prompt), dtype=torch.long),
-            torch.arange(len(prompt), n),
+    # plain sampling, then truncated sampling (the learner applies the same top-k / top-p)
+    for top_k, top_p in ((0, 1.0), (8, 0.9)):
+        out = loop.run_until_complete(
+            engine.generate(prompt, max_tokens=64, ignore_eos=True, top_k=top_k or -1, top_p=top_p)
         )
-    assert np.max(np.abs(np.array(out.logprobs) - logp.numpy())) < 5e-6
+        ids = prompt + out.token_ids
+        trainer = Trainer(
+            model, torch.optim.SGD(model.parameters(), lr=0.0), top_k=top_k, top_p=top_p
+        )
+        n = len(ids)
+        with torch.no_grad():
+            logp, _ = trainer.token_logprobs(
+                torch.tensor([ids]),
+                torch.ones(1, n, dtype=torch.long),
+                torch.zeros(n - len(prompt), dtype=torch.long),
+                torch.arange(len(prompt), n),
+            )
+        assert np.max(np.abs(np.array(out.logprobs) - logp.numpy())) < 5e-6, (top_k, top_p)
 
 
 def test_swap_mid_generation_stamps_exact_token_versions(engine, tiny_model, tmp_path, loop):

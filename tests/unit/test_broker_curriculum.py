@@ -148,7 +148,7 @@ def test_status_command_shows_the_curriculum(
 
     info = asyncio.run(main())
 
-    async def fake_status(endpoint: str, timeout: float) -> dict:
+    async def fake_status(endpoint: str, timeout: float, curve: object = None) -> dict:
         return msgspec.json.decode(msgspec.json.encode(info))  # as it crosses the wire
 
     monkeypatch.setattr(cli, "_status", fake_status)
