@@ -9,15 +9,11 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from shared.config import ConfigError, load_config
 from shared.logs import setup_logging
 from shared.metrics import serve_metrics
 from shared.transport import PeerUnreachable
-
-if TYPE_CHECKING:
-    from actor.runner import Actor
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,7 +55,7 @@ async def _amain(args: argparse.Namespace) -> int:
         if stopping:  # a second signal: stop now (the outbox is still drained, briefly)
             actor.stop()
         else:
-            stopping.append(asyncio.create_task(_stop_gracefully(actor)))
+            stopping.append(asyncio.create_task(actor.stop_gracefully()))
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
@@ -74,24 +70,9 @@ async def _amain(args: argparse.Namespace) -> int:
         logging.getLogger("actor").info(
             "stopped: %d trajectories left unacked in the outbox (%d episodes finished)",
             len(actor.outbox),
-            actor._episodes_done,
+            actor.episodes_done,
         )
     return 0
-
-
-async def _stop_gracefully(actor: Actor, grace_s: float = 30.0) -> None:
-    """SIGTERM/SIGINT: take no more leases, let the episodes in flight finish (up to `grace_s`),
-    then stop; `Actor.run` then waits for the broker to ack the outbox before it returns."""
-    # Take every episode slot: the lease loop asks for leases only while slots are free, and
-    # each running episode gives its slot back when it ends (a grant already on its way still
-    # starts its episodes, and they are waited for too).
-    actor._free -= actor.acfg.max_concurrent_episodes
-    deadline = asyncio.get_running_loop().time() + grace_s
-    while actor._free < 0:
-        if asyncio.get_running_loop().time() > deadline:
-            break
-        await asyncio.sleep(0.05)
-    actor.stop()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,7 +26,7 @@ from shared import protocol as P
 from shared.config import Config
 from shared.metrics import WEIGHTS_SYNC_SECONDS
 from shared.security import client_keys
-from shared.transport import Client, PeerUnreachable
+from shared.transport import Client
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,22 @@ class Actor:
     def stop(self) -> None:
         self._stop.set()
 
+    @property
+    def episodes_done(self) -> int:
+        return self._episodes_done
+
+    async def stop_gracefully(self, grace_s: float = 30.0) -> None:
+        """SIGTERM: take no more leases, let the episodes in flight finish (up to `grace_s`),
+        then stop; `run` then waits for the broker to ack the outbox before it returns."""
+        # Take every episode slot: the lease loop asks for leases only while slots are free,
+        # and each running episode gives its slot back when it ends (a grant already on its
+        # way still starts its episodes, and they are waited for too).
+        self._free -= self.acfg.max_concurrent_episodes
+        deadline = asyncio.get_running_loop().time() + grace_s
+        while self._free < 0 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        self.stop()
+
     def close(self) -> None:
         if self.engine is not None:
             self.engine.shutdown()
@@ -167,13 +183,19 @@ class Actor:
             if free < group:
                 await asyncio.sleep(0.02)
                 continue
+            # Not `client.request`: it drops replies that come after its timeout, and a TaskGrant
+            # that comes late (a stalled broker, a cut link) holds leases the broker renews with
+            # every heartbeat of ours - dropped, they are never worked on and never expire.
+            # Every grant is used, whichever request it answers; one already here goes first.
             try:
-                grant = await self.client.request(
-                    P.TaskRequest(n=free // group), P.TaskGrant, timeout=5.0, retries=0
-                )
-            except PeerUnreachable:
-                log.warning("broker did not answer a task request; retrying")
-                continue
+                grant = await self.client.recv(P.TaskGrant, timeout=0.01)
+            except TimeoutError:
+                await self.client.send(P.TaskRequest(n=free // group))
+                try:
+                    grant = await self.client.recv(P.TaskGrant, timeout=5.0)
+                except TimeoutError:
+                    log.warning("broker did not answer a task request; retrying")
+                    continue
             if not grant.leases:
                 await asyncio.sleep(grant.retry_after_s or 0.2)
                 continue

@@ -41,6 +41,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -345,7 +346,25 @@ def main(argv: list[str] | None = None) -> int:
     if ref["final"] <= ref["initial"]:
         print("the baseline did not improve: the threshold means nothing; use more --steps")
     print(f"total {seconds / 60:.1f} min")
+    # The figure keys: method -> median over seeds (steps: None where any seed did
+    # not reach the threshold, as the median is then not known).
+    short = {"grpo_uniform": "grpo", "turn_level": "turn"}
+
+    def median_steps(v: dict) -> float | None:
+        s = [p.get("steps_to_threshold") for p in v["per_seed"] if "error" not in p]
+        return None if not s or any(x is None for x in s) else float(statistics.median(s))
+
     result = {
+        "steps_to_threshold": {short.get(k, k): median_steps(v) for k, v in stats.items()},
+        "final_success": {
+            short.get(k, k): round(
+                statistics.median(p["final_success"] for p in v["per_seed"] if "error" not in p),
+                4,
+            )
+            if any("error" not in p for p in v["per_seed"])
+            else None
+            for k, v in stats.items()
+        },
         "variants": stats,
         "threshold": round(threshold, 4),
         "baseline": {**ref, "improved": ref["final"] > ref["initial"]},

@@ -159,7 +159,7 @@ class ActorConfig(_Section):
     # Synchronous RL (generate a batch, train, update weights, repeat), for comparison with
     # the default asynchronous pipeline. true: per policy version the actor takes leases for
     # at most `[learner] batch_groups` groups, then takes no more until it has loaded the
-    # next version (a lease-free `lease_deadline_s` also frees it, should a group be lost).
+    # next version (or, should a group be lost, `[broker] lease_deadline_s` on one version).
     # Pair it with `[broker] max_staleness = 0` (anything older than the learner's version is
     # evicted) and `[learner] publish_every = 1`; with several sync actors each takes a whole
     # batch per version and the surplus is evicted as stale.

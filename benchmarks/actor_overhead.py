@@ -1,0 +1,227 @@
+"""Actor overhead: episodes through the whole pipeline vs bare vLLM generate, same prompts.
+
+Two measurements in the same run, on the same model and the same machine:
+
+- pipeline: a real broker (`python -m broker`, durability none) and a real actor
+  (`python -m actor`) playing single-turn `symbols` episodes: leases, the env, token-in /
+  token-out episodes, the outbox and acks, metrics. Tokens/s is the growth of the actor's
+  `headrace_actor_tokens_generated_total` over a window after warm-up.
+- bare: `actor.engine.Engine` in a process of its own, `generate` on the very prompts those
+  episodes start from (the env's first observation, tokenized the same way) with the same
+  `max_tokens`, the same concurrency and temperature; nothing else.
+
+No learner runs, so the weights never change and both sides sample the same model. Prints a
+table and, as its last line, one JSON object: `ratio_vs_bare_vllm` (pipeline tokens/s / bare
+tokens/s; goal >= 0.9), `pipeline_tokens_per_s`, `bare_tokens_per_s`, `concurrency`,
+`max_tokens`, `seconds`.
+
+    python benchmarks/actor_overhead.py [--quick] [--concurrency 64] [--duration 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+TOKENS = "headrace_actor_tokens_generated_total"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(port: int) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def prompts(model: Path, n: int, reasoning_tokens: int, seed: int) -> list[list[int]]:
+    """The first prompt of `n` symbols episodes, exactly as the actor builds it."""
+    from transformers import AutoTokenizer
+
+    from actor.envs import make_env
+    from shared import protocol as P
+
+    tok = AutoTokenizer.from_pretrained(model)
+    out = []
+    for i in range(n):
+        payload = {"level": 1, "seed": seed + i, "n_choices": 4, "n_turns": 1}
+        payload["reasoning_tokens"] = reasoning_tokens
+        task = P.TaskSpec(task_id=f"p{i}", env="symbols", payload=payload)
+        obs = asyncio.run(make_env(task, i).reset())
+        bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+        out.append(bos + tok.encode(obs, add_special_tokens=False))
+    return out
+
+
+def bare(model: str, ids: list[list[int]], conc: int, max_tokens: int, a: dict, out) -> None:
+    """Child process: `conc` concurrent generate loops over `ids`; tokens/s over the window."""
+    from actor.engine import Engine
+
+    async def main() -> None:
+        eng = Engine(model, seed=0, max_model_len=a["max_model_len"], max_num_seqs=conc)
+        counted = 0
+        # The window opens `warmup` seconds after the first completion (as the pipeline's
+        # opens once tokens flow), so engine start-up and first compiles stay outside it.
+        start = end = float("inf")
+
+        async def worker(k: int) -> None:
+            nonlocal counted, start, end
+            i = k
+            while time.monotonic() < end:
+                r = await eng.generate(
+                    ids[i % len(ids)], max_tokens=max_tokens, temperature=1.0, ignore_eos=True
+                )
+                now = time.monotonic()
+                if start == float("inf"):
+                    start = now + a["warmup"]
+                    end = start + a["duration"]
+                elif start <= now < end:
+                    counted += len(r.token_ids)
+                i += conc
+
+        await asyncio.gather(*(worker(k) for k in range(conc)))
+        out.put(counted / a["duration"])
+        eng.shutdown()
+
+    asyncio.run(main())
+
+
+def pipeline(model: Path, work: Path, conc: int, reasoning: int, a: argparse.Namespace) -> float:
+    port, bmetrics, ametrics = free_port(), free_port(), free_port()
+    cfg = work / "run.toml"
+    cfg.write_text(
+        f'[model]\npath = "{model}"\nbuild_tiny_if_missing = false\n\n'
+        f"[env]\nlevels = [1]\ntasks_per_level = 1024\nn_turns = 1\n"
+        f"reasoning_tokens = {reasoning}\n\n"
+        # No learner: nothing is ever sampled, so replay must hold the whole run.
+        f"[broker]\ngroup_size = 8\nreplay_capacity = 100000000\nmax_staleness = -1\n\n"
+        f"[actor]\nmax_concurrent_episodes = {conc}\nmax_model_len = {a.max_model_len}\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    logs = [open(work / f"{n}.log", "wb") for n in ("broker", "actor")]
+    argv = [sys.executable, "-m"]
+    procs = [
+        subprocess.Popen(
+            [*argv, "broker", "--config", str(cfg), "--port", str(port)]
+            + ["--metrics-port", str(bmetrics), "--durability", "none", "--log-level", "WARNING"],
+            cwd=REPO,
+            env=env,
+            stdout=logs[0],
+            stderr=subprocess.STDOUT,
+        )
+    ]
+    try:
+        procs.append(
+            subprocess.Popen(
+                [*argv, "actor", "--config", str(cfg), "--broker", f"tcp://127.0.0.1:{port}"]
+                + ["--metrics-port", str(ametrics), "--log-level", "WARNING"],
+                cwd=REPO,
+                env=env,
+                stdout=logs[1],
+                stderr=subprocess.STDOUT,
+            )
+        )
+        deadline = time.monotonic() + 600
+        while True:  # the engine is up once tokens flow
+            if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
+                raise RuntimeError("pipeline did not start:\n" + (work / "actor.log").read_text())
+            try:
+                if scrape(ametrics).get(TOKENS, 0) > 0:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        time.sleep(a.warmup)
+        t0, n0 = time.monotonic(), scrape(ametrics)[TOKENS]
+        time.sleep(a.duration)
+        t1, n1 = time.monotonic(), scrape(ametrics)[TOKENS]
+        return (n1 - n0) / (t1 - t0)
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for f in logs:
+            f.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="shorter windows")
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--reasoning-tokens", type=int, default=31, help="max_tokens = this + 1")
+    ap.add_argument("--duration", type=float, default=None)
+    ap.add_argument("--warmup", type=float, default=None)
+    ap.add_argument("--max-model-len", type=int, default=256)
+    ap.add_argument("--model", default=None, help="HF model dir (default: the tiny model)")
+    a = ap.parse_args(argv)
+    a.duration = a.duration or (8.0 if a.quick else 20.0)
+    a.warmup = a.warmup if a.warmup is not None else (3.0 if a.quick else 5.0)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    t_start = time.monotonic()
+    work = Path(tempfile.mkdtemp(prefix="headrace-actor-overhead-"))
+    try:
+        if a.model:
+            model = Path(a.model)
+        else:
+            from learner.tiny_model import build_tiny_model
+
+            model = build_tiny_model(REPO / ".cache" / "models" / "tiny")
+        max_tokens = a.reasoning_tokens + 1
+        print(
+            f"actor overhead: concurrency {a.concurrency}, {max_tokens} tokens an episode,"
+            f" {a.duration:.0f} s windows, model {model.name}"
+        )
+        ids = prompts(model, 256, a.reasoning_tokens, seed=1)
+        ctx = mp.get_context("spawn")
+        q = ctx.Queue()
+        opts = {"warmup": a.warmup, "duration": a.duration, "max_model_len": a.max_model_len}
+        p = ctx.Process(target=bare, args=(str(model), ids, a.concurrency, max_tokens, opts, q))
+        p.start()
+        bare_tps = q.get(timeout=900)
+        p.join(60)
+        print(f"  bare vLLM generate: {bare_tps:9.0f} tokens/s")
+        pipe_tps = pipeline(model, work, a.concurrency, a.reasoning_tokens, a)
+        print(f"  actor pipeline:     {pipe_tps:9.0f} tokens/s")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    ratio = pipe_tps / bare_tps if bare_tps else None
+    out = {
+        "ratio_vs_bare_vllm": round(ratio, 3) if ratio else None,
+        "pipeline_tokens_per_s": round(pipe_tps, 1),
+        "bare_tokens_per_s": round(bare_tps, 1),
+        "goal": 0.9,
+        "concurrency": a.concurrency,
+        "max_tokens": max_tokens,
+        "seconds": round(time.monotonic() - t_start, 1),
+    }
+    print()
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
