@@ -38,19 +38,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/...`
+
+from benchmarks.credit import free_port, headrace_run  # noqa: E402
+
 GOAL_SPEEDUP = 2.5
 
 # The job: level-1 `symbols`, 3 turns of (2 free tokens + 1 action, then a tool call).
@@ -79,31 +78,6 @@ MODES: dict[str, dict[str, dict[str, Any]]] = {
 # ------------------------------------------------------------------ config
 
 
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(f"cannot write {type(v).__name__} as TOML")
-
-
-def dump_toml(sections: dict[str, dict[str, Any]]) -> str:
-    out: list[str] = []
-    for name, body in sections.items():
-        out += [f"[{name}]", *(f"{k} = {_toml_value(v)}" for k, v in body.items()), ""]
-    return "\n".join(out)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def run_config(mode: str, seed: int, steps: int, step_delay: float) -> dict[str, dict[str, Any]]:
     cfg = {k: dict(v) for k, v in JOB.items()}
     for section, over in MODES[mode].items():
@@ -120,50 +94,12 @@ def run_config(mode: str, seed: int, steps: int, step_delay: float) -> dict[str,
 # ------------------------------------------------------------------ one run
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGINT lets `headrace run` stop its roles in order; SIGKILL its group if it hangs."""
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(90)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 def run_once(
     mode: str, seed: int, steps: int, step_delay: float, keep: bool, timeout_s: float
 ) -> dict[str, Any]:
     run_dir = Path(tempfile.mkdtemp(prefix=f"headrace-avs-{mode}-s{seed}-"))
     cfg = run_config(mode, seed, steps, step_delay)
-    cfg_path = run_dir / "config.toml"
-    cfg_path.write_text(dump_toml(cfg))
-    summary = run_dir / "summary.json"
-    log_path = run_dir / "run.log"
-    argv = [sys.executable, "-m", "shared.cli", "run", "--config", str(cfg_path)]
-    argv += ["--summary-json", str(summary), "--run-dir", str(run_dir / "run")]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    t0 = time.monotonic()
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-        try:
-            code = proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            _stop(proc)
-            code = -1
-        except BaseException:
-            _stop(proc)
-            raise
-    run_s = time.monotonic() - t0
-    entries: list[dict[str, Any]] = []
-    if summary.exists():
-        try:
-            entries = json.loads(summary.read_text()).get("steps", [])
-        except json.JSONDecodeError:
-            entries = []
+    code, run_s, entries, log_path = headrace_run(cfg, run_dir, timeout_s)
     result: dict[str, Any] = {"seed": seed, "code": code, "run_s": round(run_s, 1)}
     if code != 0 or len(entries) < steps or any("time" not in e for e in entries):
         last = log_path.read_text(errors="replace").splitlines()[-15:] if log_path.exists() else []

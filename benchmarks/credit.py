@@ -47,6 +47,7 @@ import sys
 import tempfile
 import time
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -138,12 +139,20 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-def run_once(
-    base: dict[str, Any], variant: str, seed: int, steps: int, keep: bool, timeout_s: float
-) -> dict[str, Any]:
-    run_dir = Path(tempfile.mkdtemp(prefix=f"headrace-credit-{variant}-s{seed}-"))
+def headrace_run(
+    cfg: dict[str, Any],
+    run_dir: Path,
+    timeout_s: float,
+    started: Callable[[], None] | None = None,
+    finished: Callable[[], None] | None = None,
+) -> tuple[int, float, list[dict[str, Any]], Path]:
+    """One `headrace run` of `cfg` in `run_dir` (config, summary, log and run data there).
+
+    Returns (exit code, -1 when it timed out and was stopped; seconds; the learner summary's
+    per-step entries; the log's path). `started` / `finished` run around the wait.
+    """
     cfg_path = run_dir / "config.toml"
-    cfg_path.write_text(dump_toml(run_config(base, variant, seed, steps)))
+    cfg_path.write_text(dump_toml(cfg))
     summary = run_dir / "summary.json"
     log_path = run_dir / "run.log"
     argv = [sys.executable, "-m", "shared.cli", "run", "--config", str(cfg_path)]
@@ -154,6 +163,8 @@ def run_once(
         proc = subprocess.Popen(
             argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
+        if started is not None:
+            started()
         try:
             code = proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
@@ -162,6 +173,9 @@ def run_once(
         except BaseException:
             _stop(proc)
             raise
+        finally:
+            if finished is not None:
+                finished()
     seconds = time.monotonic() - t0
     entries: list[dict[str, Any]] = []
     if summary.exists():
@@ -169,6 +183,16 @@ def run_once(
             entries = json.loads(summary.read_text()).get("steps", [])
         except json.JSONDecodeError:
             entries = []
+    return code, seconds, entries, log_path
+
+
+def run_once(
+    base: dict[str, Any], variant: str, seed: int, steps: int, keep: bool, timeout_s: float
+) -> dict[str, Any]:
+    run_dir = Path(tempfile.mkdtemp(prefix=f"headrace-credit-{variant}-s{seed}-"))
+    code, seconds, entries, log_path = headrace_run(
+        run_config(base, variant, seed, steps), run_dir, timeout_s
+    )
     result: dict[str, Any] = {
         "seed": seed,
         "code": code,

@@ -39,7 +39,6 @@ import argparse
 import asyncio
 import copy
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -55,9 +54,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmar
 from benchmarks.credit import (  # noqa: E402
     WINDOW,
     _stop,
-    dump_toml,
     free_port,
     head,
+    headrace_run,
     mean_std,
     steps_to_threshold,
     tail,
@@ -237,37 +236,10 @@ def run_once(
 
     run_dir = Path(tempfile.mkdtemp(prefix=f"headrace-curriculum-{variant}-s{seed}-"))
     cfg = run_config(base, variant, seed, steps)
-    cfg_path = run_dir / "config.toml"
-    cfg_path.write_text(dump_toml(cfg))
-    summary = run_dir / "summary.json"
-    log_path = run_dir / "run.log"
-    argv = [sys.executable, "-m", "shared.cli", "run", "--config", str(cfg_path)]
-    argv += ["--summary-json", str(summary), "--run-dir", str(run_dir / "run")]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     poller = StatusPoller(cfg["actor"]["broker"])
-    t0 = time.monotonic()
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-        poller.start()
-        try:
-            code = proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            _stop(proc)
-            code = -1
-        except BaseException:
-            _stop(proc)
-            raise
-        finally:
-            poller.halt.set()
-    train_seconds = time.monotonic() - t0
-    entries: list[dict[str, Any]] = []
-    if summary.exists():
-        try:
-            entries = json.loads(summary.read_text()).get("steps", [])
-        except json.JSONDecodeError:
-            entries = []
+    code, train_seconds, entries, log_path = headrace_run(
+        cfg, run_dir, timeout_s, started=poller.start, finished=poller.halt.set
+    )
     result: dict[str, Any] = {
         "seed": seed,
         "code": code,
