@@ -44,7 +44,6 @@ import zmq  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from shared import protocol as P  # noqa: E402
-from shared.transport import decode_frame  # noqa: E402
 
 CAP = 64 * 1024  # the broker's max_frame_bytes in this benchmark
 STATUS_EVERY = 50_000
@@ -152,7 +151,7 @@ class Classifier:
         if isinstance(frame, list):
             return "multipart"
         try:
-            decode_frame(frame, self.max_bytes, self.decoder)
+            P.decode(frame, self.max_bytes, self.decoder)
         except P.ProtocolError as e:
             return e.reason
         return None

@@ -360,6 +360,8 @@ def decode(
         raise ProtocolError("too_deep", "nesting exceeds the decoder's recursion limit") from None
     except UnicodeDecodeError as e:
         raise ProtocolError("malformed", f"invalid UTF-8: {e}") from None
+    except Exception as e:  # anything else msgspec might raise is still the peer's fault
+        raise ProtocolError("malformed", f"{type(e).__name__}: {e}") from None
     if isinstance(msg, Hello) and msg.protocol_version != PROTOCOL_VERSION:
         raise ProtocolError(
             "version_mismatch",

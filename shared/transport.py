@@ -17,7 +17,6 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-import msgspec
 import zmq
 import zmq.asyncio
 
@@ -36,23 +35,6 @@ _HARD_CAP_FACTOR = 2
 
 class PeerUnreachable(RuntimeError):
     """The other side did not answer within the retry budget."""
-
-
-def decode_frame(
-    frame: bytes | memoryview,
-    max_bytes: int = P.DEFAULT_MAX_FRAME_BYTES,
-    decoder: msgspec.msgpack.Decoder | None = None,
-) -> Any:
-    """`P.decode`, and anything else msgspec might raise is still the peer's fault: a
-    ProtocolError, never an exception that ends the receiving loop."""
-    try:
-        if decoder is None:
-            return P.decode(frame, max_bytes)
-        return P.decode(frame, max_bytes, decoder)
-    except P.ProtocolError:
-        raise
-    except Exception as e:
-        raise P.ProtocolError("malformed", f"{type(e).__name__}: {e}") from None
 
 
 def _ctx() -> zmq.asyncio.Context:
@@ -98,7 +80,7 @@ class Server:
                 continue
             ident, frame = parts[0].bytes, parts[1].buffer
             try:
-                return ident, decode_frame(frame, self.max_frame_bytes, self._decoder)
+                return ident, P.decode(frame, self.max_frame_bytes, self._decoder)
             except P.ProtocolError as e:
                 REJECTED_FRAMES.labels(reason=e.reason).inc()
                 log.warning("rejected frame from %r: %s", ident, e)
@@ -163,7 +145,7 @@ class Client:
             frame = await self.sock.recv(copy=False)
             self.last_recv = loop.time()
             try:
-                msg = decode_frame(frame.buffer, self.max_frame_bytes)
+                msg = P.decode(frame.buffer, self.max_frame_bytes)
             except P.ProtocolError as e:
                 REJECTED_FRAMES.labels(reason=e.reason).inc()
                 log.warning("rejected frame from %s: %s", self.endpoint, e)
