@@ -1,34 +1,22 @@
 """`symbols`: the built-in multi-turn environment, learnable by a tiny random model on CPU.
 
 Each turn shows a symbol (`turn sym12`). The agent writes `reasoning_tokens` free tokens and
-then one action token; the action is that token's id modulo `n_choices`. The correct choice is
-a fixed function of the symbol (and, at higher levels, of the turn), so the reward depends on
-the actions only and a random policy starts at 1/n_choices per turn: every GRPO group carries
-signal from the first step. The next observation says whether the last action was right.
-
-Levels (task difficulty):
-  1: 2 distinct symbols,  choice = sym % K
-  2: 8 distinct symbols,  choice = sym % K
-  3: 16 distinct symbols, choice = (sym + turn) % K
-  4: 32 distinct symbols, choice = (3 * sym + 1) % K
+then an action of `action_tokens` tokens (a short "word"); the last token of the word decides:
+the answer is its id modulo `n_choices`, the tokens before it are free. The right answer is a
+function of the symbol (shared/symbols.py has the rules and the levels), so the reward depends
+on the actions only and a random policy starts at 1/n_choices per turn: every GRPO group
+carries signal from the first step. With `reward = "turn"` each turn is rewarded and the next
+observation says whether the last answer was right; with `reward = "pass"` only the last turn
+is rewarded (1 when every answer was right) and no verdict is shown.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
+from collections.abc import Sequence
 
 from actor.envs.base import Env, Generation, GenerationLimits, ParsedAction, StepResult
-
-N_SYMBOLS = {1: 2, 2: 8, 3: 16, 4: 32}
-
-
-def correct_choice(level: int, sym: int, turn: int, n_choices: int) -> int:
-    if level == 3:
-        return (sym + turn) % n_choices
-    if level >= 4:
-        return (3 * sym + 1) % n_choices
-    return sym % n_choices
+from shared import symbols as S
 
 
 class SymbolsEnv(Env):
@@ -39,45 +27,74 @@ class SymbolsEnv(Env):
         self.n_choices = int(payload.get("n_choices", 4))
         self.max_turns = int(payload.get("n_turns", 3))
         self.reasoning_tokens = int(payload.get("reasoning_tokens", 4))
+        self.action_tokens = max(1, int(payload.get("action_tokens", 1)))
+        self.sparse = str(payload.get("reward", "turn")) == "pass"
+        self.map_seed = int(payload.get("map_seed", 0))
         # A tool call's latency, awaited in every `step` ([env] step_delay_s, via the actor).
         self.step_delay_s = float(payload.get("step_delay_s", 0.0))
-        # The task seed fixes the symbol sequence: every episode of a group sees the same task.
-        rng = random.Random(int(payload.get("seed", 0)))
-        n_sym = N_SYMBOLS.get(self.level, 32)
-        self.symbols = [rng.randrange(n_sym) for _ in range(self.max_turns)]
+        self.task_seed = int(payload.get("seed", 0))
+        self.episode_seed = episode_seed  # only the noise level uses it
+        shown = str(payload.get("symbols", "")).split()
+        # The bank sends the symbols; a payload without them (older banks) derives them from
+        # the task seed. Every episode of a group sees the same task either way.
+        self.symbols = [int(s) for s in shown] or S.task_symbols(
+            self.level, self.task_seed, self.max_turns, self.n_choices, map_seed=self.map_seed
+        )
+        self.max_turns = len(self.symbols)
+        self.right: list[bool] = []
         self.turn = 0
-        del episode_seed  # deterministic task; sampling randomness comes from the engine
 
     def _show(self) -> str:
         return f"turn sym{self.symbols[self.turn]}"
 
     async def reset(self) -> str:
         self.turn = 0
+        self.right = []
         return self._show()
 
     def limits(self) -> GenerationLimits:
-        return GenerationLimits(max_tokens=self.reasoning_tokens + 1, ignore_eos=True)
+        return GenerationLimits(
+            max_tokens=self.reasoning_tokens + self.action_tokens, ignore_eos=True
+        )
 
     def parse_action(self, gen: Generation) -> ParsedAction:
-        if len(gen.token_ids) < self.reasoning_tokens + 1:
+        start, end = self.reasoning_tokens, self.reasoning_tokens + self.action_tokens
+        if len(gen.token_ids) < end:
             return ParsedAction(action="", span=(len(gen.token_ids),) * 2, valid=False)
-        i = self.reasoning_tokens
-        return ParsedAction(action=str(gen.token_ids[i] % self.n_choices), span=(i, i + 1))
+        return ParsedAction(action=str(gen.token_ids[end - 1] % self.n_choices), span=(start, end))
 
     def state_key(self) -> str:
         return f"t{self.turn}:sym{self.symbols[self.turn]}"
+
+    def want(self) -> int:
+        if self.level == S.NOISE_LEVEL:
+            return S.noise_choice(self.task_seed, self.episode_seed, self.turn, self.n_choices)
+        sym = self.symbols[self.turn]
+        return S.correct_choice(self.level, sym, self.turn, self.n_choices, self.map_seed)
 
     async def step(self, action: ParsedAction) -> StepResult:
         if self.step_delay_s > 0:
             await asyncio.sleep(self.step_delay_s)
         key = self.state_key()
-        want = correct_choice(self.level, self.symbols[self.turn], self.turn, self.n_choices)
-        right = action.valid and int(action.action) == want
+        right = action.valid and int(action.action) == self.want()
+        self.right.append(right)
         self.turn += 1
         done = self.turn >= self.max_turns
-        verdict = "ok" if right else "no"
-        obs = verdict if done else f"{verdict} {self._show()}"
-        return StepResult(observation=obs, reward=float(right), done=done, state_key=key)
+        if self.sparse:
+            reward = float(done and all(self.right))
+            obs = "end" if done else self._show()
+        else:
+            reward = float(right)
+            verdict = "ok" if right else "no"
+            obs = verdict if done else f"{verdict} {self._show()}"
+        return StepResult(observation=obs, reward=reward, done=done, state_key=key)
 
-    def success(self, rewards) -> bool:
+    def success(self, rewards: Sequence[float]) -> bool:
+        if self.sparse:
+            return bool(rewards) and rewards[-1] > 0
         return bool(rewards) and min(rewards) > 0
+
+    def outcome(self, rewards: Sequence[float]) -> float:
+        if self.sparse:
+            return float(self.success(rewards) and len(rewards) == self.max_turns)
+        return super().outcome(rewards)

@@ -24,7 +24,8 @@ from typing import Protocol
 import numpy as np
 
 from shared import protocol as P
-from shared.config import ConfigError, EnvConfig
+from shared import symbols as S
+from shared.config import ConfigError, EnvConfig, SymbolsFamily
 
 
 @dataclass(slots=True)
@@ -197,31 +198,91 @@ def _spec(
 
 
 class SymbolsBank(ProceduralBank):
-    """Tasks of the built-in `symbols` environment (actor/envs/symbols.py plays them).
+    """Tasks of the built-in `symbols` environment (actor/envs/symbols.py plays them; the
+    rules and levels are in shared/symbols.py).
 
-    One family per level (`L<level>`), `tasks_per_level` tasks each. Level 0 is a trivial
-    level for mixed-difficulty banks: one choice, so every action is right.
+    One family per level (`L<level>`, `tasks_per_level` tasks each), or `[env] families`.
+    Each task's payload carries its symbols, so the bank alone decides what a task shows;
+    families of one level share that level's symbol map (drawn from `[env] seed`).
     """
 
     def __init__(self, env: EnvConfig) -> None:
-        if not env.levels or env.tasks_per_level < 1 or min(env.levels) < 0:
+        specs = env.families or [SymbolsFamily(name=f"L{lv}", level=lv) for lv in env.levels]
+        if not specs or env.tasks_per_level < 1 or min(f.level for f in specs) < 0:
             raise ConfigError("env: the symbols bank needs levels >= 0 and tasks_per_level >= 1")
+        unknown = sorted({f.level for f in specs} - set(S.LEVELS))
+        if unknown:
+            raise ConfigError(f"env: unknown symbols levels {unknown} (known: {S.LEVELS})")
         self.env = env
         parts = []
-        for lv in env.levels:
-            fam = Family(f"L{lv}", float(lv), env.tasks_per_level)
-            parts.append(Part("symbols", fam, partial(self._make, fam, lv)))
+        for f in specs:
+            turns = f.n_turns or env.n_turns
+            size = f.tasks or env.tasks_per_level
+            # a family's difficulty: its level, then (explicit families) its turn count
+            legacy = not env.families
+            fam = Family(f.name, float(f.level) + (0 if legacy else (turns - 1) / 10), size)
+            parts.append(Part("symbols", fam, partial(self._make, fam, f, turns)))
         super().__init__(parts, env.seed)
 
-    def _make(self, fam: Family, level: int, index: int) -> P.TaskSpec:
+    def map_seed(self, level: int) -> int:
+        return _task_seed(self.env.seed, level, 2**31 - 1)
+
+    def _make(self, fam: Family, f: SymbolsFamily, turns: int, index: int) -> P.TaskSpec:
+        lv = f.level
+        key = lv if fam.name == f"L{lv}" else _name_key(fam.name)  # legacy ids keep seeds
+        seed = _task_seed(self.env.seed, key, index)
+        n_choices = 1 if lv == 0 else self.env.n_choices
+        syms = S.task_symbols(lv, seed, turns, n_choices, index, self.map_seed(lv))
         payload: dict[str, str | int | float] = {
-            "level": level,
-            "seed": _task_seed(self.env.seed, level, index),
-            "n_choices": 1 if level == 0 else self.env.n_choices,
-            "n_turns": self.env.n_turns,
+            "level": lv,
+            "seed": seed,
+            "n_choices": n_choices,
+            "n_turns": turns,
             "reasoning_tokens": self.env.reasoning_tokens,
+            "action_tokens": self.env.action_tokens,
+            "reward": f.reward or self.env.reward,
+            "map_seed": self.map_seed(lv),
+            "symbols": " ".join(map(str, syms)),
         }
         return _spec("symbols", fam, index, "symbols", payload)
+
+    def blind_ceiling(self, tasks: Sequence[P.TaskSpec] | None = None) -> dict[str, float]:
+        """`shared.symbols.blind_ceiling` of `tasks` (default: the whole bank, as picked
+        uniformly): the best reward and pass rate of a policy that ignores the symbols.
+        Noise-level tasks count at chance."""
+        return symbols_blind_ceiling(self.tasks if tasks is None else tasks)
+
+
+def symbols_blind_ceiling(tasks: Sequence[P.TaskSpec]) -> dict[str, float]:
+    """Blind ceiling of symbols tasks, each family's tree solved on its own (a blind policy
+    may know the family: its turn count and reward mode differ) and averaged by task count."""
+    by_family: dict[str, list[P.TaskSpec]] = {}
+    for t in tasks:
+        by_family.setdefault(t.family, []).append(t)
+    reward = pass_ = 0.0
+    for fam_tasks in by_family.values():
+        p = fam_tasks[0].payload
+        k, lv = int(p["n_choices"]), int(p["level"])
+        if lv == S.NOISE_LEVEL:
+            turns = int(p["n_turns"])
+            c = {"reward": 1.0 / k, "pass": (1.0 / k) ** turns}
+        else:
+            seqs = [
+                S.answers(
+                    lv,
+                    [int(x) for x in str(t.payload["symbols"]).split()],
+                    k,
+                    int(t.payload["map_seed"]),
+                )
+                for t in fam_tasks
+            ]
+            c = S.blind_ceiling(seqs, k)
+        if str(p.get("reward", "turn")) == "pass":
+            c["reward"] = c["pass"]  # the episode's reward is its pass
+        reward += c["reward"] * len(fam_tasks)
+        pass_ += c["pass"] * len(fam_tasks)
+    n = max(1, len(tasks))
+    return {"reward": reward / n, "pass": pass_ / n}
 
 
 # reasoning-gym: dataset -> difficulty -> dataset config. Only purely procedural datasets whose

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import tracemalloc
 from collections import Counter
 
@@ -51,13 +52,18 @@ def test_default_symbols_bank_is_unchanged() -> None:
     assert isinstance(bank, SymbolsBank) and len(bank) == len(old) == 128
     for t, (tid, fam, diff, seed) in zip(bank.tasks, old, strict=True):
         assert (t.task_id, t.env, t.family, t.difficulty) == (tid, "symbols", fam, diff)
-        assert t.payload == {
+        old_payload = {
             "level": int(diff),
             "seed": seed,
             "n_choices": 4,
             "n_turns": 3,
             "reasoning_tokens": 4,
         }
+        assert {k: t.payload[k] for k in old_payload} == old_payload
+        # the symbols the bank now ships are those the environment used to draw itself
+        rng = random.Random(seed)
+        shown = [rng.randrange(2 if int(diff) == 1 else 8) for _ in range(3)]
+        assert t.payload["symbols"] == " ".join(map(str, shown))
 
 
 @pytest.mark.parametrize("k", range(4))

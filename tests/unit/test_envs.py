@@ -6,8 +6,8 @@ import pytest
 
 from actor.envs import REGISTRY, make_env
 from actor.envs.base import EnvError, Generation, char_span_to_token_span
-from actor.envs.symbols import correct_choice
 from shared import protocol as P
+from shared.symbols import correct_choice
 
 
 def task(level=1, seed=3, n_turns=3, r=4, k=4):
