@@ -6,7 +6,7 @@ learner's weights when the batch was fetched; its logprobs are computed once, wi
 and the current policy pi being optimised. Every mode fits one template (HPT's "mask x
 reference denominator x advantage x likelihood gradient"):
 
-    loss_t = -w_t * min(r_t A_t, clip(r_t, 1 - eps, 1 + eps) A_t),   r_t = pi / pi_prox
+    loss_t = -w_t * min(r_t A_t, clip(r_t, 1 - eps_low, 1 + eps_high) A_t),   r_t = pi / pi_prox
 
 with a detached weight w_t built from rho_t = pi_prox / mu:
 
@@ -18,7 +18,8 @@ with a detached weight w_t built from rho_t = pi_prox / mu:
                level "sequence" decides per trajectory on the geometric mean of its tokens'
                ratios (a product over hundreds of tokens is outside any fixed band) and weights
                all its tokens by that mean.
-- "vtrace":    w = min(rho, rho_bar) * trace (see `vtrace_traces`).
+- "segment_trace": w = min(rho, rho_bar) * trace, a critic-free, segment-level trace
+               heuristic (see below and `segment_traces`). Formerly called "vtrace".
 - "tis":       truncated IS policy gradient against the behaviour policy, no proximal anchor
                and no clip: value -min(pi/mu, c) A, gradient -min(pi/mu, c) A grad log pi
                (IMPALA's policy-gradient term). The weight follows the current policy, so
@@ -26,6 +27,30 @@ with a detached weight w_t built from rho_t = pi_prox / mu:
                the loss (`tis_factor`); `behaviour_weights` returns 1 for it.
 
 Masked tokens stay in the loss's denominator, so dropping tokens does not up-weight the rest.
+
+What "segment_trace" computes, and why it is not V-trace. V-trace (Espeholt et al. 2018,
+IMPALA) corrects a value target with per-token truncated ratios rho_t = min(rho_bar, pi/mu) and
+c_i = min(c_bar, pi/mu) and a learned value function V:
+
+    v_s = V(x_s) + sum_{t >= s} gamma^(t-s) (prod_{i=s}^{t-1} c_i) delta_t V,
+    delta_t V = rho_t (r_t + gamma V(x_{t+1}) - V(x_t)),
+
+and its policy gradient is rho_s (r_s + gamma v_{s+1} - V(x_s)) grad log pi(a_s | x_s). This
+learner has no critic. "segment_trace" keeps only the shape of the trace: with V = 0, gamma = 1
+and the reward R at the episode's last token T, v_s reduces to (prod_{i=s}^{T-1} c_i) rho_T R,
+and the mode weights each token's clipped-surrogate term by
+
+  w_t = min(rho_t, rho_bar) * prod_{k in S(t)} c_k,  c_k = min(c_bar, exp(mean_{j in k} log rho_j))
+
+where rho = pi_prox / mu, k runs over the policy-version segments of the token's episode (runs
+of tokens sampled by one version) and S(t) is the segments after t's own ("suffix") or before it
+("prefix"). The differences from V-trace: one coefficient per segment (a geometric mean of its
+tokens' ratios), not a product of per-token c_i, which decays towards 0 over hundreds of tokens
+from logprob noise alone; the token's own segment is left out of the product; no value function,
+no bootstrapping, no delta_t; the group-relative advantage stands in for R (so the baseline is
+scaled with it); the weight multiplies a PPO surrogate clipped around pi_prox rather than a
+plain policy gradient; and "prefix" (a truncated state-distribution correction) has no V-trace
+counterpart at all.
 """
 
 from __future__ import annotations
@@ -72,22 +97,24 @@ def _segment_mean(x: Tensor, seg: Tensor, n_seg: int) -> Tensor:
     return total / count.clamp_min(1)
 
 
-def vtrace_traces(
+def segment_traces(
     log_rho: Tensor, seq: Tensor, version: Tensor, c_bar: float, direction: str = "suffix"
 ) -> Tensor:
-    """Per-token product of the trace coefficients of the other version segments of its episode.
+    """Per-token product of the trace coefficients of the other version segments of its episode
+    (the "segment_trace" mode; see the module docstring for how it relates to V-trace).
 
     Tokens of a trajectory must be contiguous and in order; a segment is a run of tokens
     sampled by one policy version. Each segment k gets c_k = min(c_bar, exp(mean log rho)) —
     one coefficient per segment, not per token, because a product of hundreds of per-token
     c's decays towards 0 from logprob noise alone, even fully on-policy.
 
-    "suffix" (V-trace proper): with no critic (V = 0) and the reward at the episode's end,
-    IMPALA's target v_s = V(x_s) + sum_t (prod_{i<t} c_i) delta_t reduces to
-    (prod of the c's after s) x R, so a token's credit passes through the traces of the
-    segments after it: a later segment the proximal policy would not have produced cuts the
-    credit of everything before it. The advantage stands in for R, so the group baseline is
-    scaled with it (an approximation that keeps a zero-advantage group at exactly 0).
+    "suffix": the product of the segments after the token's own. This mimics the shape of
+    V-trace's target without its critic: with V = 0 and the reward at the episode's end,
+    v_s = V(x_s) + sum_t (prod_{i<t} c_i) delta_t reduces to (prod of the c's after s) x R, so
+    a token's credit passes through the traces of the segments after it: a later segment the
+    proximal policy would not have produced cuts the credit of everything before it. The
+    advantage stands in for R, so the group baseline is scaled with it (an approximation that
+    keeps a zero-advantage group at exactly 0).
     "prefix": the product of the segments before the token instead — a truncated
     state-distribution correction that down-weights tokens written after a stale prefix.
     Versions only grow along an episode, so the stalest segments come first: "suffix" cuts
@@ -130,7 +157,7 @@ def behaviour_weights(
 ) -> tuple[Tensor, Tensor]:
     """(w, dropped): the detached per-token weight of the clipped surrogate and the tokens the
     correction drops. `seq` (trajectory of each token) and `version` (policy version that
-    sampled it) are needed by mis level "sequence" and vtrace; tokens of a trajectory must be
+    sampled it) are needed by mis level "sequence" and segment_trace; tokens of a trajectory must be
     contiguous and in order."""
     log_rho = (prox_logp.detach() - behav_logp.detach()).double()
     rho = torch.exp(log_rho)
@@ -149,9 +176,9 @@ def behaviour_weights(
             rho = torch.exp(log_rho)
         dropped = log_rho.abs() > math.log(cfg.mis_threshold)
         w = torch.where(dropped, 0.0, rho)
-    elif cfg.mode == "vtrace":
+    elif cfg.mode == "segment_trace":
         version = zeros if version is None else version
-        traces = vtrace_traces(log_rho, seq, version, cfg.c_bar, cfg.trace)
+        traces = segment_traces(log_rho, seq, version, cfg.c_bar, cfg.trace)
         w = rho.clamp(max=cfg.rho_bar) * traces
     else:
         raise ValueError(f"unknown correction mode {cfg.mode!r}")
@@ -167,7 +194,7 @@ def tis_factor(logp: Tensor, behav_logp: Tensor, cap: float) -> tuple[Tensor, Te
 
 def cap_of(cfg: CorrectionConfig) -> float:
     """The truncation level whose hits `is_cap_fraction` counts (inf: the mode truncates none)."""
-    return {"tis": cfg.is_cap, "decoupled": cfg.is_cap, "vtrace": cfg.rho_bar}.get(
+    return {"tis": cfg.is_cap, "decoupled": cfg.is_cap, "segment_trace": cfg.rho_bar}.get(
         cfg.mode, math.inf
     )
 
@@ -214,7 +241,9 @@ def diagnostics(
 
 @dataclass
 class AlertMonitor:
-    """Warns (by name) when a diagnostic leaves the bounds of `[learner.correction.alert]`."""
+    """Warns (by name) when a diagnostic leaves the bounds of `[learner.correction.alert]`: the
+    off-policy health diagnostics, and `entropy_action` (mean proximal entropy of the action
+    tokens) below `min_action_entropy`, the sign of an entropy collapse."""
 
     cfg: AlertConfig
     _since: dict[str, int] = field(default_factory=dict)  # name -> steps spent out of bounds
@@ -226,6 +255,7 @@ class AlertMonitor:
             "clip_fraction": (self.cfg.max_clip_fraction, ">"),
             "masked_fraction": (self.cfg.max_masked_fraction, ">"),
             "token_staleness_mean": (self.cfg.max_staleness, ">"),
+            "entropy_action": (self.cfg.min_action_entropy, "<"),
         }
         out = {}
         for name, (bound, op) in bounds.items():
@@ -242,9 +272,9 @@ class AlertMonitor:
         for name, text in crossed.items():
             steps = self._since.get(name, 0)
             if steps % max(1, self.cfg.repeat_every) == 0:
-                log.warning("off-policy alert: %s", text)
+                log.warning("learner alert: %s", text)
             self._since[name] = steps + 1
         for name in [n for n in self._since if n not in crossed]:
-            log.info("off-policy alert cleared: %s = %.4g", name, diag.get(name, float("nan")))
+            log.info("learner alert cleared: %s = %.4g", name, diag.get(name, float("nan")))
             del self._since[name]
         return sorted(crossed)

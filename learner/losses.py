@@ -1,10 +1,12 @@
 """Token-level clipped policy-gradient loss with an off-policy correction weight.
 
-    loss_t = -tw_t * w_t * min(r_t A_t, clip(r_t, 1-eps, 1+eps) A_t),   r_t = pi / pi_prox
+    loss_t = -tw_t * w_t * min(r_t A_t, clip(r_t, 1-eps_low, 1+eps_high) A_t),   r_t = pi / pi_prox
 
 `w_t` comes from learner/correction.py (behaviour -> proximal; truncated, masked or traced per
 mode) and `tw_t` is the token weight (ActFocus role weights times replay IS weights). Mode
-"tis" replaces the clipped term by the truncated IS policy gradient min(pi/mu, c) A.
+"tis" replaces the clipped term by the truncated IS policy gradient min(pi/mu, c) A. With
+eps_low = eps_high = eps it is PPO's clip; eps_high > eps_low is DAPO's "clip-higher", which
+lets low-probability tokens with a positive advantage grow further before the clip cuts them.
 
 The loss is a sum over tokens divided by `denom`: by default the number of masked tokens (each
 token counts once, so long episodes are not down-weighted per token as with a per-sequence
@@ -36,14 +38,17 @@ def clipped_pg_loss(
     is_weight: Tensor | None = None,
     denom: float | Tensor | None = None,
     full_diagnostics: bool = True,
+    clip_low: float | None = None,
+    clip_high: float | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Clipped surrogate with an off-policy weight; returns (loss, diagnostics).
 
     All inputs are per token and broadcast-compatible (e.g. [N] or [B, T]); `mask` selects the
     tokens that count (loss_mask & not padding). `is_weight` is the precomputed correction
     weight (`correction.behaviour_weights`); if None it is computed here token by token for
-    `mode` with cap `is_cap` (sequence-level "mis" and "vtrace" need the trajectory layout,
-    so pass their weight). `token_weights` (default 1) scales each token's loss.
+    `mode` with cap `is_cap` (sequence-level "mis" and "segment_trace" need the trajectory
+    layout, so pass their weight). `token_weights` (default 1) scales each token's loss. The
+    ratio is clamped to [1 - clip_low, 1 + clip_high]; either left None takes `clip_eps`.
 
     Diagnostics over masked tokens: loss, clip_fraction (tokens whose gradient the clip cuts),
     ratio_mean / ratio_p05 / p50 / p95 of pi/pi_prox, n_tokens, and with `full_diagnostics`
@@ -73,9 +78,12 @@ def clipped_pg_loss(
         clipped = torch.zeros_like(m, dtype=torch.bool)
     else:
         surr1 = ratio * adv
-        surr2 = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * adv
+        low = clip_eps if clip_low is None else clip_low
+        high = clip_eps if clip_high is None else clip_high
+        surr2 = torch.clamp(ratio, 1.0 - low, 1.0 + high) * adv
         surrogate = w * torch.minimum(surr1, surr2)
-        # The clip is active (zero gradient) where the clipped branch is strictly smaller.
+        # The clip is active (zero gradient) where the clipped branch is strictly smaller:
+        # A > 0 and r > 1 + high, or A < 0 and r < 1 - low, whatever the two bounds are.
         clipped = surr2.detach() < surr1.detach()
     per_token = -surrogate
     if token_weights is not None:

@@ -7,6 +7,12 @@ logprobs and entropies with the fused kernel, derives the off-policy correction
 runs `ppo_epochs` x `minibatches` clipped updates against those fixed proximal logprobs. The
 token at position t is predicted from the hidden state at t-1, so token 0 of an episode is never
 trained (it is prompt anyway) and `behav_logprob[t]` is compared with the hidden state at t-1.
+
+Stability controls (`[learner]`, `Trainer.configure_stability`): asymmetric clip bounds
+(ratio in [1 - eps_low, 1 + eps_high]), an entropy bonus on the tokens of `entropy_roles`
+(subtracted from each micro-batch loss, over a whole-minibatch denominator like the loss), and
+a linear lr warm-up stepped once per optimiser step. The step's diagnostics, including entropy
+by role and the ActFocus monitor, come from learner/diagnostics.py and learner/monitor.py.
 """
 
 from __future__ import annotations
@@ -24,8 +30,9 @@ from kernels.logprobs import token_logprobs_and_entropy
 from learner import correction as C
 from learner import weighting as W
 from learner.advantages import compute_advantages
+from learner.diagnostics import per_trajectory_advantage, step_diagnostics
 from learner.losses import clipped_pg_loss
-from shared.config import AdvantageConfig, CorrectionConfig, WeightingConfig
+from shared.config import AdvantageConfig, CorrectionConfig, LearnerConfig, WeightingConfig
 from shared.protocol import Role, Trajectory
 
 log = logging.getLogger(__name__)
@@ -141,6 +148,22 @@ class Proximal:
         return cls(z, z.clone(), z.clone(), torch.zeros(n, dtype=torch.bool), z.clone())
 
 
+def _role_ids(roles: Sequence[str]) -> Tensor:
+    return torch.tensor([int(Role[r.upper()]) for r in roles], dtype=torch.long)
+
+
+def warmup_scheduler(
+    optimizer: torch.optim.Optimizer, warmup_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR | None:
+    """Linear lr warm-up: optimiser step k (1-based) uses lr * min(1, k / warmup_steps), so the
+    first uses lr / warmup_steps and step warmup_steps the full lr; None when warmup_steps <= 0.
+    Step it once after every optimiser step (`Trainer` does)."""
+    if warmup_steps <= 0:
+        return None
+    # last_epoch counts the steps taken; a plain function, so its state_dict holds no callable
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup_steps))
+
+
 class Trainer:
     """Holds model + optimiser and the loss settings; `step()` trains on one batch."""
 
@@ -150,6 +173,11 @@ class Trainer:
         optimizer: torch.optim.Optimizer,
         *,
         clip_eps: float = 0.2,
+        clip_low: float | None = None,  # None or < 0: clip_eps (see `clipped_pg_loss`)
+        clip_high: float | None = None,
+        entropy_coef: float = 0.0,  # entropy bonus of the tokens of `entropy_roles`
+        entropy_roles: Sequence[str] = ("action",),
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,  # stepped per update
         grad_clip: float = 1.0,
         temperature: float = 1.0,
         top_k: int = 0,
@@ -166,6 +194,11 @@ class Trainer:
         self.model = model
         self.optimizer = optimizer
         self.clip_eps, self.grad_clip = clip_eps, grad_clip
+        self.clip_low = clip_eps if clip_low is None or clip_low < 0 else clip_low
+        self.clip_high = clip_eps if clip_high is None or clip_high < 0 else clip_high
+        self.entropy_coef = entropy_coef
+        self.entropy_roles = _role_ids(entropy_roles)
+        self.scheduler = scheduler
         self.temperature = temperature
         self.top_k, self.top_p = top_k, top_p  # the actors' sampling truncation
         self.pad_id = pad_id
@@ -177,6 +210,16 @@ class Trainer:
         self.weighting = weighting or WeightingConfig()
         self.alerts = C.AlertMonitor(self.correction.alert)
         self.device = next(model.parameters()).device
+
+    def configure_stability(self, lc: LearnerConfig) -> None:
+        """Take `[learner]`'s clip bounds, entropy bonus and lr warm-up (a fresh schedule on this
+        trainer's optimiser). Call it before loading a checkpoint: the checkpoint then restores
+        the schedule's position along with the optimiser's lr."""
+        self.clip_eps = lc.clip_eps
+        self.clip_low, self.clip_high = lc.clip_bounds()
+        self.entropy_coef = lc.entropy_coef
+        self.entropy_roles = _role_ids(lc.entropy_roles)
+        self.scheduler = warmup_scheduler(self.optimizer, lc.warmup_steps)
 
     def token_logprobs(
         self, input_ids: Tensor, attention_mask: Tensor, row: Tensor, pos: Tensor
@@ -243,14 +286,16 @@ class Trainer:
         batch) the proximal values come from this same forward: ratio 1, no extra pass."""
         in_minibatch = torch.isin(batch.row, rows)
         if not bool(in_minibatch.any()):  # nothing to train: no step, and nothing to warn about
-            empty = torch.zeros(0, dtype=torch.float64)
-            return {"loss": 0.0, "n_clipped": 0.0, "ratio": empty, "grad_norm": 0.0, "skipped": 0.0}
+            zero = dict.fromkeys(("loss", "n_clipped", "grad_norm", "skipped", "bonus"), 0.0)
+            return {**zero, "ratio": torch.zeros(0, dtype=torch.float64), "lr": self.lr}
         # The loss is a role-weighted token mean over the minibatch; ActFocus conserves each
         # turn's action weight, so the sum of role weights is the sum of final weights.
         denom = float(role_w[in_minibatch].sum())
+        in_roles = torch.isin(batch.role, self.entropy_roles)
+        ent_denom = float(role_w[in_minibatch & in_roles].sum())
         cfg = self.correction
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum, n_clipped, ratios = 0.0, 0.0, []
+        loss_sum, bonus_sum, n_clipped, ratios = 0.0, 0.0, 0.0, []
         for micro in _micro_batches(batch, self.micro_batch_tokens, rows):
             sel, logp, ent = self._micro_logprobs(batch, micro)
             if sel.numel() == 0:
@@ -272,12 +317,40 @@ class Trainer:
                 is_weight=prox.is_w[sel].to(dev),
                 denom=denom,
                 full_diagnostics=False,
+                clip_low=self.clip_low,
+                clip_high=self.clip_high,
             )
+            if self.entropy_coef > 0 and ent_denom > 0:
+                # The bonus's weighted mean also divides by a whole-minibatch sum: micro-batch
+                # bonuses add up to the minibatch's, like the losses.
+                w = (prox.tok_w[sel] * in_roles[sel]).to(dev, ent.dtype)
+                bonus = self.entropy_coef * (w * ent).sum() / ent_denom
+                loss = loss - bonus
+                bonus_sum += float(bonus.detach())
             loss.backward()
-            loss_sum += d["loss"]
+            loss_sum += float(loss.detach())
             n_clipped += d["clip_fraction"] * d["n_tokens"]
             ratios.append(torch.exp(logp.detach() - prox_logp).double().cpu())
+        lr = self.lr
+        grad_norm, skipped = self._optimiser_step()
+        return {
+            "loss": loss_sum,
+            "n_clipped": n_clipped,
+            "ratio": torch.cat(ratios) if ratios else torch.zeros(0, dtype=torch.float64),
+            "grad_norm": grad_norm,
+            "skipped": float(skipped),
+            "bonus": bonus_sum,
+            "lr": lr,
+        }
 
+    @property
+    def lr(self) -> float:
+        """The learning rate the next optimiser step uses."""
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def _optimiser_step(self) -> tuple[float, bool]:
+        """Clip the gradient and step (then the lr schedule), unless the gradient is missing or
+        not finite; returns (grad_norm, skipped)."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = float("nan")
         if params:
@@ -292,14 +365,10 @@ class Trainer:
             )
         else:
             self.optimizer.step()
+            if self.scheduler is not None:  # the warm-up counts optimiser steps taken
+                self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {
-            "loss": loss_sum,
-            "n_clipped": n_clipped,
-            "ratio": torch.cat(ratios) if ratios else torch.zeros(0, dtype=torch.float64),
-            "grad_norm": grad_norm,
-            "skipped": float(skipped),
-        }
+        return grad_norm, skipped
 
     def step(
         self,
@@ -343,8 +412,10 @@ class Trainer:
                 for rows in torch.tensor_split(order, n_mb):
                     updates.append(self._update(batch, rows, role_w, prox, fill=single))
 
-        diag = self._diagnostics(batch, prox, updates, policy_version)
-        traj_adv = self._per_trajectory(trajs, adv.per_turn, idx, batch)
+        diag = step_diagnostics(
+            self.correction, kept, batch, prox, updates, policy_version, self.lr
+        )
+        traj_adv = per_trajectory_advantage(len(trajs), adv.per_turn, idx, batch)
         rewards = np.array([t.outcome_reward for t in trajs], dtype=np.float64)
         diag.update(
             reward_mean=float(rewards.mean()) if len(rewards) else 0.0,
@@ -358,60 +429,3 @@ class Trainer:
         diag["alerts"] = float(len(crossed))
         diag.update({f"alert_{name}": 1.0 for name in crossed})
         return diag, traj_adv
-
-    @staticmethod
-    def _per_trajectory(
-        trajs: Sequence[Trajectory], per_turn: list[np.ndarray], idx: np.ndarray, batch: TrainBatch
-    ) -> np.ndarray:
-        """Mean advantage over each trajectory's trained tokens (its turn mean if it has none)."""
-        out = np.zeros(len(trajs), dtype=np.float64)
-        rows = batch.row.numpy()
-        count = np.bincount(rows, minlength=len(idx))
-        total = np.bincount(rows, weights=batch.advantages.double().numpy(), minlength=len(idx))
-        for r, i in enumerate(idx):
-            out[i] = total[r] / count[r] if count[r] else float(np.mean(per_turn[i]))
-        return out
-
-    def _diagnostics(
-        self,
-        batch: TrainBatch,
-        prox: Proximal,
-        updates: list[dict[str, float | Tensor]],
-        policy_version: int | None,
-    ) -> dict[str, float]:
-        n = batch.n_tokens
-        if policy_version is None:
-            policy_version = int(batch.version.max()) if n else 0
-        staleness = policy_version - batch.version.double()
-        diag = C.diagnostics(
-            self.correction,
-            prox.logp,
-            batch.behav_logp.double(),
-            prox.is_w,
-            prox.dropped,
-            staleness,
-        )
-        ratio = torch.cat([u["ratio"] for u in updates]) if updates else torch.zeros(0)
-        p05, p50, p95 = C.quantiles(ratio, (0.05, 0.5, 0.95))
-        norms = [u["grad_norm"] for u in updates if math.isfinite(u["grad_norm"])]
-        diag.update(
-            # Means over the step's updates; with one update, the loss at the fetched weights.
-            loss=float(np.mean([u["loss"] for u in updates])) if updates else 0.0,
-            clip_fraction=float(sum(u["n_clipped"] for u in updates) / max(ratio.numel(), 1)),
-            ratio_mean=float(ratio.mean()) if ratio.numel() else 1.0,
-            ratio_p05=p05,
-            ratio_p50=p50,
-            ratio_p95=p95,
-            grad_norm=float(np.mean(norms)) if norms else float("nan"),
-            skipped=float(sum(u["skipped"] for u in updates)),
-            n_updates=float(len(updates)),
-            n_tokens=float(n),
-            entropy_mean=float(prox.ent.mean()) if n else 0.0,
-            logp_mean=float(prox.logp.mean()) if n else 0.0,
-        )
-        for role in ("reasoning", "action"):
-            sel = batch.role == int(getattr(Role, role.upper()))
-            if bool(sel.any()):
-                diag[f"tok_w_{role}_mean"] = float(prox.tok_w[sel].mean())
-                diag[f"tok_w_{role}_max"] = float(prox.tok_w[sel].max())
-        return diag

@@ -7,6 +7,7 @@ types are errors (`ConfigError`, one line) rather than silently ignored settings
 from __future__ import annotations
 
 import hashlib
+import math
 import tomllib
 from pathlib import Path
 
@@ -29,6 +30,20 @@ class ModelConfig(_Section):
     seed: int = 0
 
 
+class SymbolsFamily(_Section):
+    """One family of a `symbols` bank (`[env] families`); unset fields take `[env]`'s."""
+
+    name: str
+    level: int
+    n_turns: int | None = None
+    reward: str | None = None
+    tasks: int | None = None  # tasks in the family; default `tasks_per_level`
+
+    def __post_init__(self) -> None:
+        if self.reward not in (None, "turn", "pass"):
+            raise ValueError("reward must be one of turn, pass")
+
+
 class EnvConfig(_Section):
     """`[env]`: the environment actors play and the broker's task bank of it.
 
@@ -42,12 +57,20 @@ class EnvConfig(_Section):
     """
 
     name: str = "symbols"
-    # symbols: one family per level; level 0 is trivial (one choice: every action is right)
+    # symbols (shared/symbols.py has the levels): one family per level unless `families` is
+    # set; level 0 is trivial, 1-4 the legacy rules, 5-8 permuted (a symbol-blind policy
+    # scores exactly chance), 9 noise (nothing to learn)
     levels: list[int] = msgspec.field(default_factory=lambda: [1, 2])  # task-bank levels
     tasks_per_level: int = 64
     reasoning_tokens: int = 4  # free tokens the agent writes before each action
+    action_tokens: int = 1  # tokens of each action "word"; its last token decides
     n_choices: int = 4
     n_turns: int = 3
+    reward: str = "turn"  # "turn": each right answer; "pass": 1 at the end if all were right
+    # symbols: explicit families instead of one per level, each overriding the fields above,
+    # e.g. [{name = "short", level = 6, n_turns = 1}, {name = "long", level = 6, n_turns = 4,
+    # reward = "pass"}]; families of one level share its symbol map
+    families: list[SymbolsFamily] = msgspec.field(default_factory=list)
     seed: int = 0
     # reasoning_gym: families <dataset>.<difficulty> (datasets: banks.RG_PRESETS)
     rg_datasets: list[str] = msgspec.field(
@@ -69,6 +92,11 @@ class EnvConfig(_Section):
     # symbols: seconds every `step` awaits (asyncio.sleep), standing in for a tool call's
     # latency (benchmarks/async_vs_sync.py); the actor passes it to the env, 0: none
     step_delay_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_choice(self, "reward", ("turn", "pass"))
+        if self.action_tokens < 1:
+            raise ValueError("action_tokens must be >= 1")
 
 
 class RetentionConfig(_Section):
@@ -183,26 +211,42 @@ class AlertConfig(_Section):
     max_clip_fraction: float = 0.0  # fraction of tokens whose gradient the PPO clip cuts
     max_masked_fraction: float = 0.5  # fraction of tokens the correction drops (mis)
     max_staleness: float = 0.0  # mean policy versions between a token and the learner
+    # nats: mean proximal entropy of the step's action tokens; below it the policy has (nearly)
+    # stopped exploring its actions (entropy collapse)
+    min_action_entropy: float = 0.05
     repeat_every: int = 20
+
+    def __post_init__(self) -> None:
+        bounds = ("min_ess", "max_kl_behaviour", "max_clip_fraction", "max_masked_fraction")
+        for name in (*bounds, "max_staleness", "min_action_entropy"):
+            if math.isnan(getattr(self, name)):
+                raise ValueError(f"{name} must be a number (<= 0: off), not nan")
 
 
 class CorrectionConfig(_Section):
     """`[learner.correction]`: how tokens sampled by older / other policies are corrected.
 
-    Modes (see learner/correction.py): "none" | "tis" | "mis" | "decoupled" | "vtrace".
+    Modes (see learner/correction.py): "none" | "tis" | "mis" | "decoupled" | "segment_trace".
     """
 
     mode: str = "decoupled"
     is_cap: float = 2.0  # tis, decoupled: truncation cap c of the importance weight
     mis_threshold: float = 2.0  # mis: keep tokens whose ratio lies in [1/thr, thr]
     level: str = "token"  # mis: drop single tokens ("token") or whole trajectories ("sequence")
-    rho_bar: float = 1.0  # vtrace: cap of the per-token importance weight
-    c_bar: float = 1.0  # vtrace: cap of the per-segment trace coefficient
-    trace: str = "suffix"  # vtrace: traces of later ("suffix") or earlier ("prefix") segments
+    rho_bar: float = 1.0  # segment_trace: cap of the per-token importance weight
+    c_bar: float = 1.0  # segment_trace: cap of the per-segment trace coefficient
+    # segment_trace: traces of later ("suffix") or earlier ("prefix") segments
+    trace: str = "suffix"
     alert: AlertConfig = msgspec.field(default_factory=AlertConfig)
 
     def __post_init__(self) -> None:
-        _check_choice(self, "mode", ("none", "tis", "mis", "decoupled", "vtrace"))
+        if self.mode == "vtrace":
+            raise ValueError(
+                'mode "vtrace" was renamed to "segment_trace": it is a critic-free, '
+                "segment-level trace heuristic (one trace coefficient per policy-version "
+                "segment, no value function), not V-trace proper"
+            )
+        _check_choice(self, "mode", ("none", "tis", "mis", "decoupled", "segment_trace"))
         _check_choice(self, "level", ("token", "sequence"))
         _check_choice(self, "trace", ("suffix", "prefix"))
         if self.is_cap <= 0 or self.rho_bar <= 0 or self.c_bar <= 0:
@@ -268,6 +312,16 @@ class LearnerConfig(_Section):
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     clip_eps: float = 0.2
+    # DAPO's clip-higher: the ratio is clamped to [1 - clip_eps_low, 1 + clip_eps_high];
+    # a negative value takes clip_eps (the symmetric PPO clip)
+    clip_eps_low: float = -1.0
+    clip_eps_high: float = -1.0
+    # Entropy bonus: loss -= entropy_coef * the weighted mean entropy (current policy) of the
+    # trained tokens whose role is in entropy_roles (0: off)
+    entropy_coef: float = 0.0
+    entropy_roles: list[str] = msgspec.field(default_factory=lambda: ["action"])
+    # Linear lr warm-up: optimiser step k (1-based) uses lr * min(1, k / warmup_steps); 0: off
+    warmup_steps: int = 0
     ppo_epochs: int = 1  # passes over each batch; > 1 makes the clip around the proximal bite
     minibatches: int = 1  # optimiser steps per pass (the batch split by trajectory)
     publish_every: int = 1
@@ -282,6 +336,28 @@ class LearnerConfig(_Section):
     def __post_init__(self) -> None:
         if self.ppo_epochs < 1 or self.minibatches < 1:
             raise ValueError("ppo_epochs and minibatches must be >= 1")
+        low, high = self.clip_bounds()
+        if not 0 <= low < 1 or not 0 <= high < math.inf:
+            raise ValueError(
+                "want 0 <= eps_low < 1 and 0 <= eps_high < inf (clip_eps_low / clip_eps_high, "
+                f"clip_eps where they are negative); got eps_low={low}, eps_high={high}"
+            )
+        if not 0 <= self.entropy_coef < math.inf:
+            raise ValueError("entropy_coef must be >= 0 (0: no entropy bonus)")
+        unknown = sorted(set(self.entropy_roles) - set(_default_role_weights()))
+        if unknown:
+            roles = ", ".join(_default_role_weights())
+            raise ValueError(f"unknown roles in entropy_roles: {', '.join(unknown)} ({roles})")
+        if self.entropy_coef > 0 and not self.entropy_roles:
+            raise ValueError("entropy_roles is empty but entropy_coef > 0")
+        if self.warmup_steps < 0:
+            raise ValueError("warmup_steps must be >= 0 (0: no warm-up)")
+
+    def clip_bounds(self) -> tuple[float, float]:
+        """(eps_low, eps_high): the ratio is clamped to [1 - eps_low, 1 + eps_high]."""
+        low = self.clip_eps if self.clip_eps_low < 0 else self.clip_eps_low
+        high = self.clip_eps if self.clip_eps_high < 0 else self.clip_eps_high
+        return low, high
 
 
 class SecurityConfig(_Section):

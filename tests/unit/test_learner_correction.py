@@ -60,28 +60,28 @@ def test_mis_sequence_level_uses_the_geometric_mean() -> None:
 #   v7: 2.0        -> c = min(1, 2) = 1
 # Trajectory 1 is one segment at version 7 (the same version as trajectory 0's last token,
 # which must still start a new segment): ratios 0.5, 2 -> geometric mean 1 -> c = 1.
-VT_RHO = [0.25, 1.0, 0.8, 0.8, 2.0, 0.5, 2.0]
-VT_SEQ = torch.tensor([0, 0, 0, 0, 0, 1, 1])
-VT_VER = torch.tensor([5, 5, 6, 6, 7, 7, 7])
+SEG_RHO = [0.25, 1.0, 0.8, 0.8, 2.0, 0.5, 2.0]
+SEG_SEQ = torch.tensor([0, 0, 0, 0, 0, 1, 1])
+SEG_VER = torch.tensor([5, 5, 6, 6, 7, 7, 7])
 
 
-def test_vtrace_traces_hand_computed() -> None:
-    log_rho = torch.log(torch.tensor(VT_RHO, dtype=F64))
-    suffix = C.vtrace_traces(log_rho, VT_SEQ, VT_VER, c_bar=1.0, direction="suffix")
+def test_segment_traces_hand_computed() -> None:
+    log_rho = torch.log(torch.tensor(SEG_RHO, dtype=F64))
+    suffix = C.segment_traces(log_rho, SEG_SEQ, SEG_VER, c_bar=1.0, direction="suffix")
     # v5 tokens: c(v6) * c(v7) = 0.8; v6 tokens: c(v7) = 1; v7: nothing after it
     torch.testing.assert_close(suffix, torch.tensor([0.8, 0.8, 1, 1, 1, 1, 1], dtype=F64))
-    prefix = C.vtrace_traces(log_rho, VT_SEQ, VT_VER, c_bar=1.0, direction="prefix")
+    prefix = C.segment_traces(log_rho, SEG_SEQ, SEG_VER, c_bar=1.0, direction="prefix")
     # v6 tokens: c(v5) = 0.5; the v7 token: 0.5 * 0.8 = 0.4; trajectory 1 starts afresh
     torch.testing.assert_close(prefix, torch.tensor([1, 1, 0.5, 0.5, 0.4, 1, 1], dtype=F64))
-    capped = C.vtrace_traces(log_rho, VT_SEQ, VT_VER, c_bar=0.6, direction="suffix")
+    capped = C.segment_traces(log_rho, SEG_SEQ, SEG_VER, c_bar=0.6, direction="suffix")
     # c(v6) = min(0.6, 0.8), c(v7) = 0.6: v5 tokens 0.36, v6 tokens 0.6
     torch.testing.assert_close(capped, torch.tensor([0.36, 0.36, 0.6, 0.6, 1, 1, 1], dtype=F64))
 
 
-def test_vtrace_weights_hand_computed() -> None:
-    prox, behav = _logps(VT_RHO)
-    cfg = CorrectionConfig(mode="vtrace", rho_bar=1.0, c_bar=1.0, trace="suffix")
-    w, _ = C.behaviour_weights(cfg, prox, behav, VT_SEQ, VT_VER)
+def test_segment_trace_weights_hand_computed() -> None:
+    prox, behav = _logps(SEG_RHO)
+    cfg = CorrectionConfig(mode="segment_trace", rho_bar=1.0, c_bar=1.0, trace="suffix")
+    w, _ = C.behaviour_weights(cfg, prox, behav, SEG_SEQ, SEG_VER)
     # min(rho, 1) x suffix trace
     expected = [0.25 * 0.8, 1.0 * 0.8, 0.8, 0.8, 1.0, 0.5, 1.0]
     torch.testing.assert_close(w, torch.tensor(expected, dtype=F64))
@@ -146,3 +146,21 @@ def test_config_rejects_bad_values() -> None:
         CorrectionConfig(mode="ppo")
     with pytest.raises(ValueError, match="mis_threshold"):
         CorrectionConfig(mis_threshold=1.0)
+
+
+def test_action_entropy_alert_fires_below_the_bound(caplog: pytest.LogCaptureFixture) -> None:
+    mon = C.AlertMonitor(AlertConfig(min_action_entropy=0.05, min_ess=0.0))
+    caplog.set_level(logging.INFO, logger="learner.correction")
+    assert mon.check({"entropy_action": 0.5}) == []
+    assert mon.check({"entropy_action": 0.01}) == ["entropy_action"]
+    assert any("entropy_action = 0.01 < 0.05" in r.getMessage() for r in caplog.records)
+    assert mon.check({}) == []  # a step without action tokens: nothing to judge, cleared
+    assert any("cleared: entropy_action" in r.getMessage() for r in caplog.records)
+    off = C.AlertMonitor(AlertConfig(min_action_entropy=0.0))
+    assert off.check({"entropy_action": 0.0, "ess": 1.0}) == []
+
+
+def test_vtrace_is_rejected_with_the_rename() -> None:
+    with pytest.raises(ValueError, match='renamed to "segment_trace".*not V-trace proper'):
+        CorrectionConfig(mode="vtrace")
+    assert CorrectionConfig(mode="segment_trace", rho_bar=0.5).rho_bar == 0.5

@@ -67,3 +67,27 @@ def test_token_weights_and_empty_mask() -> None:
     assert loss.item() == pytest.approx(-2.0 / 3)
     loss, d = clipped_pg_loss(logp, prox, behav, adv, torch.zeros(4))
     assert loss.item() == 0.0 and d["n_tokens"] == 0
+
+
+def test_asymmetric_clip_bounds() -> None:
+    """clip_low 0.1 / clip_high 0.3 (DAPO's clip-higher): the ratio is clamped to [0.9, 1.3]."""
+    ratio = torch.tensor([1.25, 1.35, 0.85, 0.95, 0.5, 1.5], dtype=torch.float64)
+    adv = torch.tensor([1.0, 1.0, -1.0, -1.0, 1.0, -1.0], dtype=torch.float64)
+    prox = torch.linspace(-3.0, -0.5, 6, dtype=torch.float64)
+    logp = (prox + torch.log(ratio)).requires_grad_(True)
+    args = (logp, prox, prox, adv, torch.ones(6))
+    loss, d = clipped_pg_loss(*args, clip_eps=0.2, mode="none", clip_low=0.1, clip_high=0.3)
+    # 1.25 A+ inside (the symmetric 0.2 clip would cut it); 1.35 A+ clamped at 1.3; 0.85 A-
+    # clamped at 0.9 (inside the symmetric clip); 0.95 A- inside; 0.5 A+ and 1.5 A- are on
+    # the pessimistic side of min(), never clipped.
+    terms = torch.tensor([1.25, 1.3, -0.9, -0.95, 0.5, -1.5], dtype=torch.float64)
+    assert loss.item() == pytest.approx(float(-terms.sum() / 6))
+    assert d["clip_fraction"] == pytest.approx(2 / 6)
+    (g,) = torch.autograd.grad(loss, (logp,))
+    inside = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(g, -ratio * adv / 6 * inside)
+    # Left unset, both bounds are clip_eps: now 1.25 is cut and 0.85 is not.
+    loss, d = clipped_pg_loss(*args, clip_eps=0.2, mode="none")
+    (g,) = torch.autograd.grad(loss, (logp,))
+    assert (g != 0).tolist() == [False, False, True, True, True, True]
+    assert d["clip_fraction"] == pytest.approx(2 / 6)

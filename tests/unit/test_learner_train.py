@@ -136,7 +136,7 @@ def test_ppo_epochs_make_the_clip_bite(model_dir: Path) -> None:
     assert diag["n_updates"] == 6 and np.isfinite(diag["loss"])
 
 
-@pytest.mark.parametrize("mode", ["none", "tis", "mis", "decoupled", "vtrace"])
+@pytest.mark.parametrize("mode", ["none", "tis", "mis", "decoupled", "segment_trace"])
 def test_every_correction_mode_trains(model_dir: Path, mode: str) -> None:
     trajs = make_batch(2, 4, 24, seed=1, policy_version=3)
     cfg = CorrectionConfig(mode=mode, level="sequence", alert=AlertConfig(min_ess=0.0))
