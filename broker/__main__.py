@@ -2,6 +2,9 @@
 
 Exit codes: 0 after a clean stop (store flushed), 2 for a bad configuration, 1 when the broker
 cannot start (port in use, store locked by another broker, corrupt store).
+
+`python -m broker export --data-dir DIR --out FILE [--config FILE]` writes a stored run's
+complete groups as a frame file for `python -m learner replay` (broker/store/export.py).
 """
 
 from __future__ import annotations
@@ -116,6 +119,11 @@ async def run(cfg: Config) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["export"]:  # record and replay: read the store, start no server
+        from broker.store.export import main as export_main
+
+        return export_main(argv[1:])
     args = parse_args(argv)
     setup_logging(args.log_level, role="broker")
     try:

@@ -7,6 +7,9 @@ Every non-zero exit prints one line `headrace-learner: <reason>` on stderr.
 Under `torchrun --nproc_per_node N -m learner ...` the N ranks train one FSDP-sharded model
 (see `learner.distributed`): rank 0 is the learner the broker and actors see, the other ranks
 only follow its steps.
+
+`python -m learner replay --input FILE [--config FILE] ...` trains offline on a recorded run
+(a frame file from `python -m broker export`; see learner/replay.py).
 """
 
 from __future__ import annotations
@@ -59,6 +62,11 @@ def _set_threads(n: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["replay"]:  # record and replay: offline, no broker
+        from learner.replay import main as replay_main
+
+        return replay_main(argv[1:])
     args = parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),

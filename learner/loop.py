@@ -24,14 +24,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-import torch
 
 from learner import metrics as M
+from learner.build import ModelMissing, build_trainer
 from learner.checkpoint import latest, load_checkpoint, save_checkpoint
-from learner.distributed import ShardedTrainer, full_state_dict, shard_model
+from learner.distributed import full_state_dict
 from learner.publish import WeightPublisher
-from learner.tiny_model import build_tiny_model
-from learner.util import json_safe, seed_everything, write_json_atomic
+from learner.util import json_safe, write_json_atomic
 from shared import protocol as P
 from shared.config import Config
 from shared.metrics import TRAJECTORY_STALENESS, serve_metrics
@@ -81,41 +80,15 @@ class Learner:
     # ------------------------------------------------------------ setup
 
     def _load(self) -> None:
-        from transformers import AutoModelForCausalLM
-
-        seed_everything(self.lc.seed)
-        path = Path(self.cfg.model.path)
-        if not (path / "config.json").exists():
-            if not self.cfg.model.build_tiny_if_missing:
-                raise LearnerExit(f"model not found at {path} (build_tiny_if_missing = false)")
-            log.info("building the tiny model at %s", path)
-            build_tiny_model(path, self.cfg.model.seed)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
-        model = shard_model(model)  # FSDP2 under torchrun (learner.distributed), else as is
-        opt = torch.optim.AdamW(
-            model.parameters(), lr=self.lc.lr, weight_decay=self.lc.weight_decay
-        )
-        pad_id = model.config.pad_token_id
-        self.trainer = ShardedTrainer(
-            model,
-            opt,
-            clip_eps=self.lc.clip_eps,
-            grad_clip=self.lc.grad_clip,
-            # vLLM reports "processed" logprobs, i.e. after temperature scaling: match it.
-            temperature=self.cfg.actor.temperature,
-            top_k=self.cfg.actor.top_k,
-            top_p=self.cfg.actor.top_p,
-            pad_id=0 if pad_id is None else int(pad_id),
-            ppo_epochs=self.lc.ppo_epochs,
-            minibatches=self.lc.minibatches,
-            correction=self.lc.correction,
-            advantage=self.lc.advantage,
-            weighting=self.lc.weighting,
-        )
+        try:
+            self.trainer = build_trainer(self.cfg)  # seeds, model, optimiser (learner.build)
+        except ModelMissing as e:
+            raise LearnerExit(str(e)) from None
+        model, opt = self.trainer.model, self.trainer.optimizer
         ckpt = latest(self.opts.checkpoint_dir)
         if ckpt is not None:
-            st = load_checkpoint(ckpt, model, opt)  # also restores the RNG streams
+            # also restores the RNG streams and the lr schedule
+            st = load_checkpoint(ckpt, model, opt, scheduler=self.trainer.scheduler)
             self.step, self.version, self.cursor = st.step, st.policy_version, st.broker_cursor
             log.info("resumed from %s: step %d, policy v%d", ckpt, self.step, self.version)
             self._load_summary()
@@ -302,6 +275,7 @@ class Learner:
             policy_version=self.version,
             broker_cursor=self.cursor,
             copy_from=self.cfg.model.path,
+            scheduler=self.trainer.scheduler,
         )
         self.last_ckpt_step = self.step
         log.info("checkpoint step %d (policy v%d)", self.step, self.version)
@@ -387,11 +361,13 @@ class Learner:
             loss=f"{entry['loss']:.4f}",
             ess=f"{entry['ess']:.2f}",
             clip=f"{entry['clip_fraction']:.2f}",
+            H_act=_fmt(entry.get("entropy_action")),  # mean proximal entropy by token role
+            H_rsn=_fmt(entry.get("entropy_reasoning")),
         )
         if bar.disable:  # no TTY: one log line per step instead
             log.info(
                 "step %d v%d reward %.3f loss %.4f ess %.3f kl %.4f clip %.3f masked %.3f "
-                "stale %.1f (%.2fs)",
+                "stale %.1f H act %s rsn %s (%.2fs)",
                 self.step,
                 self.version,
                 entry["reward_mean"],
@@ -401,6 +377,8 @@ class Learner:
                 entry["clip_fraction"],
                 entry["masked_fraction"],
                 entry["token_staleness_mean"],
+                _fmt(entry.get("entropy_action")),
+                _fmt(entry.get("entropy_reasoning")),
                 entry["step_seconds"],
             )
 
@@ -414,6 +392,11 @@ class Learner:
             raise SystemExit(130)  # a second signal: stop now
         log.info("%s: stopping after the current step", signal.Signals(sig).name)
         self.stop.set()
+
+
+def _fmt(v: float | None, spec: str = ".3f") -> str:
+    """A diagnostic for the progress line; "-" when the step had none (e.g. no such tokens)."""
+    return "-" if v is None or not math.isfinite(v) else format(v, spec)
 
 
 async def run_learner(cfg: Config, opts: Options, install_signals: bool = False) -> int:

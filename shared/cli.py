@@ -1,5 +1,6 @@
-"""The `headrace` command: `run` (broker + learner + actors on this machine), `status`, and
-`keys generate` (CurveZMQ key pairs for `[security]`).
+"""The `headrace` command: `run` (broker + learner + actors on this machine), `status`,
+`keys generate` (CurveZMQ key pairs for `[security]`) and `replay` (train offline on a stored
+run: `python -m broker export`, then `python -m learner replay`).
 
 The launcher never imports a role: it starts each one as a subprocess by module name, exactly
 as a user would in separate shells, so the embedded run exercises the same code paths as a
@@ -15,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -219,6 +221,59 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- record and replay
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Export the stored run's complete groups to a temporary frame file (the broker role,
+    reading its store only), then train a fresh learner on them (the learner role)."""
+    data = Path(args.data_dir)
+    if not data.is_dir():
+        print(f"headrace replay: no data dir at {data}", file=sys.stderr)
+        return 2
+    load_config(args.config)  # a bad config is one line here, before anything starts
+    common = ["--config", args.config] if args.config else []
+    with tempfile.TemporaryDirectory(prefix="headrace-replay-") as tmp:
+        frames = str(Path(tmp) / "groups.frames")
+        export = ["broker", "export", "--data-dir", str(data), "--out", frames, *common]
+        if args.sampled_only:
+            export.append("--sampled-only")
+        try:
+            code = subprocess.run([sys.executable, "-m", *export]).returncode
+            if code:
+                return code
+            learner = ["learner", "replay", "--input", frames, *common]
+            learner += ["--torch-threads", str(args.torch_threads)]
+            for flag, value in (
+                ("--steps", args.steps),
+                ("--summary-json", args.summary_json),
+                ("--checkpoint-dir", args.checkpoint_dir),
+            ):
+                if value is not None:
+                    learner += [flag, str(value)]
+            code = subprocess.run([sys.executable, "-m", *learner]).returncode
+        except KeyboardInterrupt:
+            return 130
+    if code == 0 and args.summary_json:
+        print(f"summary written to {args.summary_json}", file=sys.stderr)
+    return code
+
+
+def _add_replay_parser(sub: argparse._SubParsersAction) -> None:
+    r = sub.add_parser(
+        "replay", help="train a fresh learner on a stored run's trajectories, offline"
+    )
+    r.add_argument("--data-dir", required=True, help="the run's broker store (or its run dir)")
+    r.add_argument("--config", help="TOML config of the replay (default: built-in defaults)")
+    r.add_argument("--steps", type=int, help="at most this many steps (default: all the data)")
+    r.add_argument("--summary-json", help="per-step summary, `headrace run`'s format")
+    r.add_argument("--checkpoint-dir", help="write the final weights here as a checkpoint")
+    r.add_argument("--torch-threads", type=int, default=1, help="torch threads (default 1)")
+    r.add_argument(
+        "--sampled-only", action="store_true", help="only groups the run's learner trained on"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="headrace", description="headrace: RL for LLM agents")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -247,8 +302,9 @@ def main(argv: list[str] | None = None) -> None:
         help="comma-separated client names admitted by the servers (default: %(default)s)",
     )
     g.add_argument("--force", action="store_true", help="replace existing keys")
+    _add_replay_parser(sub)
     args = p.parse_args(argv)
-    commands = {"run": cmd_run, "status": cmd_status, "keys": cmd_keys}
+    commands = {"run": cmd_run, "status": cmd_status, "keys": cmd_keys, "replay": cmd_replay}
     try:
         code = commands[args.cmd](args)
     except ConfigError as e:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -193,3 +194,37 @@ def test_cli_no_broker_one_line_reason(tmp_path: Path, capsys: pytest.CaptureFix
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("headrace-learner: broker tcp://127.0.0.1:1 did not answer")
     assert main(["--config", str(tmp_path / "missing.toml")]) == 2
+
+
+def test_warmup_entropy_and_monitor_across_a_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The lr warm-up continues where the checkpoint left it; the per-role entropy and the
+    ActFocus monitor reach the summary, the metrics and the per-step log line."""
+    from prometheus_client import REGISTRY
+
+    cfg = _config(tmp_path)
+    cfg.learner.warmup_steps = 8
+    opts = Options(
+        broker="",
+        steps=3,
+        checkpoint_dir=tmp_path / "ckpt",
+        weights_port=0,
+        summary_json=tmp_path / "summary.json",
+        progress=False,
+    )
+    caplog.set_level(logging.INFO, logger="learner")
+    for steps in (3, 5):  # the second run resumes from step 3's checkpoint
+        broker = FakeBroker(group_size=2)
+        opts.broker, opts.steps = broker.server.endpoint, steps
+        assert asyncio.run(_run(cfg, opts, broker))[0] == 0
+    steps = json.loads(opts.summary_json.read_text())["steps"]
+    lr = cfg.learner.lr
+    assert [s["lr"] for s in steps] == pytest.approx([k * lr / 8 for k in range(1, 6)])
+    for s in steps:
+        assert s["entropy_action"] > 0 and s["monitor_groups"] == 2
+        assert -1 <= s["monitor_corr_action"] <= 1 and s["entropy_bonus"] == 0
+    assert REGISTRY.get_sample_value("headrace_learner_lr") == pytest.approx(5 * lr / 8)
+    h = REGISTRY.get_sample_value("headrace_learner_entropy", {"role": "action"})
+    assert h == pytest.approx(steps[-1]["entropy_action"])
+    assert any(" H act " in r.getMessage() for r in caplog.records)

@@ -1,0 +1,63 @@
+"""The model, optimiser and trainer as the learner builds them: one home for the learner
+process (`learner.loop`) and the offline replay (`learner.replay`), so both train the same."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from learner.distributed import ShardedTrainer, shard_model
+from learner.tiny_model import build_tiny_model
+from learner.util import seed_everything
+from shared.config import Config
+
+log = logging.getLogger("learner")
+
+
+class ModelMissing(RuntimeError):
+    """No model at `[model] path` and building the tiny one is switched off."""
+
+
+def build_trainer(cfg: Config) -> ShardedTrainer:
+    """Seed every RNG from `[learner] seed`, load `[model] path` (building the tiny model
+    there if missing and allowed) in float32 on CUDA if there is one, shard it under torchrun,
+    and wrap it with AdamW in the trainer `[learner]` configures (stability settings and lr
+    schedule included). The model, optimiser and schedule are `trainer.model`,
+    `trainer.optimizer` and `trainer.scheduler`."""
+    from transformers import AutoModelForCausalLM
+
+    lc = cfg.learner
+    seed_everything(lc.seed)
+    path = Path(cfg.model.path)
+    if not (path / "config.json").exists():
+        if not cfg.model.build_tiny_if_missing:
+            raise ModelMissing(f"model not found at {path} (build_tiny_if_missing = false)")
+        log.info("building the tiny model at %s", path)
+        build_tiny_model(path, cfg.model.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    model = shard_model(model)  # FSDP2 under torchrun (learner.distributed), else as is
+    opt = torch.optim.AdamW(model.parameters(), lr=lc.lr, weight_decay=lc.weight_decay)
+    pad_id = model.config.pad_token_id
+    trainer = ShardedTrainer(
+        model,
+        opt,
+        clip_eps=lc.clip_eps,
+        grad_clip=lc.grad_clip,
+        # vLLM reports "processed" logprobs, i.e. after temperature scaling: match it.
+        temperature=cfg.actor.temperature,
+        top_k=cfg.actor.top_k,
+        top_p=cfg.actor.top_p,
+        pad_id=0 if pad_id is None else int(pad_id),
+        ppo_epochs=lc.ppo_epochs,
+        minibatches=lc.minibatches,
+        correction=lc.correction,
+        advantage=lc.advantage,
+        weighting=lc.weighting,
+    )
+    # Clip bounds, entropy bonus and a fresh lr warm-up schedule on this optimiser (a
+    # checkpoint loaded afterwards restores the schedule's position).
+    trainer.configure_stability(lc)
+    return trainer
