@@ -1,36 +1,26 @@
-"""Curriculum: the curator vs uniform task sampling on a mixed-difficulty bank.
+"""Curriculum: the curator vs uniform task sampling on a bank whose order matters.
 
-Runs the whole pipeline (`headrace run`: broker + learner + one vLLM actor on loopback, the
-tiny model) on a `symbols` bank that mixes a trivial level, a learnable one and levels too hard
-for the tiny model (`ops/configs/curriculum.toml`: levels 0, 1, 3, 4, 64 tasks each, 2 turns,
-2 reasoning tokens per turn), once per (variant, seed), one run at a time, the same learner
-steps and seeds for both variants:
+Runs the whole pipeline (`headrace run`, the tiny model, one actor) once per (variant, seed),
+one run at a time, the same steps and seeds for `[broker.curriculum] mode = "uniform"` and
+`"curator"`, on `ops/configs/curriculum.toml` (its comments describe the bank): families of
+one symbol map of rising difficulty, `easy` learnable from scratch, `mid` and `hard` (2 and 4
+turns, reward only for a fully right episode) learnable once the map is known, `trivial` and
+`noise` teaching nothing, sized so that uniform picking wastes most groups.
 
-- uniform: `[broker.curriculum] mode = "uniform"` (every task equally likely);
-- curator: `mode = "curator"` with the config's pool_size / arm_by / tau / eta (family arms,
-  the whole bank as the pool; see the config for why).
+Score: held-out pass@1 on the target families (`--target`, default mid and hard), averaged
+over them. The held-out set is fixed per seed: indices `size .. size + --eval-tasks - 1` of
+each family (never leased in training) under the run's [env] seed (its symbol map). The final
+checkpoint is loaded into `actor.engine.Engine` in a subprocess and each task played
+`--eval-samples` times with `run_episode` at the training temperature / top_p / top_k.
+Reported: mean and 95% interval over seeds (Student t) per variant and family, the held-out
+set's exact blind ceiling, the paired difference curator - uniform with its interval, and
+each family's groups (broker `Status`, last poll). Prints the estimated wall time first, and
+as its last line one JSON object: `success_curator`, `success_uniform`, `ci95_curator`,
+`ci95_uniform` (`[lo, hi]`), `separated` (curator's interval above uniform's), `diff`, `seeds`,
+`steps`, `target`, `families`, `blind_ceiling`, `per_seed`, `train_pass_final`, `eval`, `env`,
+`curriculum`, `seconds`.
 
-Evaluation is on a FIXED HELD-OUT set: the same families built by `SymbolsBank` under another
-`[env] seed` (`--heldout-seed`, never a training seed), `--eval-tasks` tasks per family, each
-played `--eval-samples` times at temperature 1 (the policy as trained, not its greedy mode), by
-loading the run's final learner checkpoint into `actor.engine.Engine` (in a subprocess) and
-calling `run_episode`. Success = every turn right; it reports per-family held-out success and
-the overall mean over families (each family weighs the same).
-
-Training speed comes from the learner summary's per-step `pass_rate` as in `credit.py`: steps
-until its trailing 10-step average reaches a threshold midway between the uniform baseline's
-initial and final pass rate (a seed that never does counts as `steps`). Caveat: the training
-pass rate is over the tasks each variant chose to play, so a curator that stops drawing the
-trivial L0 lowers its own pass rate; the held-out numbers are the comparable ones. While a run
-goes, the broker's `Status` is polled for the per-family group counts (the curator's picks).
-
-Each run gets free ports and its own temporary directory (removed unless `--keep`). Prints a
-table, and as its last line one JSON object: `success_curator`, `success_uniform` (mean
-held-out success over seeds), `seeds`, `steps`, `families`, `variants` (per variant: held-out
-success mean/std overall and per family, steps to threshold, final training pass rate,
-per-seed values with pick counts), `threshold`, `eval`, `env`, `curriculum`, `seconds`.
-
-    python benchmarks/curriculum.py [--quick] [--seeds 3] [--steps 60]
+    python benchmarks/curriculum.py [--quick] [--seeds 5] [--steps 150] [--target mid,hard]
 """
 
 from __future__ import annotations
@@ -39,6 +29,7 @@ import argparse
 import asyncio
 import copy
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -51,61 +42,62 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/...`
 
-from benchmarks.credit import (  # noqa: E402
-    WINDOW,
-    _stop,
-    free_port,
-    head,
+from benchmarks.harness import (  # noqa: E402
+    ROOT,
+    ci95_mean,
     headrace_run,
+    loopback_run,
     mean_std,
-    steps_to_threshold,
+    stop,
     tail,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 BASE_CONFIG = ROOT / "ops" / "configs" / "curriculum.toml"
 VARIANTS = ("uniform", "curator")
-BASELINE = "uniform"
-HELDOUT_SEED = 1_000_003  # [env] seed of the held-out tasks; training uses seeds 0, 1, ...
-
-# Measured cost of one run on a busy 2-core CPU box (vLLM start-up + teardown, per step, and
-# the held-out evaluation); only the first estimate uses them.
-EST_STARTUP_S = 60.0
-EST_STEP_S = 3.0
-EST_EVAL_S = 60.0
-
-
-# ------------------------------------------------------------------ config
+TARGET = "mid,hard"
+# Cost of one run on a busy 2-core CPU box (start-up and teardown of `headrace run`, a learner
+# step, the held-out evaluation with its own engine; measured 100-150 s and 120-140 s under
+# load); only the first estimate uses them, the progress lines extrapolate from runs done.
+EST_STARTUP_S = 100.0
+EST_STEP_S = 1.5
+EST_EVAL_S = 120.0
+EVAL_SEQS = 256  # concurrent held-out episodes (the tiny model batches them cheaply)
 
 
 def run_config(base: dict[str, Any], variant: str, seed: int, steps: int) -> dict[str, Any]:
-    cfg = copy.deepcopy(base)
-    port = free_port()
-    endpoint = f"tcp://127.0.0.1:{port}"
-    cfg.setdefault("env", {})["seed"] = seed
-    broker = cfg.setdefault("broker", {})
-    broker.update(port=port, metrics_port=0)
-    broker.setdefault("replay", {})["seed"] = seed
-    broker.setdefault("curriculum", {}).update(mode=variant, seed=seed)
-    cfg.setdefault("actor", {}).update(broker=endpoint, metrics_port=0, seed=seed)
-    learner = cfg.setdefault("learner", {})
-    learner.update(broker=endpoint, metrics_port=0, weights_port=0, steps=steps, seed=seed)
+    cfg = loopback_run(copy.deepcopy(base), seed, steps)
+    cfg["broker"].setdefault("curriculum", {}).update(mode=variant, seed=seed)
     # One checkpoint, at the end (the learner always writes one when it finishes).
+    learner = cfg["learner"]
     learner["checkpoint_every"] = max(int(learner.get("checkpoint_every", 0)), steps + 1)
     return cfg
+
+
+def snapshot_model(base: dict[str, Any], into: Path) -> None:
+    """Point [model] path at a private copy: another job rebuilding the shared model directory
+    (e.g. `.cache/models/tiny`) mid-benchmark would otherwise break a run's start."""
+    model = base.get("model", {})
+    src = ROOT / str(model.get("path", ""))
+    if model.get("path") and (src / "config.json").is_file():
+        shutil.copytree(src, into / "model")
+        model["path"] = str(into / "model")
+
+
+def _num(x: float, nd: int = 4) -> float | None:
+    return None if math.isnan(x) else round(x, nd)
 
 
 # ------------------------------------------------------------------ broker status
 
 
 class StatusPoller(threading.Thread):
-    """Polls the broker's `Status` every `every_s`; `last` keeps the newest curriculum info."""
+    """Polls the broker's `Status` every `every_s`; `groups`: family -> groups, newest poll."""
 
-    def __init__(self, endpoint: str, every_s: float = 15.0) -> None:
+    def __init__(self, endpoint: str, every_s: float = 5.0) -> None:
         super().__init__(daemon=True)
         self.endpoint = endpoint
         self.every_s = every_s
-        self.last: dict[str, Any] | None = None
+        self.groups: dict[str, int] = {}
         self.halt = threading.Event()
 
     def run(self) -> None:
@@ -116,35 +108,45 @@ class StatusPoller(threading.Thread):
                 info = asyncio.run(_status(self.endpoint, 3.0))
             except Exception:  # not up yet, or already gone
                 continue
-            if info.get("curriculum"):
-                self.last = info["curriculum"]
+            fams = (info.get("curriculum") or {}).get("families") or {}
+            if fams:
+                self.groups = {f: int(x.get("groups", 0)) for f, x in sorted(fams.items())}
 
 
-def family_groups(curriculum: dict[str, Any] | None) -> dict[str, int]:
-    fams = (curriculum or {}).get("families") or {}
-    return {name: int(f.get("groups", 0)) for name, f in sorted(fams.items())}
+# ------------------------------------------------------------------ held-out set
+
+
+def heldout_tasks(env_cfg: dict[str, Any], seed: int, n: int) -> dict[str, list[Any]]:
+    """Learnable family -> its tasks `size .. size + n - 1` under [env] seed = `seed` (the
+    training bank's symbol map; indices it never leases). Trivial and noise families are
+    left out: there is nothing to measure on them."""
+    import msgspec
+
+    from broker.curriculum.banks import SymbolsBank
+    from shared import symbols as S
+    from shared.config import EnvConfig
+
+    if env_cfg.get("name", "symbols") != "symbols":
+        raise SystemExit("curriculum benchmark: the held-out set is built for [env] symbols")
+    bank = SymbolsBank(msgspec.convert({**env_cfg, "seed": seed}, EnvConfig))
+    out = {}
+    for p in bank.parts:
+        level = int(p.make(0).payload["level"])
+        if level not in (0, S.NOISE_LEVEL):
+            out[p.family.name] = [p.make(p.family.size + i) for i in range(n)]
+    return out
+
+
+def blind_ceilings(tasks: dict[str, list[Any]]) -> dict[str, float]:
+    from broker.curriculum.banks import symbols_blind_ceiling
+
+    return {f: symbols_blind_ceiling(ts)["pass"] for f, ts in tasks.items()}
 
 
 # ------------------------------------------------------------------ held-out evaluation
 
 
-def heldout_tasks(env_cfg: dict[str, Any], heldout_seed: int, n: int) -> dict[str, list[Any]]:
-    """family -> its first `n` tasks under [env] seed = `heldout_seed`."""
-    import msgspec
-
-    from broker.curriculum.banks import SymbolsBank
-    from shared.config import EnvConfig
-
-    if env_cfg.get("name", "symbols") != "symbols":
-        raise SystemExit("curriculum benchmark: the held-out set is built for [env] symbols")
-    env = msgspec.convert({**env_cfg, "seed": heldout_seed}, EnvConfig)
-    bank = SymbolsBank(env)
-    return {p.family.name: [p.make(i) for i in range(n)] for p in bank.parts}
-
-
-async def _evaluate(
-    model: str, tasks: dict[str, list[Any]], samples: int, max_model_len: int, seed: int
-) -> dict[str, float]:
+async def _evaluate(ckpt: str, tasks: dict[str, list[Any]], spec: dict[str, Any]) -> dict:
     from transformers import AutoTokenizer
 
     from actor.engine import Engine
@@ -152,9 +154,10 @@ async def _evaluate(
     from actor.episode import run_episode
     from shared import protocol as P
 
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    engine = Engine(model, seed=seed, max_model_len=max_model_len, max_num_seqs=64)
-    slots = asyncio.Semaphore(64)
+    max_len = int(spec["max_model_len"])
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    engine = Engine(ckpt, seed=int(spec["seed"]), max_model_len=max_len, max_num_seqs=EVAL_SEQS)
+    slots = asyncio.Semaphore(EVAL_SEQS)
 
     async def one(task: P.TaskSpec, k: int) -> bool:
         async with slots:
@@ -165,18 +168,21 @@ async def _evaluate(
                 tokenizer,
                 lease,
                 "eval",
-                temperature=1.0,
-                max_model_len=max_model_len,
+                temperature=float(spec["temperature"]),
+                top_p=float(spec["top_p"]),
+                top_k=int(spec["top_k"]),  # 0: off, as in [actor]
+                max_model_len=max_len,
                 bos_id=tokenizer.bos_token_id,
             )
             return bool(traj.success)
 
-    try:
-        out: dict[str, float] = {}
-        for family, fam_tasks in tasks.items():
-            wins = await asyncio.gather(*(one(t, k) for t in fam_tasks for k in range(samples)))
-            out[family] = sum(wins) / len(wins)
-        return out
+    try:  # every family at once: full batches
+        keys = [(f, t, k) for f, ts in tasks.items() for t in ts for k in range(spec["samples"])]
+        results = await asyncio.gather(*(one(t, k) for _, t, k in keys))
+        wins: dict[str, list[bool]] = {f: [] for f in tasks}
+        for (f, _, _), w in zip(keys, results, strict=True):
+            wins[f].append(w)
+        return {f: sum(w) / len(w) for f, w in wins.items()}
     finally:
         engine.shutdown()
 
@@ -184,10 +190,8 @@ async def _evaluate(
 def eval_main(args: argparse.Namespace) -> int:
     """The evaluation subprocess: `--eval-model DIR`, writes per-family success to --eval-out."""
     spec = json.loads(Path(args.eval_spec).read_text())
-    tasks = heldout_tasks(spec["env"], spec["heldout_seed"], spec["tasks"])
-    success = asyncio.run(
-        _evaluate(args.eval_model, tasks, spec["samples"], spec["max_model_len"], spec["seed"])
-    )
+    tasks = heldout_tasks(spec["env"], spec["seed"], spec["tasks"])
+    success = asyncio.run(_evaluate(args.eval_model, tasks, spec))
     Path(args.eval_out).write_text(json.dumps(success))
     return 0
 
@@ -208,11 +212,9 @@ def evaluate_checkpoint(
         try:
             code = proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
-            _stop(proc)
             code = -1
-        except BaseException:
-            _stop(proc)
-            raise
+        finally:
+            stop(proc)  # a no-op once it has exited
     if code != 0 or not out_path.exists():
         last = log_path.read_text(errors="replace").splitlines()[-10:]
         print("\n".join("    " + line for line in last), file=sys.stderr)
@@ -224,46 +226,40 @@ def evaluate_checkpoint(
 
 
 def run_once(
-    base: dict[str, Any],
-    variant: str,
-    seed: int,
-    steps: int,
-    spec: dict[str, Any],
-    keep: bool,
-    timeout_s: float,
+    base: dict[str, Any], variant: str, seed: int, spec: dict[str, Any], args: argparse.Namespace
 ) -> dict[str, Any]:
+    """One training run, then the held-out evaluation of its final checkpoint."""
     from learner.checkpoint import latest
 
+    steps = args.steps
     run_dir = Path(tempfile.mkdtemp(prefix=f"headrace-curriculum-{variant}-s{seed}-"))
     cfg = run_config(base, variant, seed, steps)
     poller = StatusPoller(cfg["actor"]["broker"])
     code, train_seconds, entries, log_path = headrace_run(
-        cfg, run_dir, timeout_s, started=poller.start, finished=poller.halt.set
+        cfg, run_dir, 600.0 + steps * 20.0, started=poller.start, finished=poller.halt.set
     )
     result: dict[str, Any] = {
         "seed": seed,
-        "code": code,
         "train_seconds": round(train_seconds, 1),
-        "pass_rate": [float(e.get("pass_rate", 0.0)) for e in entries],
-        "reward": [float(e.get("reward_mean", 0.0)) for e in entries],
-        "groups": family_groups(poller.last),
+        "pass_rate": [round(float(e.get("pass_rate", 0.0)), 4) for e in entries],
+        "groups": poller.groups,
     }
     ckpt = latest(run_dir / "run" / "learner")
     if code != 0 or len(entries) < steps or ckpt is None:
         result["error"] = f"exit {code}, {len(entries)}/{steps} steps, checkpoint {ckpt}"
     else:
         t1 = time.monotonic()
-        heldout = evaluate_checkpoint(ckpt, run_dir, spec, timeout_s=600.0)
+        heldout = evaluate_checkpoint(ckpt, run_dir, {**spec, "seed": seed}, timeout_s=900.0)
         result["eval_seconds"] = round(time.monotonic() - t1, 1)
         if isinstance(heldout, str):
             result["error"] = heldout
         else:
-            result["heldout"] = heldout
+            result["heldout"] = {f: round(x, 4) for f, x in heldout.items()}
     if "error" in result:
         last = log_path.read_text(errors="replace").splitlines()[-15:] if log_path.exists() else []
         print(f"  run failed ({result['error']}); logs in {run_dir}", file=sys.stderr)
         print("\n".join("    " + line for line in last), file=sys.stderr)
-    elif not keep:
+    elif not args.keep:
         shutil.rmtree(run_dir, ignore_errors=True)
     return result
 
@@ -271,114 +267,132 @@ def run_once(
 # ------------------------------------------------------------------ statistics
 
 
-def overall(heldout: dict[str, float]) -> float:
-    return sum(heldout.values()) / len(heldout)
+def target_success(heldout: dict[str, float], target: list[str]) -> float:
+    return sum(heldout[f] for f in target) / len(target)
+
+
+def interval(xs: list[float]) -> dict[str, Any]:
+    """Mean and 95% interval of the mean (None where there are no values)."""
+    if not xs:
+        return {"mean": None, "ci95": [None, None], "n": 0}
+    lo, hi = ci95_mean(xs)
+    return {"mean": _num(mean_std(xs)[0]), "ci95": [_num(lo), _num(hi)], "n": len(xs)}
 
 
 def summarise(
-    runs: dict[str, list[dict[str, Any]]], families: list[str], steps: int, threshold: float | None
-) -> tuple[dict[str, Any], float, dict[str, float]]:
-    ok = {v: [r for r in rs if "error" not in r] for v, rs in runs.items()}
-    ref = ok.get(BASELINE) or next((rs for rs in ok.values() if rs), [])
-    base_initial = mean_std([head(r["pass_rate"]) for r in ref])[0]
-    base_final = mean_std([tail(r["pass_rate"]) for r in ref])[0]
-    if threshold is None:
-        threshold = (base_initial + base_final) / 2
+    runs: dict[str, list[dict[str, Any]]], target: list[str], families: list[str]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(per variant: target interval, per-family intervals, per-seed rows; paired diff)."""
     out: dict[str, Any] = {}
     for v, rs in runs.items():
-        per_seed = []
-        for r in rs:
-            row: dict[str, Any] = {"seed": r["seed"], "train_seconds": r["train_seconds"]}
-            row["groups"] = r["groups"]
-            if "error" in r:
-                row["error"] = r["error"]
-            else:
-                row.update(
-                    heldout_success=round(overall(r["heldout"]), 4),
-                    heldout=r["heldout"],
-                    initial_pass_rate=round(head(r["pass_rate"]), 4),
-                    final_pass_rate=round(tail(r["pass_rate"]), 4),
-                    steps_to_threshold=steps_to_threshold(r["pass_rate"], threshold),
-                    eval_seconds=r["eval_seconds"],
-                    pass_rate=[round(x, 4) for x in r["pass_rate"]],
-                )
-            per_seed.append(row)
-        good = [p for p in per_seed if "error" not in p]
-        hs = mean_std([p["heldout_success"] for p in good])
-        fam = {f: mean_std([p["heldout"].get(f, float("nan")) for p in good]) for f in families}
-        fp = mean_std([p["final_pass_rate"] for p in good])
-        reached = [p["steps_to_threshold"] for p in good]
-        st = mean_std([float(s if s is not None else steps) for s in reached])
+        good = [r for r in rs if "error" not in r]
+        rows = [dict(r) for r in rs]
+        for r, row in zip(rs, rows, strict=True):
+            if "error" not in r:
+                row["success"] = round(target_success(r["heldout"], target), 4)
+                row["train_pass_final"] = round(tail(r["pass_rate"]), 4)
         out[v] = {
-            "heldout_success_mean": round(hs[0], 4),
-            "heldout_success_std": round(hs[1], 4),
-            "heldout_by_family": {
-                f: {"mean": round(m, 4), "std": round(s, 4)} for f, (m, s) in fam.items()
-            },
-            "steps_to_threshold_mean": round(st[0], 2),
-            "steps_to_threshold_std": round(st[1], 2),
-            "reached": f"{sum(s is not None for s in reached)}/{len(good)}",
-            "final_pass_rate_mean": round(fp[0], 4),
-            "final_pass_rate_std": round(fp[1], 4),
-            "failed_runs": len(per_seed) - len(good),
-            "per_seed": per_seed,
+            "success": interval([target_success(r["heldout"], target) for r in good]),
+            "families": {f: interval([r["heldout"][f] for r in good]) for f in families},
+            "train_pass_final": _num(mean_std([tail(r["pass_rate"]) for r in good])[0]),
+            "failed_runs": len(rs) - len(good),
+            "per_seed": rows,
         }
-    return out, threshold, {"initial": round(base_initial, 4), "final": round(base_final, 4)}
+    diff: dict[str, Any] = {"mean": None, "ci95": [None, None], "n": 0, "seeds": []}
+    if set(VARIANTS) <= set(out):
+        ok = {
+            v: {p["seed"]: p["success"] for p in out[v]["per_seed"] if "error" not in p}
+            for v in VARIANTS
+        }
+        both = sorted(set(ok["curator"]) & set(ok["uniform"]))
+        diff = {**interval([ok["curator"][s] - ok["uniform"][s] for s in both]), "seeds": both}
+    return out, diff
+
+
+def _cell(s: dict[str, Any], width: int = 6) -> str:
+    m, (lo, hi) = s["mean"], s["ci95"]
+    if m is None:
+        return f"{'-':>{width}} {'':<17}"
+    return f"{m:>{width}.3f} [{lo:.3f}, {hi:.3f}]"
 
 
 def print_table(
-    variants: dict[str, Any], families: list[str], threshold: float, steps: int
+    stats: dict[str, Any], diff: dict[str, Any], target: list[str], ceiling: dict[str, float]
 ) -> None:
-    print("\nheld-out success (all turns right, temperature 1), mean ± std over seeds;")
-    print(f"steps to {threshold:.3f} = first step whose {WINDOW}-step training pass rate reaches")
-    print(
-        f"it (a seed that never does counts as {steps}); train = last {WINDOW} steps' pass rate\n"
-    )
-    cols = [f"{'variant':<9}", f"{'held-out':>14}"] + [f"{f:>13}" for f in families]
-    cols += [f"{'steps to thr':>14}", f"{'reached':>7}", f"{'train':>13}"]
-    hdr = " ".join(cols)
-    print(hdr)
-    print("-" * len(hdr))
-    for name, s in variants.items():
-        fam = s["heldout_by_family"]
-        cells = [
-            f"{name:<9}",
-            f"{s['heldout_success_mean']:>6.3f} ± {s['heldout_success_std']:<5.3f}",
-        ]
-        cells += [f"{fam[f]['mean']:>5.3f} ± {fam[f]['std']:<5.3f}" for f in families]
-        cells += [
-            f"{s['steps_to_threshold_mean']:>6.1f} ± {s['steps_to_threshold_std']:<5.1f}",
-            f"{s['reached']:>7}",
-            f"{s['final_pass_rate_mean']:>5.3f} ± {s['final_pass_rate_std']:<5.3f}",
-        ]
-        print(" ".join(cells))
-    print("\nper seed: held-out overall / steps to threshold / groups per family (training picks)")
-    for name, s in variants.items():
+    families = list(ceiling)
+    print("\nheld-out pass@1, mean [95% CI] over seeds; target = mean of " + ", ".join(target))
+    hdr = f"{'variant':<9} {'target':>25} " + " ".join(f"{f:>25}" for f in families)
+    print(hdr + f" {'train pass':>11}")
+    print("-" * (len(hdr) + 12))
+    for name, s in stats.items():
+        cells = " ".join(f"{_cell(s['families'][f]):>25}" for f in families)
+        train = s["train_pass_final"]
+        train_cell = f"{train:>11.3f}" if train is not None else f"{'-':>11}"
+        print(f"{name:<9} {_cell(s['success']):>25} {cells} {train_cell}")
+    ceil_target = sum(ceiling[f] for f in target) / len(target)
+    cells = " ".join(f"{ceiling[f]:>6.4f}{'':<19}" for f in families)
+    print(f"{'blind':<9} {ceil_target:>6.4f}{'':<19} {cells}")
+    if diff["n"]:
+        lo, hi = diff["ci95"]
+        print(
+            f"\ncurator - uniform, paired over seeds {diff['seeds']}: "
+            f"{diff['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+        )
+    print("\nper seed: target (per family); groups per family (broker Status, last poll)")
+    for name, s in stats.items():
         for p in s["per_seed"]:
+            groups = ", ".join(f"{f} {n}" for f, n in p["groups"].items()) or "-"
             if "error" in p:
-                print(f"  {name:<8} s{p['seed']}: failed ({p['error']})")
+                print(f"  {name:<8} s{p['seed']}: failed ({p['error']}); {groups}")
                 continue
-            picks = ", ".join(f"{f} {n}" for f, n in p["groups"].items()) or "-"
-            print(
-                f"  {name:<8} s{p['seed']}: {p['heldout_success']:.3f} / "
-                f"{p['steps_to_threshold'] or '-'} / {picks}"
-            )
+            fams = ", ".join(f"{f} {x:.3f}" for f, x in p["heldout"].items())
+            print(f"  {name:<8} s{p['seed']}: {p['success']:.3f} ({fams}); {groups}")
 
 
 # ------------------------------------------------------------------ main
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="2 seeds x 30 steps (~15 min)")
-    ap.add_argument("--seeds", type=int, help="seeds per variant (default 3; quick: 2)")
-    ap.add_argument("--steps", type=int, help="learner steps per run (default 60; quick: 30)")
-    ap.add_argument("--threshold", type=float, help="training pass-rate threshold (see doc)")
+def run_all(
+    base: dict[str, Any], args: argparse.Namespace, seeds: list[int], spec: dict[str, Any]
+) -> dict[str, list[dict[str, Any]]]:
+    """Every (seed, variant) run, seed-major: an interrupted benchmark still has both variants
+    on the same seeds. Prints a line per run."""
+    t_start, done = time.monotonic(), 0
+    n_runs = len(seeds) * len(args.variants)
+    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in args.variants}
+    snap = Path(tempfile.mkdtemp(prefix="headrace-curriculum-model-"))
+    try:
+        snapshot_model(base, snap)
+        for seed in seeds:
+            for v in args.variants:
+                r = run_once(base, v, seed, spec, args)
+                runs[v].append(r)
+                done += 1
+                left = (time.monotonic() - t_start) / done * (n_runs - done)
+                status = r.get("error") or (
+                    f"held-out {target_success(r['heldout'], args.target):.3f} {r['heldout']}; "
+                    f"train pass {tail(r['pass_rate']):.3f}; groups {r['groups']}"
+                )
+                print(
+                    f"[{done}/{n_runs}] {v} seed {seed}: {r['train_seconds']:.0f} s + eval "
+                    f"{r.get('eval_seconds', 0):.0f} s, {status}; ~{left / 60:.0f} min left",
+                    flush=True,
+                )
+    finally:
+        shutil.rmtree(snap, ignore_errors=True)
+    return runs
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="1 seed x 40 steps, the same bank")
+    ap.add_argument("--seeds", type=int, help="seeds per variant (default 5; quick: 1)")
+    ap.add_argument("--steps", type=int, help="learner steps per run (default 150; quick: 40)")
+    ap.add_argument("--target", default=TARGET, help="families scored (comma-separated)")
     ap.add_argument("--config", type=Path, default=BASE_CONFIG, help="base TOML config")
     ap.add_argument("--first-seed", type=int, default=0)
-    ap.add_argument("--eval-tasks", type=int, default=32, help="held-out tasks per family")
+    ap.add_argument("--eval-tasks", type=int, default=128, help="held-out tasks per family")
     ap.add_argument("--eval-samples", type=int, default=4, help="episodes per held-out task")
-    ap.add_argument("--heldout-seed", type=int, default=HELDOUT_SEED)
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated")
     ap.add_argument("--keep", action="store_true", help="keep every run's directory")
     # internal: the evaluation subprocess
@@ -386,97 +400,98 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-spec", help=argparse.SUPPRESS)
     ap.add_argument("--eval-out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if not args.variants or any(v not in VARIANTS for v in args.variants):
+        ap.error(f"--variants: choose from {', '.join(VARIANTS)}")
+    args.seeds = args.seeds or (1 if args.quick else 5)
+    args.steps = args.steps or (40 if args.quick else 150)
+    if args.steps < 1 or args.seeds < 1 or min(args.eval_tasks, args.eval_samples) < 1:
+        ap.error("--seeds, --steps, --eval-tasks and --eval-samples must be >= 1")
+    args.target = [f.strip() for f in args.target.split(",") if f.strip()]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.eval_model:
         return eval_main(args)
-    seeds = args.seeds or (2 if args.quick else 3)
-    steps = args.steps or (30 if args.quick else 60)
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    if not variants or any(v not in VARIANTS for v in variants):
-        ap.error(f"--variants: choose from {', '.join(VARIANTS)}")
-    if steps < WINDOW:
-        ap.error(f"--steps must be >= {WINDOW}")
-    seed_list = list(range(args.first_seed, args.first_seed + seeds))
-    if args.heldout_seed in seed_list:
-        ap.error("--heldout-seed must differ from every training seed")
     base = tomllib.loads(args.config.read_text())
-    env_cfg = base.get("env", {})
-    families = list(heldout_tasks(env_cfg, args.heldout_seed, 1))
+    env_cfg, actor = base.get("env", {}), base.get("actor", {})
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    # The held-out answer sequences depend on the indices only; the ceiling is the same per seed.
+    ceiling = blind_ceilings(heldout_tasks(env_cfg, seeds[0], args.eval_tasks))
+    if not args.target or any(f not in ceiling for f in args.target):
+        raise SystemExit(f"--target: choose from the learnable families {list(ceiling)}")
     spec = {
         "env": env_cfg,
-        "heldout_seed": args.heldout_seed,
         "tasks": args.eval_tasks,
         "samples": args.eval_samples,
-        "max_model_len": int(base.get("actor", {}).get("max_model_len", 256)),
-        "seed": 0,
+        "temperature": float(actor.get("temperature", 1.0)),
+        "top_p": float(actor.get("top_p", 1.0)),
+        "top_k": int(actor.get("top_k", 0)),
+        "max_model_len": int(actor.get("max_model_len", 256)),
     }
-    n_runs = seeds * len(variants)
-    est = n_runs * (EST_STARTUP_S + steps * EST_STEP_S + EST_EVAL_S)
+    n_runs = len(seeds) * len(args.variants)
+    est = n_runs * (EST_STARTUP_S + args.steps * EST_STEP_S + EST_EVAL_S)
     print(
-        f"curriculum: {len(variants)} variants x {seeds} seeds x {steps} steps = {n_runs} runs "
-        f"+ held-out evaluations, one at a time; estimated wall time ~{est / 60:.0f} min",
+        f"curriculum: {len(args.variants)} variants x {len(seeds)} seeds x {args.steps} steps "
+        f"= {n_runs} runs + held-out evaluations, one at a time; "
+        f"estimated wall time ~{est / 60:.0f} min",
         flush=True,
     )
     print(f"env: {json.dumps(env_cfg, sort_keys=True)}", flush=True)
     print(f"curriculum: {json.dumps(base.get('broker', {}).get('curriculum', {}))}", flush=True)
-    timeout_s = 600.0 + steps * 20.0
-    t_start = time.monotonic()
-    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
-    done = 0
-    # Seed-major order: an interrupted benchmark still has both variants on the same seeds.
-    for seed in seed_list:
-        for v in variants:
-            r = run_once(base, v, seed, steps, spec, args.keep, timeout_s)
-            runs[v].append(r)
-            done += 1
-            elapsed = time.monotonic() - t_start
-            left = elapsed / done * (n_runs - done)
-            status = r.get("error") or (
-                f"held-out {overall(r['heldout']):.3f} "
-                f"({', '.join(f'{f} {x:.2f}' for f, x in r['heldout'].items())}); "
-                f"train pass rate {head(r['pass_rate']):.3f} -> {tail(r['pass_rate']):.3f}; "
-                f"groups {r['groups']}"
-            )
-            print(
-                f"[{done}/{n_runs}] {v} seed {seed}: {r['train_seconds']:.0f} s "
-                f"+ eval {r.get('eval_seconds', 0):.0f} s, {status}; ~{left / 60:.0f} min left",
-                flush=True,
-            )
-    stats, threshold, ref = summarise(runs, families, steps, args.threshold)
-    print_table(stats, families, threshold, steps)
-    seconds = time.monotonic() - t_start
     print(
-        f"\nbaseline ({BASELINE}) training pass rate: initial {ref['initial']}, "
-        f"final {ref['final']}"
+        f"held-out: {args.eval_tasks} tasks x {args.eval_samples} samples per family, "
+        f"target {args.target}; blind ceiling (pass) {ceiling}",
+        flush=True,
     )
+    t_start = time.monotonic()
+    runs = run_all(base, args, seeds, spec)
+    stats, diff = summarise(runs, args.target, list(ceiling))
+    print_table(stats, diff, args.target, ceiling)
+    seconds = time.monotonic() - t_start
     print(f"total {seconds / 60:.1f} min")
+    print(json.dumps(result_json(args, stats, diff, ceiling, base, seeds, seconds)))
+    return 0 if all("error" not in r for rs in runs.values() for r in rs) else 1
 
-    def pick(v: str, key: str) -> Any:
-        return stats[v][key] if v in stats else None
 
-    result = {
-        "success_curator": pick("curator", "heldout_success_mean"),
-        "success_uniform": pick("uniform", "heldout_success_mean"),
-        "success_curator_std": pick("curator", "heldout_success_std"),
-        "success_uniform_std": pick("uniform", "heldout_success_std"),
-        "seeds": seed_list,
-        "steps": steps,
-        "families": families,
-        "variants": stats,
-        "threshold": round(threshold, 4),
-        "baseline_pass_rate": ref,
-        "eval": {
-            "heldout_env_seed": args.heldout_seed,
-            "tasks_per_family": args.eval_tasks,
-            "samples_per_task": args.eval_samples,
-            "temperature": 1.0,
-            "success": "all turns right; overall = mean over families",
+def result_json(
+    args: argparse.Namespace,
+    stats: dict[str, Any],
+    diff: dict[str, Any],
+    ceiling: dict[str, float],
+    base: dict[str, Any],
+    seeds: list[int],
+    seconds: float,
+) -> dict[str, Any]:
+    none = {"mean": None, "ci95": [None, None], "n": 0}
+    cur, uni = (stats.get(v, {}).get("success", none) for v in ("curator", "uniform"))
+    separated = None  # an interval needs two seeds per variant
+    if min(cur["n"], uni["n"]) >= 2:
+        separated = cur["ci95"][0] > uni["ci95"][1]
+    return {
+        "success_curator": cur["mean"],
+        "success_uniform": uni["mean"],
+        "ci95_curator": cur["ci95"],
+        "ci95_uniform": uni["ci95"],
+        "separated": separated,
+        "diff": diff,
+        "seeds": seeds,
+        "steps": args.steps,
+        "target": args.target,
+        "families": {v: s["families"] for v, s in stats.items()},
+        "blind_ceiling": {
+            "target": round(sum(ceiling[f] for f in args.target) / len(args.target), 4),
+            **{f: round(x, 4) for f, x in ceiling.items()},
         },
-        "env": env_cfg,
+        "per_seed": {v: s["per_seed"] for v, s in stats.items()},
+        "train_pass_final": {v: s["train_pass_final"] for v, s in stats.items()},
+        "eval": {"tasks_per_family": args.eval_tasks, "samples_per_task": args.eval_samples},
+        "env": base.get("env", {}),
         "curriculum": base.get("broker", {}).get("curriculum", {}),
         "seconds": round(seconds, 1),
     }
-    print(json.dumps(result))
-    return 0 if all("error" not in r for rs in runs.values() for r in rs) else 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,188 @@
+"""What the learning benchmarks share: writing a run's config, one `headrace run` as a
+subprocess, and the statistics of learning curves.
+
+Each benchmark builds a config dict per run (free ports, seeds, its variant's keys), runs it
+with `headrace_run` in a run directory of its own and reads the learner summary's per-step
+entries back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+WINDOW = 10  # steps in a moving average and in a run's "final" window
+
+
+# ------------------------------------------------------------------ config
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return repr(v) if math.isfinite(v) else ("inf" if v > 0 else "-inf")
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    raise TypeError(f"cannot write {type(v).__name__} as TOML")
+
+
+def dump_toml(data: dict[str, Any], prefix: str = "") -> str:
+    """Minimal TOML writer: scalars and lists first, then each sub-table as `[a.b]`."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    for k, v in data.items():
+        if isinstance(v, dict):
+            name = f"{prefix}{k}"
+            lines += ["", f"[{name}]", dump_toml(v, name + ".")]
+    return "\n".join(lines).strip("\n") + "\n"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def loopback_run(cfg: dict[str, Any], seed: int, steps: int) -> dict[str, Any]:
+    """`cfg` made runnable as one benchmark run: free ports, no metrics servers, and `seed`
+    in every seed key (env, actor, learner, replay, curriculum)."""
+    port = free_port()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    cfg.setdefault("env", {})["seed"] = seed
+    cfg.setdefault("model", {})
+    cfg.setdefault("broker", {}).update(port=port, metrics_port=0)
+    cfg["broker"].setdefault("replay", {})["seed"] = seed
+    if "curriculum" in cfg["broker"]:
+        cfg["broker"]["curriculum"]["seed"] = seed
+    cfg.setdefault("actor", {}).update(broker=endpoint, metrics_port=0, seed=seed)
+    learner = cfg.setdefault("learner", {})
+    learner.update(broker=endpoint, metrics_port=0, weights_port=0, steps=steps, seed=seed)
+    return cfg
+
+
+# ------------------------------------------------------------------ one run
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGINT lets `headrace run` stop its roles in order; SIGKILL its group if it hangs."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def headrace_run(
+    cfg: dict[str, Any],
+    run_dir: Path,
+    timeout_s: float,
+    started: Callable[[], None] | None = None,
+    finished: Callable[[], None] | None = None,
+) -> tuple[int, float, list[dict[str, Any]], Path]:
+    """One `headrace run` of `cfg` in `run_dir` (config, summary, log and run data there).
+
+    Returns (exit code, -1 when it timed out and was stopped; seconds; the learner summary's
+    per-step entries; the log's path). `started` / `finished` run around the wait.
+    """
+    cfg_path = run_dir / "config.toml"
+    cfg_path.write_text(dump_toml(cfg))
+    summary = run_dir / "summary.json"
+    log_path = run_dir / "run.log"
+    argv = [sys.executable, "-m", "shared.cli", "run", "--config", str(cfg_path)]
+    argv += ["--summary-json", str(summary), "--run-dir", str(run_dir / "run")]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    t0 = time.monotonic()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        if started is not None:
+            started()
+        try:
+            code = proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            stop(proc)
+            code = -1
+        except BaseException:
+            stop(proc)
+            raise
+        finally:
+            if finished is not None:
+                finished()
+    seconds = time.monotonic() - t0
+    entries: list[dict[str, Any]] = []
+    if summary.exists():
+        try:
+            entries = json.loads(summary.read_text()).get("steps", [])
+        except json.JSONDecodeError:
+            entries = []
+    return code, seconds, entries, log_path
+
+
+# ------------------------------------------------------------------ statistics
+
+
+def moving_average(xs: Sequence[float], window: int = WINDOW) -> list[float]:
+    """Trailing means of full windows: out[i] is the mean of steps i+1 .. i+window (1-based)."""
+    return [sum(xs[i : i + window]) / window for i in range(len(xs) - window + 1)]
+
+
+def steps_to_threshold(xs: Sequence[float], threshold: float, window: int = WINDOW) -> int | None:
+    """The first (1-based) step whose trailing `window`-step average reaches `threshold`."""
+    for i, m in enumerate(moving_average(xs, window)):
+        if m >= threshold:
+            return i + window
+    return None
+
+
+def mean_std(xs: Sequence[float]) -> tuple[float, float]:
+    if not xs:
+        return float("nan"), float("nan")
+    m = sum(xs) / len(xs)
+    var = sum((x - m) ** 2 for x in xs) / (len(xs) - 1) if len(xs) > 1 else 0.0
+    return m, math.sqrt(var)
+
+
+def head(xs: Sequence[float], window: int = WINDOW) -> float:
+    return sum(xs[:window]) / max(1, len(xs[:window]))
+
+
+def tail(xs: Sequence[float], window: int = WINDOW) -> float:
+    return sum(xs[-window:]) / max(1, len(xs[-window:]))
+
+
+def median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+def ci95_mean(xs: Sequence[float]) -> tuple[float, float]:
+    """95% confidence interval of the mean (Student's t; a single value gives [x, x])."""
+    m, s = mean_std(xs)
+    if len(xs) < 2:
+        return m, m
+    # two-sided 97.5% quantiles of Student's t for small samples (df 1..30), then normal
+    t_table = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]
+    df = len(xs) - 1
+    t = t_table[df - 1] if df <= len(t_table) else 2.042 if df <= 30 else 1.96
+    half = t * s / math.sqrt(len(xs))
+    return m - half, m + half
