@@ -152,16 +152,33 @@ def _role_ids(roles: Sequence[str]) -> Tensor:
     return torch.tensor([int(Role[r.upper()]) for r in roles], dtype=torch.long)
 
 
-def warmup_scheduler(
-    optimizer: torch.optim.Optimizer, warmup_steps: int
-) -> torch.optim.lr_scheduler.LambdaLR | None:
-    """Linear lr warm-up: optimiser step k (1-based) uses lr * min(1, k / warmup_steps), so the
-    first uses lr / warmup_steps and step warmup_steps the full lr; None when warmup_steps <= 0.
-    Step it once after every optimiser step (`Trainer` does)."""
-    if warmup_steps <= 0:
+def lr_scheduler(
+    optimizer: torch.optim.Optimizer,
+    warmup_steps: int,
+    decay: str = "constant",
+    decay_steps: int = 0,
+    min_lr_ratio: float = 0.1,
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """Linear warm-up, then a constant lr or a cosine decay.
+
+    Warm-up: optimiser step k (1-based) uses lr * min(1, k / warmup_steps), so the first uses
+    lr / warmup_steps and step warmup_steps the full lr. "cosine": from the end of the
+    warm-up the factor falls along a half cosine to `min_lr_ratio` at optimiser step
+    `decay_steps` (the run's last) and stays there. None when neither is asked for.
+    """
+    if warmup_steps <= 0 and (decay == "constant" or decay_steps <= 0):
         return None
-    # last_epoch counts the steps taken; a plain function, so its state_dict holds no callable
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup_steps))
+
+    def factor(s: int) -> float:  # s: optimiser steps taken so far
+        k = s + 1
+        if warmup_steps > 0 and k < warmup_steps:
+            return k / warmup_steps
+        if decay != "cosine" or decay_steps <= warmup_steps:
+            return 1.0
+        t = min(1.0, (k - warmup_steps) / (decay_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 class Trainer:
@@ -219,7 +236,11 @@ class Trainer:
         self.clip_low, self.clip_high = lc.clip_bounds()
         self.entropy_coef = lc.entropy_coef
         self.entropy_roles = _role_ids(lc.entropy_roles)
-        self.scheduler = warmup_scheduler(self.optimizer, lc.warmup_steps)
+        # the schedule counts optimiser steps: ppo_epochs x minibatches per learner step
+        updates = lc.steps * lc.ppo_epochs * lc.minibatches
+        self.scheduler = lr_scheduler(
+            self.optimizer, lc.warmup_steps, lc.lr_decay, updates, lc.min_lr_ratio
+        )
 
     def token_logprobs(
         self, input_ids: Tensor, attention_mask: Tensor, row: Tensor, pos: Tensor

@@ -322,6 +322,10 @@ class LearnerConfig(_Section):
     entropy_roles: list[str] = msgspec.field(default_factory=lambda: ["action"])
     # Linear lr warm-up: optimiser step k (1-based) uses lr * min(1, k / warmup_steps); 0: off
     warmup_steps: int = 0
+    # After the warm-up: "constant" lr, or "cosine" decay to lr * min_lr_ratio at the run's
+    # last optimiser step (steps x ppo_epochs x minibatches)
+    lr_decay: str = "constant"
+    min_lr_ratio: float = 0.1
     ppo_epochs: int = 1  # passes over each batch; > 1 makes the clip around the proximal bite
     minibatches: int = 1  # optimiser steps per pass (the batch split by trajectory)
     publish_every: int = 1
@@ -350,6 +354,9 @@ class LearnerConfig(_Section):
             raise ValueError(f"unknown roles in entropy_roles: {', '.join(unknown)} ({roles})")
         if self.entropy_coef > 0 and not self.entropy_roles:
             raise ValueError("entropy_roles is empty but entropy_coef > 0")
+        _check_choice(self, "lr_decay", ("constant", "cosine"))
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("min_lr_ratio must be in [0, 1]")
         if self.warmup_steps < 0:
             raise ValueError("warmup_steps must be >= 0 (0: no warm-up)")
 

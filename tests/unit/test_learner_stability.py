@@ -182,3 +182,21 @@ def test_action_entropy_alert_in_a_step(model_dir: Path) -> None:
     high = msgspec.structs.replace(quiet, min_action_entropy=100.0)
     diag, _ = _trainer(model_dir, correction=CorrectionConfig(alert=high)).step(trajs)
     assert diag["alerts"] == 1 and diag["alert_entropy_action"] == 1
+
+
+def test_cosine_decay_after_warmup_ends_at_min_lr_ratio() -> None:
+    from learner.train import lr_scheduler
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = lr_scheduler(opt, warmup_steps=2, decay="cosine", decay_steps=10, min_lr_ratio=0.1)
+    assert sched is not None
+    lrs = []
+    for _ in range(12):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.5) and lrs[1] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:], strict=False))  # never rises again
+    assert lrs[9] == pytest.approx(0.1) and lrs[11] == pytest.approx(0.1)
+    assert lr_scheduler(opt, 0, "constant", 10) is None
