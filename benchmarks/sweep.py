@@ -35,10 +35,9 @@ from actor.envs.base import Generation  # noqa: E402
 from actor.envs.symbols import SymbolsEnv  # noqa: E402
 from benchmarks.harness import steps_to_threshold  # noqa: E402
 from broker.curriculum.banks import SymbolsBank  # noqa: E402
+from learner.build import build_trainer  # noqa: E402
 from learner.tiny_model import build_tiny_model  # noqa: E402
-from learner.train import Trainer  # noqa: E402
-from learner.util import seed_everything  # noqa: E402
-from shared.config import EnvConfig, LearnerConfig  # noqa: E402
+from shared.config import Config, EnvConfig  # noqa: E402
 from shared.protocol import Role, Trajectory, pack  # noqa: E402
 
 GROUP = 8
@@ -133,34 +132,22 @@ class Episodes:
 
 
 def main(spec: dict[str, Any]) -> dict[str, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     seed, steps, groups = (
         int(spec.get("seed", 0)),
         int(spec.get("steps", 150)),
         spec.get("groups", 8),
     )
-    seed_everything(seed)
     torch.set_num_threads(1)
     path = Path(tempfile.mkdtemp(prefix="headrace-sweep-")) / "tiny"
     build_tiny_model(path, seed)
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     bank = SymbolsBank(msgspec.convert({**spec["env"], "seed": seed}, EnvConfig))
-    lc = msgspec.convert({"steps": steps, **spec.get("learner", {})}, LearnerConfig)
-    opt = torch.optim.AdamW(model.parameters(), lr=lc.lr, weight_decay=lc.weight_decay)
-    trainer = Trainer(
-        model,
-        opt,
-        clip_eps=lc.clip_eps,
-        grad_clip=lc.grad_clip,
-        ppo_epochs=lc.ppo_epochs,
-        minibatches=lc.minibatches,
-        correction=lc.correction,
-        advantage=lc.advantage,
-        weighting=lc.weighting,
-    )
-    trainer.configure_stability(lc)
+    learner = {"steps": steps, "seed": seed, **spec.get("learner", {})}
+    cfg = msgspec.convert({"model": {"path": str(path)}, "learner": learner}, Config)
+    trainer = build_trainer(cfg)  # as the learner process builds it (seeds every RNG too)
+    model = trainer.model
     rng = np.random.default_rng(seed)
     rewards: list[float] = []
     t0 = time.time()
