@@ -4,7 +4,7 @@ ignores the symbols cannot solve.
 Runs the whole pipeline (`headrace run`: broker + learner + one vLLM actor on loopback, the
 tiny model) once per (variant, seed), one run at a time, same steps and seeds for every
 variant, on `ops/configs/credit.toml`: a permuted `symbols` level (shared/symbols.py; a
-symbol-blind policy scores exactly chance), 3 turns, 8 free reasoning tokens and a
+symbol-blind policy scores exactly chance), 2 turns, 2 free reasoning tokens and a
 two-token action word per turn (its last token decides, so ActFocus's redistribution over
 action tokens acts). Variants:
 
@@ -64,7 +64,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "roles": ({"estimator": "grpo"}, {"mode": "roles"}),
 }
 DEFAULT_VARIANTS = ["grpo", "actfocus", "turn", "gigpo"]
-# Per step on this 2-core box (64 episodes of 3 x 10 generated tokens, and the update),
+# Per step on this 2-core box (64 episodes of 2 x 4 generated tokens, and the update),
 # plus vLLM start-up and teardown; only the first estimate uses them, the progress lines
 # extrapolate from the runs done.
 EST_STARTUP_S = 45.0

@@ -38,7 +38,7 @@ from broker.curriculum.banks import SymbolsBank  # noqa: E402
 from learner.build import build_trainer  # noqa: E402
 from learner.tiny_model import build_tiny_model  # noqa: E402
 from shared.config import Config, EnvConfig  # noqa: E402
-from shared.protocol import Role, Trajectory, pack  # noqa: E402
+from shared.protocol import Role, Trajectory, TurnInfo, pack  # noqa: E402
 
 GROUP = 8
 
@@ -55,6 +55,7 @@ class Episodes:
         self.logp = [[0.0] * len(x) for x in self.ids]
         self.turn = [[0] * len(x) for x in self.ids]
         self.rewards: list[list[float]] = [[] for _ in envs]
+        self.turns: list[list[TurnInfo]] = [[] for _ in envs]  # as the actor records them
         self.done = [False] * len(envs)
 
     @torch.no_grad()
@@ -92,6 +93,11 @@ class Episodes:
                 self.turn[i] += [t] * len(toks)
                 res = self.loop.run_until_complete(env.step(act))
                 self.rewards[i].append(res.reward)
+                self.turns[i].append(
+                    TurnInfo(
+                        res.reward, res.done, res.truncated, act.valid, res.state_key, act.action
+                    )
+                )
                 self.done[i] = res.done
                 if not res.done:
                     obs = self.tok.encode(" " + res.observation, add_special_tokens=False)
@@ -121,7 +127,7 @@ class Episodes:
                     behav_logprob=pack(np.array(self.logp[i]), "behav_logprob"),
                     policy_version=pack(np.full(n, version), "policy_version"),
                     turn_idx=pack(np.array(self.turn[i]), "turn_idx"),
-                    turns=[],
+                    turns=self.turns[i],
                     outcome_reward=env.outcome(self.rewards[i]),
                     success=env.success(self.rewards[i]),
                     termination="done",

@@ -1,67 +1,52 @@
-"""`headrace run` end to end: with fixed seeds, mean reward rises clearly within a few minutes."""
+"""`make demo` end to end: the demo config learns a task that a symbol-blind policy cannot
+solve (its blind ceiling is chance, 0.25 reward), through the whole pipeline."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import tomllib
+from pathlib import Path
 
+import msgspec
 import pytest
 
-from tests.helpers import free_port, write_config
+from benchmarks.harness import dump_toml, loopback_run, tail
+from broker.curriculum.banks import SymbolsBank
+from shared.config import EnvConfig
 
 pytestmark = pytest.mark.e2e
 
-STEPS = 60
-WINDOW = 10
+DEMO = Path(__file__).resolve().parents[2] / "ops" / "configs" / "demo.toml"
+# The demo's goal is 0.9 on every seed (README: measured per seed; seed 0 ended at 0.96). The
+# asynchronous pipeline is not deterministic (staleness depends on timing), so CI asserts a
+# bar well above what any symbol-blind policy can reach (0.25) but below the goal: a run
+# that collapses fails, an unlucky schedule on a loaded machine does not.
+MIN_FINAL_REWARD = 0.6
 
 
-def test_headrace_run_raises_reward(tmp_path, tiny_model):
-    cfg = write_config(
-        tmp_path / "e2e.toml",
-        tiny_model,
-        env={
-            "levels": [1],
-            "tasks_per_level": 32,
-            "n_turns": 2,
-            "reasoning_tokens": 2,
-            "seed": 0,
-        },
-        broker={"port": free_port(), "metrics_port": free_port(), "group_size": 8},
-        actor={"metrics_port": free_port(), "max_concurrent_episodes": 32, "seed": 0},
-        learner={
-            "steps": STEPS,
-            "batch_groups": 4,
-            "lr": 1e-2,
-            "seed": 0,
-            "weights_port": free_port(),
-            "metrics_port": free_port(),
-        },
-    )
+def test_demo_learns_the_symbols_it_is_shown(tmp_path: Path, tiny_model: Path) -> None:
+    base = tomllib.loads(DEMO.read_text())
+    steps = int(base["learner"]["steps"])
+    cfg = loopback_run(base, seed=0, steps=steps)
+    cfg["model"].update(path=str(tiny_model), build_tiny_if_missing=False)
+    cfg["broker"]["data_dir"] = str(tmp_path / "broker")
+    cfg["learner"]["checkpoint_dir"] = str(tmp_path / "learner")
+    (tmp_path / "demo.toml").write_text(dump_toml(cfg))
+    ceiling = SymbolsBank(msgspec.convert(cfg["env"], EnvConfig)).blind_ceiling()
+    assert ceiling["reward"] == pytest.approx(0.25)
+
     summary = tmp_path / "summary.json"
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "shared.cli",
-            "run",
-            "--config",
-            str(cfg),
-            "--summary-json",
-            str(summary),
-            "--run-dir",
-            str(tmp_path / "run"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    argv = [sys.executable, "-m", "shared.cli", "run", "--config", str(tmp_path / "demo.toml")]
+    argv += ["--summary-json", str(summary), "--run-dir", str(tmp_path / "run")]
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=1200)
     assert res.returncode == 0, res.stderr[-3000:]
-    steps = json.loads(summary.read_text())["steps"]
-    assert [s["step"] for s in steps] == list(range(1, STEPS + 1))
-    assert steps[-1]["policy_version"] == STEPS
-    rewards = [s["reward_mean"] for s in steps]
-    first = sum(rewards[:WINDOW]) / WINDOW
-    last = sum(rewards[-WINDOW:]) / WINDOW
-    print(f"reward first {WINDOW} steps {first:.3f}, last {WINDOW} steps {last:.3f}")
-    assert last > first + 0.15, (first, last, rewards)
+    entries = json.loads(summary.read_text())["steps"]
+    assert [s["step"] for s in entries] == list(range(1, steps + 1))
+    rewards = [s["reward_mean"] for s in entries]
+    final = tail(rewards)
+    print(f"final reward {final:.3f} (blind ceiling {ceiling['reward']:.3f})")
+    assert final >= MIN_FINAL_REWARD, rewards
+    # it learned the symbols: the action entropy did not collapse to a deterministic guess
+    assert entries[-1]["entropy_action"] > 0.01
