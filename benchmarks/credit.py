@@ -68,7 +68,7 @@ DEFAULT_VARIANTS = ["grpo", "actfocus", "turn", "gigpo"]
 # plus vLLM start-up and teardown; only the first estimate uses them, the progress lines
 # extrapolate from the runs done.
 EST_STARTUP_S = 45.0
-EST_STEP_S = 1.6
+EST_STEP_S = 1.1
 
 
 def run_config(base: dict[str, Any], variant: str, seed: int, steps: int) -> dict[str, Any]:
