@@ -100,7 +100,7 @@ def test_online_rescaling_when_the_max_comes_late() -> None:
     # Logits growing along the vocab put each new max in a later tile, with a wide range.
     hidden, weight, targets = _inputs(scale=4.0)
     with torch.no_grad():
-        weight += torch.linspace(0, 3, weight.shape[0])[:, None]
+        weight += torch.linspace(0, 3, weight.shape[0], device=weight.device)[:, None]
     a, b = _upstream()
     _close(
         _run("triton", hidden, weight, targets, a, b),
