@@ -151,7 +151,8 @@ def main(spec: dict[str, Any]) -> dict[str, Any]:
     tok = AutoTokenizer.from_pretrained(path)
     bank = SymbolsBank(msgspec.convert({**spec["env"], "seed": seed}, EnvConfig))
     learner = {"steps": steps, "seed": seed, **spec.get("learner", {})}
-    cfg = msgspec.convert({"model": {"path": str(path)}, "learner": learner}, Config)
+    model_cfg = {"path": str(path), "seed": seed}
+    cfg = msgspec.convert({"model": model_cfg, "learner": learner}, Config)
     trainer = build_trainer(cfg)  # as the learner process builds it (seeds every RNG too)
     model = trainer.model
     rng = np.random.default_rng(seed)

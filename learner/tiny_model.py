@@ -10,10 +10,13 @@ seed produce byte-identical files. head_dim is 32 because vLLM's CPU attention n
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from shared.config import TINY_MARKER
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 VOCAB_TARGET = 256
@@ -100,6 +103,7 @@ def build_tiny_model(out: Path, seed: int = 0) -> Path:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        (tmp / TINY_MARKER).write_text(json.dumps({"seed": seed}))
         try:
             os.rename(tmp, out)
         except OSError:

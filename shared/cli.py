@@ -56,6 +56,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir.mkdir(parents=True, exist_ok=True)
     model = Path(cfg.model.path)
+    cfg.model.check_tiny_seed()
     if not (model / "config.json").exists():
         if not cfg.model.build_tiny_if_missing:
             raise ConfigError(f"no model at {model} and [model] build_tiny_if_missing = false")

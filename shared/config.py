@@ -24,10 +24,30 @@ class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pass
 
 
+# Written by `learner.tiny_model` beside the tiny model's weights: {"seed": N}.
+TINY_MARKER = "headrace_tiny.json"
+
+
 class ModelConfig(_Section):
     path: str = ".cache/models/tiny"
     build_tiny_if_missing: bool = True  # build the tiny random Llama + tokenizer at `path`
-    seed: int = 0
+    seed: int = 0  # the tiny model's initialisation (when built here)
+
+    def check_tiny_seed(self) -> None:
+        """Refuse a tiny model at `path` that was built with another seed.
+
+        The tiny model is built once per path; a later run with another `[model] seed` would
+        otherwise train the old initialisation without a word (seed sweeps would share it).
+        """
+        marker = Path(self.path) / TINY_MARKER
+        if not (self.build_tiny_if_missing and marker.exists()):
+            return
+        built = int(msgspec.json.decode(marker.read_bytes()).get("seed", -1))
+        if built != self.seed:
+            raise ConfigError(
+                f"the tiny model at {self.path} was built with seed {built}, but [model] seed "
+                f"is {self.seed}: point [model] path at another folder (or delete this one)"
+            )
 
 
 class SymbolsFamily(_Section):
