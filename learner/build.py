@@ -10,6 +10,7 @@ import torch
 
 from learner.distributed import ShardedTrainer, shard_model
 from learner.tiny_model import build_tiny_model
+from learner.train import stability_settings
 from learner.util import seed_everything
 from shared.config import Config
 
@@ -31,6 +32,7 @@ def build_trainer(cfg: Config) -> ShardedTrainer:
     lc = cfg.learner
     seed_everything(lc.seed)
     path = Path(cfg.model.path)
+    cfg.model.check_tiny_seed()
     if not (path / "config.json").exists():
         if not cfg.model.build_tiny_if_missing:
             raise ModelMissing(f"model not found at {path} (build_tiny_if_missing = false)")
@@ -44,7 +46,6 @@ def build_trainer(cfg: Config) -> ShardedTrainer:
     trainer = ShardedTrainer(
         model,
         opt,
-        clip_eps=lc.clip_eps,
         grad_clip=lc.grad_clip,
         # vLLM reports "processed" logprobs, i.e. after temperature scaling: match it.
         temperature=cfg.actor.temperature,
@@ -56,8 +57,6 @@ def build_trainer(cfg: Config) -> ShardedTrainer:
         correction=lc.correction,
         advantage=lc.advantage,
         weighting=lc.weighting,
+        **stability_settings(lc, opt),
     )
-    # Clip bounds, entropy bonus and a fresh lr warm-up schedule on this optimiser (a
-    # checkpoint loaded afterwards restores the schedule's position).
-    trainer.configure_stability(lc)
     return trainer

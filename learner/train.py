@@ -8,7 +8,7 @@ runs `ppo_epochs` x `minibatches` clipped updates against those fixed proximal l
 token at position t is predicted from the hidden state at t-1, so token 0 of an episode is never
 trained (it is prompt anyway) and `behav_logprob[t]` is compared with the hidden state at t-1.
 
-Stability controls (`[learner]`, `Trainer.configure_stability`): asymmetric clip bounds
+Stability controls (`[learner]`, `stability_settings`): asymmetric clip bounds
 (ratio in [1 - eps_low, 1 + eps_high]), an entropy bonus on the tokens of `entropy_roles`
 (subtracted from each micro-batch loss, over a whole-minibatch denominator like the loss), and
 a linear lr warm-up stepped once per optimiser step. The step's diagnostics, including entropy
@@ -181,6 +181,23 @@ def lr_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def stability_settings(lc: LearnerConfig, optimizer: torch.optim.Optimizer) -> dict:
+    """`Trainer` keyword arguments from `[learner]`: clip bounds, entropy bonus, and a fresh lr
+    schedule on `optimizer` (a checkpoint loaded afterwards restores its position)."""
+    low, high = lc.clip_bounds()
+    # the schedule counts optimiser steps: ppo_epochs x minibatches per learner step
+    updates = lc.steps * lc.ppo_epochs * lc.minibatches
+    schedule = lr_scheduler(optimizer, lc.warmup_steps, lc.lr_decay, updates, lc.min_lr_ratio)
+    return {
+        "clip_eps": lc.clip_eps,
+        "clip_low": low,
+        "clip_high": high,
+        "entropy_coef": lc.entropy_coef,
+        "entropy_roles": lc.entropy_roles,
+        "scheduler": schedule,
+    }
+
+
 class Trainer:
     """Holds model + optimiser and the loss settings; `step()` trains on one batch."""
 
@@ -190,7 +207,7 @@ class Trainer:
         optimizer: torch.optim.Optimizer,
         *,
         clip_eps: float = 0.2,
-        clip_low: float | None = None,  # None or < 0: clip_eps (see `clipped_pg_loss`)
+        clip_low: float | None = None,  # None: clip_eps (see `clipped_pg_loss`)
         clip_high: float | None = None,
         entropy_coef: float = 0.0,  # entropy bonus of the tokens of `entropy_roles`
         entropy_roles: Sequence[str] = ("action",),
@@ -211,8 +228,8 @@ class Trainer:
         self.model = model
         self.optimizer = optimizer
         self.clip_eps, self.grad_clip = clip_eps, grad_clip
-        self.clip_low = clip_eps if clip_low is None or clip_low < 0 else clip_low
-        self.clip_high = clip_eps if clip_high is None or clip_high < 0 else clip_high
+        self.clip_low = clip_eps if clip_low is None else clip_low
+        self.clip_high = clip_eps if clip_high is None else clip_high
         self.entropy_coef = entropy_coef
         self.entropy_roles = _role_ids(entropy_roles)
         self.scheduler = scheduler
@@ -227,20 +244,6 @@ class Trainer:
         self.weighting = weighting or WeightingConfig()
         self.alerts = C.AlertMonitor(self.correction.alert)
         self.device = next(model.parameters()).device
-
-    def configure_stability(self, lc: LearnerConfig) -> None:
-        """Take `[learner]`'s clip bounds, entropy bonus and lr warm-up (a fresh schedule on this
-        trainer's optimiser). Call it before loading a checkpoint: the checkpoint then restores
-        the schedule's position along with the optimiser's lr."""
-        self.clip_eps = lc.clip_eps
-        self.clip_low, self.clip_high = lc.clip_bounds()
-        self.entropy_coef = lc.entropy_coef
-        self.entropy_roles = _role_ids(lc.entropy_roles)
-        # the schedule counts optimiser steps: ppo_epochs x minibatches per learner step
-        updates = lc.steps * lc.ppo_epochs * lc.minibatches
-        self.scheduler = lr_scheduler(
-            self.optimizer, lc.warmup_steps, lc.lr_decay, updates, lc.min_lr_ratio
-        )
 
     def token_logprobs(
         self, input_ids: Tensor, attention_mask: Tensor, row: Tensor, pos: Tensor

@@ -16,7 +16,7 @@ from learner.checkpoint import load_checkpoint, save_checkpoint
 from learner.monitor import actfocus_monitor
 from learner.synthetic import synthetic_batch
 from learner.tiny_model import build_tiny_model
-from learner.train import Trainer, collate
+from learner.train import Trainer, collate, stability_settings
 from shared.config import AlertConfig, CorrectionConfig, LearnerConfig
 from shared.protocol import Role, pack
 
@@ -30,10 +30,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _trainer(model_dir: Path, opt=torch.optim.AdamW, lc: LearnerConfig | None = None, **kw):
     model = AutoModelForCausalLM.from_pretrained(model_dir).double()
-    trainer = Trainer(model, opt(model.parameters(), lr=LR), **kw)
-    if lc is not None:
-        trainer.configure_stability(lc)
-    return trainer
+    o = opt(model.parameters(), lr=LR)
+    return Trainer(model, o, **(stability_settings(lc, o) if lc is not None else {}), **kw)
 
 
 def _params(trainer: Trainer) -> torch.Tensor:
