@@ -48,7 +48,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/...`
 
-from benchmarks.credit import free_port, headrace_run  # noqa: E402
+from benchmarks.harness import free_port, headrace_run, report_failure  # noqa: E402
 
 GOAL_SPEEDUP = 2.5
 
@@ -102,10 +102,8 @@ def run_once(
     code, run_s, entries, log_path = headrace_run(cfg, run_dir, timeout_s)
     result: dict[str, Any] = {"seed": seed, "code": code, "run_s": round(run_s, 1)}
     if code != 0 or len(entries) < steps or any("time" not in e for e in entries):
-        last = log_path.read_text(errors="replace").splitlines()[-15:] if log_path.exists() else []
         result["error"] = f"exit {code}, {len(entries)}/{steps} steps"
-        print(f"  run failed ({result['error']}); logs in {run_dir}", file=sys.stderr)
-        print("\n".join("    " + line for line in last), file=sys.stderr)
+        report_failure(result["error"], run_dir, log_path)
         return result
     batch = cfg["learner"]["batch_groups"] * cfg["broker"]["group_size"]
     window = entries[-1]["time"] - entries[0]["time"]

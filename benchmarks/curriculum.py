@@ -48,6 +48,7 @@ from benchmarks.harness import (  # noqa: E402
     headrace_run,
     loopback_run,
     mean_std,
+    report_failure,
     stop,
     tail,
 )
@@ -256,9 +257,7 @@ def run_once(
         else:
             result["heldout"] = {f: round(x, 4) for f, x in heldout.items()}
     if "error" in result:
-        last = log_path.read_text(errors="replace").splitlines()[-15:] if log_path.exists() else []
-        print(f"  run failed ({result['error']}); logs in {run_dir}", file=sys.stderr)
-        print("\n".join("    " + line for line in last), file=sys.stderr)
+        report_failure(result["error"], run_dir, log_path)
     elif not args.keep:
         shutil.rmtree(run_dir, ignore_errors=True)
     return result

@@ -62,11 +62,14 @@ def free_port() -> int:
 
 def loopback_run(cfg: dict[str, Any], seed: int, steps: int) -> dict[str, Any]:
     """`cfg` made runnable as one benchmark run: free ports, no metrics servers, and `seed`
-    in every seed key (env, actor, learner, replay, curriculum)."""
+    in every seed key (model, env, actor, learner, replay, curriculum); a tiny model is built
+    per seed, in a folder of its own beside `[model] path`."""
     port = free_port()
     endpoint = f"tcp://127.0.0.1:{port}"
     cfg.setdefault("env", {})["seed"] = seed
-    cfg.setdefault("model", {})
+    model = cfg.setdefault("model", {})
+    if model.get("build_tiny_if_missing", True):  # the tiny model: one initialisation per seed
+        model.update(seed=seed, path=f"{model.get('path', '.cache/models/tiny')}-seed{seed}")
     cfg.setdefault("broker", {}).update(port=port, metrics_port=0)
     cfg["broker"].setdefault("replay", {})["seed"] = seed
     if "curriculum" in cfg["broker"]:
@@ -137,6 +140,13 @@ def headrace_run(
         except json.JSONDecodeError:
             entries = []
     return code, seconds, entries, log_path
+
+
+def report_failure(error: str, run_dir: Path, log_path: Path, lines: int = 15) -> None:
+    """Say on stderr that a benchmark run failed, where its logs are, and their last lines."""
+    last = log_path.read_text(errors="replace").splitlines()[-lines:] if log_path.exists() else []
+    print(f"  run failed ({error}); logs in {run_dir}", file=sys.stderr)
+    print("\n".join("    " + line for line in last), file=sys.stderr)
 
 
 # ------------------------------------------------------------------ statistics
