@@ -2,8 +2,9 @@
 
 The pipeline benchmarks (credit.py, `make demo`) take minutes per run; choosing defaults
 needs many runs. This loop plays the real `SymbolsEnv` episodes, samples each token from the
-learner's own model in torch (on-policy: no staleness, same token layout and roles as the
-actor's), and calls the real `Trainer.step`, so one 150-step run of the demo's task takes
+learner's own model in torch (on-policy: no staleness, the actor's token layout and roles
+except the BOS token the actor puts first, which slows learning here: README, "Credit
+assignment"), and calls the real `Trainer.step`, so one 150-step run of the demo's task takes
 about a minute. Its figures measure learning speed per step; the pipeline adds off-policy
 staleness, which `headrace run` then confirms or refutes.
 
