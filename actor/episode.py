@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from actor.engine import Engine
@@ -56,6 +57,20 @@ def decode_pieces(tokenizer, ids: list[int]) -> list[str]:
     return [tokenizer.decode([i]) for i in ids]
 
 
+def special_prefix(tokenizer: Tokenizer) -> list[int]:
+    """The special tokens the tokenizer itself puts before a text: BOS for Llama-style
+    tokenizers, nothing for GPT-2-style ones (SmolLM2, the tiny test model). An episode's
+    prompt starts with exactly these, as `tokenizer(text)` would give. (Prefixing
+    `bos_token_id` whenever one was defined gave GPT-2-style models a prompt their tokenizer
+    never makes; on the tiny model that token alone kept credit runs at chance, README.)"""
+    plain = tokenizer.encode("a", add_special_tokens=False)
+    full = tokenizer.encode("a", add_special_tokens=True)
+    for i in range(len(full) - len(plain) + 1):
+        if full[i : i + len(plain)] == plain:
+            return full[:i]
+    return []
+
+
 async def run_episode(
     engine: Engine,
     env: Env,
@@ -67,7 +82,7 @@ async def run_episode(
     top_p: float = 1.0,
     top_k: int = 0,
     max_model_len: int,
-    bos_id: int | None,
+    prefix_ids: Sequence[int],
     needs_text: bool = False,
 ) -> P.Trajectory:
     t0 = time.monotonic()
@@ -76,8 +91,7 @@ async def run_episode(
     termination = P.Termination.MAX_TURNS
     try:
         obs = await env.reset()
-        prefix = [bos_id] if bos_id is not None else []
-        ids = prefix + tokenizer.encode(obs, add_special_tokens=False)
+        ids = [*prefix_ids, *tokenizer.encode(obs, add_special_tokens=False)]
         buf.extend_context(ids, Role.PROMPT, 0, engine.version)
         gen_seconds = 0.0
         for turn in range(env.max_turns):

@@ -19,7 +19,7 @@ from prometheus_client import Counter, Gauge
 
 from actor.engine import Engine, EngineDead
 from actor.envs import make_env
-from actor.episode import run_episode
+from actor.episode import run_episode, special_prefix
 from actor.outbox import Outbox
 from actor.weights import WEIGHTS_REJECTED, WeightDigestMismatch, fetch_weights
 from shared import protocol as P
@@ -52,6 +52,7 @@ class Actor:
         self.outbox = Outbox(self.client, self.acfg.outbox_batch, self.acfg.outbox_flush_s)
         self.engine: Engine | None = None
         self.tokenizer = None
+        self.prefix_ids: list[int] = []
         self._latest: P.PolicyPublished | None = None
         self._new_policy = asyncio.Event()
         self._slots = asyncio.Semaphore(self.acfg.max_concurrent_episodes)
@@ -70,6 +71,7 @@ class Actor:
         self.client.on(P.PolicyPublished, self._on_policy)
         welcome = await self._hello()
         self.tokenizer = AutoTokenizer.from_pretrained(self.cfg.model.path)
+        self.prefix_ids = special_prefix(self.tokenizer)
         log.info("starting vLLM engine for %s", self.cfg.model.path)
         self.engine = Engine(
             self.cfg.model.path,
@@ -224,7 +226,7 @@ class Actor:
                 top_p=self.acfg.top_p,
                 top_k=self.acfg.top_k,
                 max_model_len=self.acfg.max_model_len,
-                bos_id=self.tokenizer.bos_token_id,
+                prefix_ids=self.prefix_ids,
                 needs_text=getattr(env, "needs_text", False),
             )
         except EngineDead as e:

@@ -59,6 +59,7 @@ def prompts(model: Path, n: int, reasoning_tokens: int, seed: int) -> list[list[
     from transformers import AutoTokenizer
 
     from actor.envs import make_env
+    from actor.episode import special_prefix
     from shared import protocol as P
 
     tok = AutoTokenizer.from_pretrained(model)
@@ -68,8 +69,7 @@ def prompts(model: Path, n: int, reasoning_tokens: int, seed: int) -> list[list[
         payload["reasoning_tokens"] = reasoning_tokens
         task = P.TaskSpec(task_id=f"p{i}", env="symbols", payload=payload)
         obs = asyncio.run(make_env(task, i).reset())
-        bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-        out.append(bos + tok.encode(obs, add_special_tokens=False))
+        out.append(special_prefix(tok) + tok.encode(obs, add_special_tokens=False))
     return out
 
 

@@ -152,7 +152,7 @@ async def _evaluate(ckpt: str, tasks: dict[str, list[Any]], spec: dict[str, Any]
 
     from actor.engine import Engine
     from actor.envs import make_env
-    from actor.episode import run_episode
+    from actor.episode import run_episode, special_prefix
     from shared import protocol as P
 
     max_len = int(spec["max_model_len"])
@@ -173,7 +173,7 @@ async def _evaluate(ckpt: str, tasks: dict[str, list[Any]], spec: dict[str, Any]
                 top_p=float(spec["top_p"]),
                 top_k=int(spec["top_k"]),  # 0: off, as in [actor]
                 max_model_len=max_len,
-                bos_id=tokenizer.bos_token_id,
+                prefix_ids=special_prefix(tokenizer),
             )
             return bool(traj.success)
 

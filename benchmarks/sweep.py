@@ -2,11 +2,11 @@
 
 The pipeline benchmarks (credit.py, `make demo`) take minutes per run; choosing defaults
 needs many runs. This loop plays the real `SymbolsEnv` episodes, samples each token from the
-learner's own model in torch (on-policy: no staleness, the actor's token layout and roles
-except the BOS token the actor puts first, which slows learning here: README, "Credit
-assignment"), and calls the real `Trainer.step`, so one 150-step run of the demo's task takes
-about a minute. Its figures measure learning speed per step; the pipeline adds off-policy
-staleness, which `headrace run` then confirms or refutes.
+learner's own model in torch (on-policy: no staleness, the actor's token layout and roles,
+with the tokenizer's own special prefix: none for the tiny model), and calls the real
+`Trainer.step`, so one 150-step run of the demo's task takes about a minute. Its figures
+measure learning speed per step; the pipeline adds off-policy staleness, which `headrace run`
+then confirms or refutes.
 
     python benchmarks/sweep.py '{"env": {...}, "learner": {...}, "steps": 150, "seed": 0}'
 
@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmar
 
 from actor.envs.base import Generation  # noqa: E402
 from actor.envs.symbols import SymbolsEnv  # noqa: E402
+from actor.episode import special_prefix  # noqa: E402
 from benchmarks.harness import steps_to_threshold  # noqa: E402
 from broker.curriculum.banks import SymbolsBank  # noqa: E402
 from learner.build import build_trainer  # noqa: E402
@@ -51,7 +52,7 @@ class Episodes:
         self.envs, self.tok = envs, tok
         self.loop = asyncio.new_event_loop()
         first = [self.loop.run_until_complete(e.reset()) for e in envs]
-        self.ids = [tok.encode(o, add_special_tokens=False) for o in first]
+        self.ids = [special_prefix(tok) + tok.encode(o, add_special_tokens=False) for o in first]
         self.roles = [[int(Role.PROMPT)] * len(x) for x in self.ids]
         self.logp = [[0.0] * len(x) for x in self.ids]
         self.turn = [[0] * len(x) for x in self.ids]

@@ -11,7 +11,7 @@ import torch
 
 from actor.engine import Engine
 from actor.envs import make_env
-from actor.episode import run_episode
+from actor.episode import run_episode, special_prefix
 from shared import protocol as P
 from shared.protocol import Role
 
@@ -82,7 +82,7 @@ def test_episode_tokens_are_prompt_plus_generated_plus_observations(engine, toke
                 "a",
                 temperature=1.0,
                 max_model_len=512,
-                bos_id=tokenizer.bos_token_id,
+                prefix_ids=special_prefix(tokenizer),
             )
         )
     finally:
@@ -95,7 +95,7 @@ def test_episode_tokens_are_prompt_plus_generated_plus_observations(engine, toke
     assert len(prompts) == 3
     for p in prompts:
         assert ids[: len(p)] == p
-    first = [tokenizer.bos_token_id] + tokenizer.encode(
+    first = special_prefix(tokenizer) + tokenizer.encode(
         f"turn sym{env.symbols[0]}", add_special_tokens=False
     )
     assert ids[: len(first)] == first and set(roles[: len(first)]) == {Role.PROMPT}

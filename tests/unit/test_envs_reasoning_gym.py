@@ -148,7 +148,7 @@ def test_full_episode_through_the_actor_loop() -> None:
             "a",
             temperature=1.0,
             max_model_len=4096,
-            bos_id=None,
+            prefix_ids=(),
             needs_text=env.needs_text,
         )
     )
