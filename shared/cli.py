@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from shared.config import ConfigError, load_config
+from shared.config import Config, ConfigError, load_config
 
 
 class Role:
@@ -48,7 +48,21 @@ class Role:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+        # Whatever the role started in its session and left running (a vLLM engine process of
+        # an actor that died) goes with it.
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
         return self.proc.returncode
+
+
+class Terminated(Exception):
+    """SIGTERM reached the launcher (systemd, SLURM, Kubernetes, `kill`)."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -61,84 +75,71 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not cfg.model.build_tiny_if_missing:
             raise ConfigError(f"no model at {model} and [model] build_tiny_if_missing = false")
         print(f"building the tiny model at {model} ...", file=sys.stderr)
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "learner.tiny_model",
-                "--out",
-                str(model),
-                "--seed",
-                str(cfg.model.seed),
-            ],
-            check=True,
-        )
-    broker_ep = f"tcp://127.0.0.1:{cfg.broker.port}"
-    common = ["--config", args.config] if args.config else []
-    roles = [
-        Role(
-            "broker",
-            ["broker", *common, "--data-dir", str(run_dir / "broker")],
-            run_dir / "broker.log",
-        )
-    ]
-    for i in range(args.actors):
-        port = cfg.actor.metrics_port + i if cfg.actor.metrics_port else 0
-        roles.append(
-            Role(
-                f"actor{i}",
-                [
-                    "actor",
-                    *common,
-                    "--broker",
-                    broker_ep,
-                    "--metrics-port",
-                    str(port),
-                    "--actor-id",
-                    f"actor{i}",
-                ],
-                run_dir / f"actor{i}.log",
-            )
-        )
-    learner_argv = [
-        "learner",
-        *common,
-        "--broker",
-        broker_ep,
-        "--checkpoint-dir",
-        str(run_dir / "learner"),
-    ]
-    if args.steps:
-        learner_argv += ["--steps", str(args.steps)]
-    if args.summary_json:
-        learner_argv += ["--summary-json", args.summary_json]
-    learner = Role("learner", learner_argv, None)  # its progress bar goes to this terminal
-    roles.append(learner)
-    print(f"headrace run: logs in {run_dir}/", file=sys.stderr)
+        argv = ["learner.tiny_model", "--out", str(model), "--seed", str(cfg.model.seed)]
+        subprocess.run([sys.executable, "-m", *argv], check=True)
+    roles: list[Role] = []
     code = 0
+    # SIGTERM takes the same way out as Ctrl-C: every role is stopped, none is left behind
+    # (each runs in its own session, so nothing else would stop it).
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        while learner.proc.poll() is None:
-            for r in roles:
-                if r is not learner and r.proc.poll() is not None:
-                    print(
-                        f"\n{r.name} exited with code {r.proc.returncode}:\n{r.tail()}",
-                        file=sys.stderr,
-                    )
-                    code = 1
-            if code:
-                break
-            time.sleep(0.5)
-        if not code:
-            code = learner.proc.returncode or 0
+        _start_roles(args, cfg, run_dir, roles)
+        print(f"headrace run: logs in {run_dir}/", file=sys.stderr)
+        code = _watch(roles)
     except KeyboardInterrupt:
         code = 130
+    except Terminated:
+        code = -1
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut this short
         # Learner first (it checkpoints), then actors (they drain their outboxes), broker last.
-        for r in [learner, *[r for r in roles if r.name.startswith("actor")], roles[0]]:
-            r.stop()
-    if code == 0 and args.summary_json:
+        order = [r for r in roles if r.name == "learner"]
+        order += [r for r in roles if r.name.startswith("actor")]
+        order += [r for r in roles if r.name == "broker"]
+        stopped = [r.stop() for r in order]
+        signal.signal(signal.SIGTERM, previous)
+    if code == -1:  # SIGTERM: a clean stop of every role is a success, as for each role alone
+        code = 0 if all(c == 0 for c in stopped) else 1
+        print(f"headrace run: stopped on SIGTERM (exit {code})", file=sys.stderr)
+    if code == 0 and args.summary_json and Path(args.summary_json).exists():
         print(f"summary written to {args.summary_json}", file=sys.stderr)
     return code
+
+
+def _start_roles(args: argparse.Namespace, cfg: Config, run_dir: Path, roles: list[Role]) -> None:
+    """Broker, then actors, then the learner; appended to `roles` as each starts, so a stop
+    during the start still finds every process started so far."""
+    broker_ep = f"tcp://127.0.0.1:{cfg.broker.port}"
+    common = ["--config", args.config] if args.config else []
+    broker = ["broker", *common, "--data-dir", str(run_dir / "broker")]
+    roles.append(Role("broker", broker, run_dir / "broker.log"))
+    for i in range(args.actors):
+        port = cfg.actor.metrics_port + i if cfg.actor.metrics_port else 0
+        actor = ["actor", *common, "--broker", broker_ep, "--metrics-port", str(port)]
+        roles.append(
+            Role(f"actor{i}", [*actor, "--actor-id", f"actor{i}"], run_dir / f"actor{i}.log")
+        )
+    learner = ["learner", *common, "--broker", broker_ep]
+    learner += ["--checkpoint-dir", str(run_dir / "learner")]
+    if args.steps:
+        learner += ["--steps", str(args.steps)]
+    if args.summary_json:
+        learner += ["--summary-json", args.summary_json]
+    roles.append(Role("learner", learner, None))  # its progress bar goes to this terminal
+
+
+def _watch(roles: list[Role]) -> int:
+    """Until the learner exits: its exit code, or 1 as soon as another role dies."""
+    learner = next(r for r in roles if r.name == "learner")
+    while learner.proc.poll() is None:
+        for r in roles:
+            if r is not learner and r.proc.poll() is not None:
+                print(
+                    f"\n{r.name} exited with code {r.proc.returncode}:\n{r.tail()}", file=sys.stderr
+                )
+                return 1
+        time.sleep(0.5)
+    return learner.proc.returncode or 0
 
 
 async def _status(endpoint: str, timeout: float, curve: object = None) -> dict:

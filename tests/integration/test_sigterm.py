@@ -157,3 +157,39 @@ def test_broker_flushes_its_store_and_exits_0(run):
     info = wait_for(run.status, 60, "the restarted broker to answer")
     assert info["stored_trajectories"] == stored
     assert sigterm(run.broker, 30) == 0, run.broker.tail()
+
+
+def test_headrace_run_stops_every_role_on_sigterm(tmp_path, tiny_model):
+    """The launcher, SIGTERMed mid-run, stops learner, actor and broker in order and exits
+    0; no process it started (the vLLM engine process included) is left running."""
+    import psutil
+
+    metrics = free_port()
+    config = write_config(
+        tmp_path / "run.toml",
+        tiny_model,
+        broker={"port": free_port(), "metrics_port": 0},
+        actor={"metrics_port": 0},
+        learner={"steps": 100000, "weights_port": free_port(), "metrics_port": metrics},
+    )
+    argv = ["shared.cli", "run", "--config", str(config), "--run-dir", str(tmp_path / "run")]
+    launcher = Proc("launcher", argv, tmp_path)
+    started: list[psutil.Process] = []
+    try:
+        wait_for(
+            lambda: metric(metrics, "headrace_learner_steps_total") >= 1,
+            300,
+            "the first learner step",
+        )
+        started += psutil.Process(launcher.p.pid).children(recursive=True)
+        names = " ".join(" ".join(p.cmdline()) for p in started)
+        assert all(role in names for role in ("broker", "actor", "learner")), names
+        assert sigterm(launcher, 150) == 0, launcher.tail()
+        assert "stopped on SIGTERM (exit 0)" in launcher.log.read_text()
+        _, alive = psutil.wait_procs(started, timeout=10)
+        assert not alive, [" ".join(p.cmdline()) for p in alive]
+    finally:
+        launcher.stop(timeout=20)
+        for p in started:  # the roles have sessions of their own: a failed test kills them here
+            if p.is_running():
+                p.kill()
