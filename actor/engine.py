@@ -16,6 +16,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
+from actor.reaper import Reaper
 from shared.metrics import WEIGHTS_SYNC_SECONDS
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,8 @@ class Engine:
             disable_log_stats=True,
         )
         self.llm = AsyncLLM.from_engine_args(args)
+        self._reaper = Reaper()  # the engine's processes go when the actor does, however
+        self._reaper.track_children()
         self.version = 0
         self._ids = itertools.count()
         self._inflight: dict[str, _Inflight] = {}
@@ -220,3 +223,4 @@ class Engine:
             self.llm.shutdown()
         except Exception:  # already dead
             log.debug("engine shutdown failed", exc_info=True)
+        self._reaper.close()

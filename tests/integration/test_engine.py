@@ -188,3 +188,45 @@ def test_swap_mid_generation_stamps_exact_token_versions(engine, tiny_model, tmp
         assert np.max(np.abs(lp[:k] - old_ref[:k])) < 1e-3
         assert np.max(np.abs(lp[k:] - new_ref[k:])) < 1e-3
         assert np.max(np.abs(lp[k:] - old_ref[k:])) > 1e-2
+
+
+ENGINE_OWNER = """
+import asyncio, sys, time
+from actor.engine import Engine
+
+async def main():
+    Engine(sys.argv[1], seed=0, max_model_len=128, max_num_seqs=8)
+    print("ready", flush=True)
+    time.sleep(600)
+
+asyncio.run(main())
+"""
+
+
+def test_engine_processes_die_with_a_sigkilled_owner(tiny_model):
+    """SIGKILL of the process that owns an Engine (an actor) takes vLLM's engine processes
+    with it: its reaper kills them. Without one they ran on, holding their memory."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    owner = subprocess.Popen(
+        [sys.executable, "-c", ENGINE_OWNER, str(tiny_model)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    children: list[psutil.Process] = []
+    try:
+        assert owner.stdout is not None and owner.stdout.readline().strip() == "ready"
+        children = psutil.Process(owner.pid).children(recursive=True)
+        engines = [p for p in children if "actor.reaper" not in p.cmdline()]
+        assert engines, "vLLM started no engine process"
+        owner.kill()
+        owner.wait(30)
+        _, alive = psutil.wait_procs(children, timeout=15)
+        assert not alive, [(p.pid, p.name()) for p in alive]
+    finally:
+        for p in children:
+            if p.is_running():
+                p.kill()

@@ -1,0 +1,115 @@
+"""The engine's processes die with the actor, whatever kills the actor.
+
+vLLM runs its engine core (and, with several workers, the workers) in child processes. When
+the actor exits normally `Engine.shutdown` stops them, but SIGKILL (the OOM killer, a
+preempted node, `kill -9`) gives the actor no chance to, and the children keep running,
+holding their memory (a GPU, on a GPU machine) with nobody left to use it.
+
+A reaper is a small process of its own session (so a signal to the actor's process group
+does not take it first) that watches the actor and, once the actor is gone, kills the
+processes the actor registered with it, their descendants included. It checks every
+`POLL_S`; it exits when it has reaped, or when the actor closes its stdin after a clean
+shutdown (whatever is left over is reaped then too).
+
+    python -m actor.reaper PID     # reads "pid create_time" lines on stdin
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+
+POLL_S = 0.5
+
+
+class Reaper:
+    """The actor's handle on its reaper process."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "actor.reaper", str(psutil.Process().pid)],
+            stdin=subprocess.PIPE,
+            start_new_session=True,
+        )
+
+    def track_children(self) -> list[int]:
+        """Register every descendant of this process (but the reaper): the engine's."""
+        mine = [p for p in psutil.Process().children(recursive=True) if not _is_reaper(p)]
+        stdin = self.proc.stdin
+        assert stdin is not None
+        for p in mine:
+            stdin.write(f"{p.pid} {p.create_time()}\n".encode())
+        stdin.flush()
+        return [p.pid for p in mine]
+
+    def close(self) -> None:
+        """After a clean shutdown: the reaper reaps any leftovers and exits."""
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def _is_reaper(p: psutil.Process) -> bool:
+    try:
+        return "actor.reaper" in p.cmdline()
+    except psutil.Error:
+        return False
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _reap(tracked: list[psutil.Process]) -> None:
+    victims: list[psutil.Process] = []
+    for p in tracked:
+        try:
+            if p.is_running():  # compares create_time: a reused pid is not ours
+                victims += [p, *p.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            pass
+    for p in victims:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(victims, timeout=5)
+    if victims:
+        print(f"reaper: killed {len(victims)} leftover engine process(es)", file=sys.stderr)
+
+
+def main(argv: list[str]) -> int:
+    actor = psutil.Process(int(argv[0]))
+    tracked: list[psutil.Process] = []
+    closed = threading.Event()
+
+    def read() -> None:  # registrations, until the actor closes stdin (or dies)
+        for line in sys.stdin.buffer:
+            pid, created = line.split()
+            try:
+                p = psutil.Process(int(pid))
+                if abs(p.create_time() - float(created)) < 0.01:
+                    tracked.append(p)
+            except psutil.NoSuchProcess:
+                pass
+        closed.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    while _alive(actor) and not closed.is_set():
+        time.sleep(POLL_S)
+    _reap(tracked)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,59 @@
+"""An actor's child processes die with it, whatever kills it: its reaper kills them once the
+actor is gone (SIGKILL included), and leaves them alone while the actor lives."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import psutil
+
+OWNER = """
+import subprocess, sys, time
+from actor.reaper import Reaper
+
+child = subprocess.Popen(["sleep", "600"])  # stands in for vLLM's engine process
+reaper = Reaper()
+tracked = reaper.track_children()
+assert tracked == [child.pid], tracked
+print(child.pid, flush=True)
+if sys.argv[1] == "clean":
+    child.terminate(); child.wait(); reaper.close(); print("closed", flush=True)
+time.sleep(600)
+"""
+
+
+def start(mode: str) -> tuple[subprocess.Popen[str], psutil.Process]:
+    owner = subprocess.Popen([sys.executable, "-c", OWNER, mode], stdout=subprocess.PIPE, text=True)
+    assert owner.stdout is not None
+    return owner, psutil.Process(int(owner.stdout.readline()))
+
+
+def test_a_sigkilled_owner_takes_its_tracked_children_with_it() -> None:
+    owner, child = start("kill")
+    try:
+        time.sleep(1.0)  # two reaper polls: a live owner's children are left alone
+        assert child.is_running()
+        owner.kill()
+        owner.wait(10)
+        gone, alive = psutil.wait_procs([child], timeout=10)
+        assert not alive, "the tracked child outlived its SIGKILLed owner"
+    finally:
+        if child.is_running():
+            child.kill()
+
+
+def test_a_clean_close_stops_the_reaper() -> None:
+    owner, child = start("clean")
+    try:
+        assert owner.stdout is not None and owner.stdout.readline().strip() == "closed"
+        reapers = [
+            p
+            for p in psutil.Process(owner.pid).children(recursive=True)
+            if "actor.reaper" in p.cmdline()
+        ]
+        assert not reapers, "the reaper still runs after close()"
+    finally:
+        owner.kill()
+        owner.wait(10)
