@@ -31,7 +31,6 @@ import copy
 import json
 import math
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -49,9 +48,9 @@ from benchmarks.harness import (  # noqa: E402
     loopback_run,
     mean_std,
     report_failure,
-    stop,
     tail,
 )
+from benchmarks.heldout import blind_ceilings, evaluate_checkpoint, heldout_tasks  # noqa: E402
 
 BASE_CONFIG = ROOT / "ops" / "configs" / "curriculum.toml"
 VARIANTS = ("uniform", "curator")
@@ -62,7 +61,6 @@ TARGET = "mid,hard"
 EST_STARTUP_S = 100.0
 EST_STEP_S = 1.5
 EST_EVAL_S = 120.0
-EVAL_SEQS = 256  # concurrent held-out episodes (the tiny model batches them cheaply)
 
 
 def run_config(base: dict[str, Any], variant: str, seed: int, steps: int) -> dict[str, Any]:
@@ -112,115 +110,6 @@ class StatusPoller(threading.Thread):
             fams = (info.get("curriculum") or {}).get("families") or {}
             if fams:
                 self.groups = {f: int(x.get("groups", 0)) for f, x in sorted(fams.items())}
-
-
-# ------------------------------------------------------------------ held-out set
-
-
-def heldout_tasks(env_cfg: dict[str, Any], seed: int, n: int) -> dict[str, list[Any]]:
-    """Learnable family -> its tasks `size .. size + n - 1` under [env] seed = `seed` (the
-    training bank's symbol map; indices it never leases). Trivial and noise families are
-    left out: there is nothing to measure on them."""
-    import msgspec
-
-    from broker.curriculum.banks import SymbolsBank
-    from shared import symbols as S
-    from shared.config import EnvConfig
-
-    if env_cfg.get("name", "symbols") != "symbols":
-        raise SystemExit("curriculum benchmark: the held-out set is built for [env] symbols")
-    bank = SymbolsBank(msgspec.convert({**env_cfg, "seed": seed}, EnvConfig))
-    out = {}
-    for p in bank.parts:
-        level = int(p.make(0).payload["level"])
-        if level not in (0, S.NOISE_LEVEL):
-            out[p.family.name] = [p.make(p.family.size + i) for i in range(n)]
-    return out
-
-
-def blind_ceilings(tasks: dict[str, list[Any]]) -> dict[str, float]:
-    from broker.curriculum.banks import symbols_blind_ceiling
-
-    return {f: symbols_blind_ceiling(ts)["pass"] for f, ts in tasks.items()}
-
-
-# ------------------------------------------------------------------ held-out evaluation
-
-
-async def _evaluate(ckpt: str, tasks: dict[str, list[Any]], spec: dict[str, Any]) -> dict:
-    from transformers import AutoTokenizer
-
-    from actor.engine import Engine
-    from actor.envs import make_env
-    from actor.episode import run_episode, special_prefix
-    from shared import protocol as P
-
-    max_len = int(spec["max_model_len"])
-    tokenizer = AutoTokenizer.from_pretrained(ckpt)
-    engine = Engine(ckpt, seed=int(spec["seed"]), max_model_len=max_len, max_num_seqs=EVAL_SEQS)
-    slots = asyncio.Semaphore(EVAL_SEQS)
-
-    async def one(task: P.TaskSpec, k: int) -> bool:
-        async with slots:
-            lease = P.Lease(lease_id=f"eval-{task.task_id}", task=task, group_size=1, deadline_s=0)
-            traj = await run_episode(
-                engine,
-                make_env(task, episode_seed=k),
-                tokenizer,
-                lease,
-                "eval",
-                temperature=float(spec["temperature"]),
-                top_p=float(spec["top_p"]),
-                top_k=int(spec["top_k"]),  # 0: off, as in [actor]
-                max_model_len=max_len,
-                prefix_ids=special_prefix(tokenizer),
-            )
-            return bool(traj.success)
-
-    try:  # every family at once: full batches
-        keys = [(f, t, k) for f, ts in tasks.items() for t in ts for k in range(spec["samples"])]
-        results = await asyncio.gather(*(one(t, k) for _, t, k in keys))
-        wins: dict[str, list[bool]] = {f: [] for f in tasks}
-        for (f, _, _), w in zip(keys, results, strict=True):
-            wins[f].append(w)
-        return {f: sum(w) / len(w) for f, w in wins.items()}
-    finally:
-        engine.shutdown()
-
-
-def eval_main(args: argparse.Namespace) -> int:
-    """The evaluation subprocess: `--eval-model DIR`, writes per-family success to --eval-out."""
-    spec = json.loads(Path(args.eval_spec).read_text())
-    tasks = heldout_tasks(spec["env"], spec["seed"], spec["tasks"])
-    success = asyncio.run(_evaluate(args.eval_model, tasks, spec))
-    Path(args.eval_out).write_text(json.dumps(success))
-    return 0
-
-
-def evaluate_checkpoint(
-    ckpt: Path, run_dir: Path, spec: dict[str, Any], timeout_s: float
-) -> dict[str, float] | str:
-    """Per-family held-out success of `ckpt`, or an error string."""
-    spec_path, out_path = run_dir / "eval_spec.json", run_dir / "eval.json"
-    spec_path.write_text(json.dumps(spec))
-    argv = [sys.executable, str(Path(__file__).resolve()), "--eval-model", str(ckpt)]
-    argv += ["--eval-spec", str(spec_path), "--eval-out", str(out_path)]
-    log_path = run_dir / "eval.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            code = proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            code = -1
-        finally:
-            stop(proc)  # a no-op once it has exited
-    if code != 0 or not out_path.exists():
-        last = log_path.read_text(errors="replace").splitlines()[-10:]
-        print("\n".join("    " + line for line in last), file=sys.stderr)
-        return f"evaluation exit {code}"
-    return {k: float(v) for k, v in json.loads(out_path.read_text()).items()}
 
 
 # ------------------------------------------------------------------ one run
@@ -394,10 +283,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--eval-samples", type=int, default=4, help="episodes per held-out task")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated")
     ap.add_argument("--keep", action="store_true", help="keep every run's directory")
-    # internal: the evaluation subprocess
-    ap.add_argument("--eval-model", help=argparse.SUPPRESS)
-    ap.add_argument("--eval-spec", help=argparse.SUPPRESS)
-    ap.add_argument("--eval-out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if not args.variants or any(v not in VARIANTS for v in args.variants):
@@ -412,8 +297,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.eval_model:
-        return eval_main(args)
     base = tomllib.loads(args.config.read_text())
     env_cfg, actor = base.get("env", {}), base.get("actor", {})
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))

@@ -7,6 +7,7 @@ import tomllib
 import pytest
 
 from benchmarks import curriculum as C
+from benchmarks import heldout as H
 from broker.curriculum.banks import SymbolsBank
 
 
@@ -49,7 +50,7 @@ def test_heldout_is_unseen_indices_of_the_same_map(base: dict) -> None:
     from shared.config import EnvConfig
 
     env_cfg = base["env"]
-    held = C.heldout_tasks(env_cfg, 2, 16)
+    held = H.heldout_tasks(env_cfg, 2, 16)
     assert set(held) == {"easy", "mid", "hard"}  # trivial and noise left out
     bank = SymbolsBank(msgspec.convert({**env_cfg, "seed": 2}, EnvConfig))
     sizes = {p.family.name: p.family.size for p in bank.parts}
@@ -62,7 +63,7 @@ def test_heldout_is_unseen_indices_of_the_same_map(base: dict) -> None:
 
 
 def test_blind_ceiling_of_the_heldout_set(base: dict) -> None:
-    ceiling = C.blind_ceilings(C.heldout_tasks(base["env"], 0, 128))
+    ceiling = H.blind_ceilings(H.heldout_tasks(base["env"], 0, 128))
     assert ceiling["easy"] == pytest.approx(0.25)
     assert ceiling["mid"] == pytest.approx(1 / 16)
     assert ceiling["hard"] == pytest.approx(1 / 128)  # 128 distinct 4-turn sequences
