@@ -3,6 +3,8 @@
 The broker acks only after its store has committed, so a trajectory is in exactly one of two
 places: here, or durably in the broker. Unacked batches are resent after `resend_s` (a broker
 restart or a dropped connection looks the same from here); the broker deduplicates by traj_id.
+A trajectory the broker refuses (an invalid one: `shared.validation`) is dropped, counted and
+logged with the broker's reason, while the others of its batch are acked.
 """
 
 from __future__ import annotations
@@ -22,6 +24,11 @@ log = logging.getLogger(__name__)
 OUTBOX_SIZE = Gauge("headrace_actor_outbox_size", "Trajectories waiting for the broker's ack")
 RESENT = Counter("headrace_actor_outbox_resent_total", "Trajectories sent again for lack of ack")
 ACKED = Counter("headrace_actor_trajectories_acked_total", "Trajectories acked by the broker")
+REJECTED = Counter(
+    "headrace_actor_trajectories_rejected_total",
+    "Trajectories the broker refused for good (dropped here, not resent), by reason",
+    ["reason"],
+)
 
 
 class Outbox:
@@ -54,6 +61,13 @@ class Outbox:
             if self._pending.pop(tid, None) is not None:
                 ACKED.inc()
             self._sent_at.pop(tid, None)
+        for r in ack.rejected:  # invalid for good: resending would be refused forever
+            if self._pending.pop(r.traj_id, None) is not None:
+                REJECTED.labels(reason=r.reason).inc()
+                log.warning(
+                    "the broker refused trajectory %s (%s): %s", r.traj_id, r.reason, r.detail
+                )
+            self._sent_at.pop(r.traj_id, None)
         OUTBOX_SIZE.set(len(self._pending))
         if not self._pending:
             self._empty.set()

@@ -327,6 +327,8 @@ class BrokerProc:
         # A replay table big enough that no capacity eviction runs: this measures ingest.
         cfg.write_text(
             f"[broker]\ngroup_size = {GROUP}\nreplay_capacity = 100000000\nmax_staleness = -1\n"
+            # trajectories of a 151k-token vocabulary, longer than the default max_model_len
+            f'[model]\npath = "{self.dir / "no-model"}"\n[actor]\nmax_model_len = {n_tokens}\n'
         )
         argv = [sys.executable, "-m", "broker", "--config", str(cfg), "--log-level", "WARNING"]
         argv += ["--port", str(self.port), "--metrics-port", str(self.metrics_port)]

@@ -36,7 +36,11 @@ class StartupError(RuntimeError):
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="headrace-broker", description=__doc__.splitlines()[0])
-    ap.add_argument("--config", help="TOML file; the [broker] and [env] sections are used")
+    ap.add_argument(
+        "--config",
+        help="TOML file: [broker], [env]; [model] path and [actor] max_model_len bound "
+        "what a trajectory may hold",
+    )
     ap.add_argument("--port", type=int, help="ROUTER port (overrides broker.port)")
     ap.add_argument("--metrics-port", type=int, help="/metrics port, 0 disables")
     ap.add_argument("--bind-host", help="interface to bind (overrides broker.bind_host)")

@@ -5,12 +5,18 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 from shared.metrics import REJECTED_FRAMES
+from shared.validation import REASONS
 
 TRAJ_RECEIVED = Counter(
     "headrace_broker_trajectories_received_total", "Trajectories received from actors"
 )
 TRAJ_ACKED = Counter(
     "headrace_broker_trajectories_acked_total", "Trajectories acked after their store commit"
+)
+TRAJ_REJECTED = Counter(
+    "headrace_broker_trajectories_rejected_total",
+    "Trajectories (and task feedback) refused for good, never stored, by reason",
+    ["reason"],
 )
 DUPLICATES = Counter(
     "headrace_broker_duplicates_total", "Trajectories received again (acked, not stored twice)"
@@ -125,6 +131,8 @@ def init_label_values() -> None:
         "invalid_trajectory",
     ):
         REJECTED_FRAMES.labels(reason=reason)
+    for reason in REASONS:
+        TRAJ_REJECTED.labels(reason=reason)
     for reason in ("stale", "capacity", "incomplete", "retention", "zero_variance"):
         EVICTED.labels(reason=reason)
     for reason in ("consumed", "evicted", "unconsumed"):

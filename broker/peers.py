@@ -38,14 +38,3 @@ class Peer:
             "leases": leases,
             "stats": self.stats,
         }
-
-
-def check_trajectory(t: P.TrajectoryView | P.Trajectory) -> str | None:
-    """Why `t` cannot be stored (missing ids, per-token arrays of different lengths), or None."""
-    if not t.traj_id or not t.group_id:
-        return "empty traj_id or group_id"
-    n = len(t.token_ids) // 4
-    for name, dtype in P.TOKEN_ARRAYS.items():
-        if len(getattr(t, name)) != n * dtype.itemsize:
-            return f"{t.traj_id}: {name} has {len(getattr(t, name))} bytes for {n} tokens"
-    return None

@@ -8,12 +8,14 @@ tasks, so a slow disk never stalls heartbeats, task requests or status replies.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import secrets
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -24,7 +26,7 @@ from broker.curriculum.service import STATE_KEY as CURRICULUM_STATE_KEY
 from broker.curriculum.service import Curriculum
 from broker.groups import GroupAssembler
 from broker.leases import LeaseBook, LeaseRecord
-from broker.peers import INFERRED_ROLE, Peer, check_trajectory
+from broker.peers import INFERRED_ROLE, Peer
 from broker.replay import GroupItem, build_table
 from broker.retention import Retention
 from broker.store import Incoming, Store, StoreError, TrajMeta
@@ -33,6 +35,7 @@ from shared.config import Config
 from shared.metrics import REJECTED_FRAMES, TRAJECTORY_STALENESS
 from shared.security import server_keys
 from shared.transport import Server
+from shared.validation import Invalid, Limits, check_feedback, check_trajectory
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,15 @@ MAX_LEASES_PER_REQUEST = 256
 BACKPRESSURE_RETRY_S = 0.5  # what an actor is told to wait when it gets fewer leases
 NOT_READY_RETRY_S = 0.2  # what the learner is told to wait when no batch can be formed
 PEER_FORGET_AFTER_S = 3600.0  # peers silent this long leave Status and the relay list
+
+
+def model_vocab_size(path: str) -> int:
+    """`vocab_size` from the model's config.json, or 0 (token ids then only checked >= 0)
+    when this machine has no copy of the model."""
+    try:
+        return int(json.loads((Path(path) / "config.json").read_text())["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 class Broker:
@@ -56,6 +68,7 @@ class Broker:
         self.table = build_table(b)  # [broker.replay]: sampler, rate limiter; removers
         self.leases = LeaseBook(b.lease_deadline_s, b.heartbeat_timeout_s, clock)
         self.bank = make_bank(cfg.env)
+        self.vocab_size = model_vocab_size(cfg.model.path)
         self.curriculum = Curriculum(self.bank, b.curriculum)
         self.peers: dict[bytes, Peer] = {}
         self.groups = GroupAssembler()
@@ -100,13 +113,14 @@ class Broker:
         self._loops = [loop.create_task(self._serve()), loop.create_task(self._reap())]
         self._loops.append(loop.create_task(self.retention.run()))
         log.info(
-            "broker %s listening on %s (store %s, %d stored, replay %d, policy v%d)",
+            "broker %s listening on %s (store %s, %d stored, replay %d, policy v%d, vocab %s)",
             self.run_id,
             self.server.endpoint,
             self.store.path,
             self.store.stored,
             self.table.size,
             self.policy_version,
+            self.vocab_size or "unknown: token ids checked for >= 0 only",
         )
         return self.server.endpoint
 
@@ -347,25 +361,50 @@ class Broker:
         self, ident: bytes, peer: Peer, msg: P.TrajectoryBatchFrames
     ) -> None:
         # Each item is validated as strictly as a full decode, but through a zero-copy view;
-        # the frame slice itself is what the store keeps and what the learner will get.
-        items = []
+        # the frame slice itself is what the store keeps and what the learner will get. A bad
+        # item is refused on its own: the good ones of the same batch are stored and acked.
+        items: list[Incoming] = []
+        rejected: list[P.Rejected] = []
+        limits = self._limits()
         for frame in msg.items:
             try:
                 view = P.decode_view(frame)
             except P.ProtocolError as e:
                 REJECTED_FRAMES.labels(reason=e.reason).inc()
-                await self._send(ident, P.Error(reason=e.reason, detail=e.detail[:500]))
-                return
-            problem = check_trajectory(view)
-            if problem is not None:
-                REJECTED_FRAMES.labels(reason="invalid_trajectory").inc()
-                await self._send(ident, P.Error(reason="invalid_trajectory", detail=problem))
-                return
-            items.append(Incoming(view, frame))
+                tid = P.peek_traj_id(frame)
+                if not tid:  # nothing to name: the sender can only be told
+                    await self._send(ident, P.Error(reason=e.reason, detail=e.detail[:500]))
+                    continue
+                bad: Invalid | None = Invalid(e.reason, f"{tid}: {e.detail}")
+            else:
+                tid, bad = view.traj_id, check_trajectory(view, limits)
+            if bad is None:
+                items.append(Incoming(view, frame))
+                continue
+            M.TRAJ_REJECTED.labels(reason=bad.reason).inc()
+            log.warning(
+                "refused a trajectory from %s (%s): %s", peer.peer_id, bad.reason, bad.detail
+            )
+            rejected.append(P.Rejected(traj_id=tid, reason=bad.reason, detail=bad.detail[:300]))
         M.TRAJ_RECEIVED.inc(len(items))
-        self._spawn(self._ingest(ident, peer, items))
+        if items:
+            self._spawn(self._ingest(ident, peer, items, rejected))
+        elif rejected:
+            await self._send(ident, P.Ack(traj_ids=[], rejected=rejected))
 
-    async def _ingest(self, ident: bytes, peer: Peer, items: list[Incoming]) -> None:
+    def _limits(self) -> Limits:
+        """What a trajectory is checked against: the model's vocabulary, [actor]
+        max_model_len, and the newest policy this broker has relayed (none after a restart
+        without durability: then versions are only checked for order)."""
+        return Limits(
+            vocab_size=self.vocab_size,
+            max_tokens=self.cfg.actor.max_model_len,
+            policy_version=self.policy.version if self.policy else None,
+        )
+
+    async def _ingest(
+        self, ident: bytes, peer: Peer, items: list[Incoming], rejected: list[P.Rejected]
+    ) -> None:
         try:
             result = await self.store.put(items)
         except StoreError as e:
@@ -380,8 +419,8 @@ class Broker:
         M.TRAJ_ACKED.inc(len(items))
         M.DUPLICATES.inc(len(result.duplicates))
         self._update_gauges()
-        ack = P.Ack(traj_ids=[t.view.traj_id for t in items], duplicates=len(result.duplicates))
-        await self._send(ident, ack)
+        ids = [t.view.traj_id for t in items]
+        await self._send(ident, P.Ack(ids, duplicates=len(result.duplicates), rejected=rejected))
 
     def _add_to_group(
         self, meta: TrajMeta, now: float, times_sampled: int = 0, restoring: bool = False
@@ -493,6 +532,12 @@ class Broker:
         M.PRIORITY_UPDATES.inc(self.table.update_priorities(msg.sample_ids, msg.priorities))
 
     async def _on_feedback(self, ident: bytes, peer: Peer, msg: P.TaskFeedback) -> None:
+        bad = check_feedback(msg)
+        if bad is not None:  # never reaches the curator or its saved state
+            M.TRAJ_REJECTED.labels(reason=bad.reason).inc()
+            log.warning("refused feedback from %s: %s", peer.peer_id, bad.detail)
+            await self._send(ident, P.Error(reason="invalid", detail=bad.detail[:300]))
+            return
         self.curriculum.feedback(msg)
         self._spawn(self.store.kv_set(f"feedback/{msg.task_id}", P.encode(msg)))
 

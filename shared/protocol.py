@@ -194,9 +194,20 @@ class TrajectoryBatchFrames(Base, tag="TrajectoryBatch"):
     items: list[msgspec.Raw]
 
 
+class Rejected(Base):
+    """A trajectory the broker will never store (`shared.validation` names the reasons)."""
+
+    traj_id: str
+    reason: str
+    detail: str = ""
+
+
 class Ack(Base):
-    traj_ids: list[str]
+    traj_ids: list[str]  # stored (or already stored: `duplicates` of them)
     duplicates: int = 0
+    # Refused for good: the sender drops them instead of resending. The good trajectories of
+    # the same batch are acked all the same.
+    rejected: list[Rejected] = []
 
 
 # ---------------------------------------------------------------- learner <-> broker
@@ -373,6 +384,19 @@ def decode(
 def decode_view(frame: msgspec.Raw | bytes | memoryview) -> TrajectoryView:
     """Validate one trajectory's encoding (as strictly as `decode`) without copying arrays."""
     return decode(frame, decoder=_view_decoder)  # type: ignore[return-value]
+
+
+class _TrajIdOnly(msgspec.Struct, tag="Trajectory"):
+    traj_id: str = ""
+
+
+def peek_traj_id(frame: msgspec.Raw | bytes | memoryview) -> str:
+    """The traj_id of a trajectory encoding that fails `decode_view`, when it can still be
+    read (so the sender can be told which one to drop); "" when it cannot."""
+    try:
+        return msgspec.msgpack.decode(frame, type=_TrajIdOnly).traj_id
+    except Exception:  # whatever the bytes are, "unknown" is the answer
+        return ""
 
 
 def pack(array: np.ndarray | list, name: str) -> bytes:

@@ -55,7 +55,8 @@ def make_trajectory(
         env=lease.task.env,
         actor_id=actor_id,
         lease_id=lease.lease_id,
-        token_ids=P.pack([(i * 7919 + k) % 32000 for i in range(n)], "token_ids"),
+        # inside the tiny model's vocabulary: the broker refuses ids it does not have
+        token_ids=P.pack([(i * 7919 + k) % 256 for i in range(n)], "token_ids"),
         role=P.pack(roles[:n], "role"),
         loss_mask=P.pack([0] * p + [1] * (n - p), "loss_mask"),
         behav_logprob=P.pack([-0.01 * (i % 100) for i in range(n)], "behav_logprob"),

@@ -23,12 +23,15 @@ def group(group_id: str, version: int = 0, n_tokens: int = 6) -> P.TrajectoryBat
     return P.TrajectoryBatch(items=items)
 
 
-def config(data_dir: Path, **broker: object) -> Config:
+def config(data_dir: Path, max_model_len: int = 512, **broker: object) -> Config:
     cfg = Config()
     b = msgspec.structs.replace(
         cfg.broker, data_dir=str(data_dir), group_size=GROUP, commit_interval_s=0.005, **broker
     )
-    return msgspec.structs.replace(cfg, broker=b)
+    # No model on disk here: token ids are checked for >= 0 only (see test_validation).
+    model = msgspec.structs.replace(cfg.model, path=str(data_dir / "no-model"))
+    actor = msgspec.structs.replace(cfg.actor, max_model_len=max_model_len)
+    return msgspec.structs.replace(cfg, broker=b, model=model, actor=actor)
 
 
 class FakeClock:
@@ -164,7 +167,8 @@ def test_policy_is_relayed_and_welcomed(tmp_path: Path) -> None:
 
 def test_full_store_is_never_acked(tmp_path: Path) -> None:
     async def main() -> None:
-        async with running(config(tmp_path), quota_bytes=640_000) as (broker, client):
+        cfg = config(tmp_path, max_model_len=300_000)
+        async with running(cfg, quota_bytes=640_000) as (broker, client):
             actor = client("a")
             errors = (
                 REGISTRY.get_sample_value("headrace_broker_store_errors_total", {"kind": "full"})
@@ -194,13 +198,14 @@ def test_bad_messages_get_errors(tmp_path: Path) -> None:
             c = client("x")
             bad = group("g")
             bad.items[0].role = b"\x00"  # one role byte for six tokens
-            with pytest.raises(P.ProtocolError, match="invalid_trajectory"):
-                await c.request(bad, P.Ack)
+            ack = await c.request(bad, P.Ack)  # the bad one refused, the good one stored
+            assert ack.traj_ids == ["g-1"] and [r.traj_id for r in ack.rejected] == ["g-0"]
+            assert ack.rejected[0].reason == "shape"
             with pytest.raises(P.ProtocolError, match="unexpected"):
                 await c.request(P.Ack(traj_ids=[]), P.Ack)
             with pytest.raises(P.ProtocolError, match="invalid"):
                 await c.request(P.SampleRequest(batch_size=0), P.Batch)
-            assert (await status(c))["stored_trajectories"] == 0
+            assert (await status(c))["stored_trajectories"] == 1
 
     asyncio.run(main())
 

@@ -1,0 +1,154 @@
+"""Semantic validation of trajectories at the broker: each defect that would crash, stall or
+mislead the learner is refused by name, alone; the good trajectories sent with it are stored."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import pytest
+from prometheus_client import REGISTRY
+
+from shared import protocol as P
+from shared.validation import Limits, check_feedback, check_trajectory
+from tests.broker_helpers import make_traj, running
+from tests.unit.test_broker_server import config, status
+
+LIMITS = Limits(vocab_size=100, max_tokens=64, policy_version=5)
+
+
+def with_array(t: P.Trajectory, name: str, values: list) -> P.Trajectory:
+    return msgspec.structs.replace(t, **{name: P.pack(values, name)})
+
+
+def defects() -> dict[str, P.Trajectory]:
+    t = make_traj("g", 1, version=2, n_tokens=8)
+    n = t.n_tokens
+    lp = [-0.5] * n
+    return {
+        "too_long": make_traj("g", 1, n_tokens=65),
+        "token_id": with_array(t, "token_ids", [0] * (n - 1) + [100]),
+        "token_id (negative)": with_array(t, "token_ids", [-1] + [0] * (n - 1)),
+        "role": with_array(t, "role", [0] * (n - 1) + [9]),
+        "loss_mask": with_array(t, "loss_mask", [0] * (n - 1) + [2]),
+        "logprob": with_array(t, "behav_logprob", lp[:-1] + [math.nan]),
+        "logprob (positive)": with_array(t, "behav_logprob", lp[:-1] + [0.5]),
+        "policy_version": with_array(t, "policy_version", [2] * (n - 1) + [6]),
+        "policy_version (decreasing)": with_array(t, "policy_version", [3] * (n - 1) + [2]),
+        "reward": msgspec.structs.replace(t, outcome_reward=math.inf),
+        "sample_prob": msgspec.structs.replace(t, sample_prob=0.0),
+        "ids": msgspec.structs.replace(t, traj_id=""),
+    }
+
+
+@pytest.mark.parametrize("case", list(defects()))
+def test_each_defect_is_named(case: str) -> None:
+    bad = check_trajectory(defects()[case], LIMITS)
+    assert bad is not None and bad.reason == case.split(" ")[0], bad
+
+
+def test_a_valid_trajectory_passes_and_bounds_of_zero_are_off() -> None:
+    t = make_traj("g", 1, version=5, n_tokens=64)
+    assert check_trajectory(t, LIMITS) is None
+    big = with_array(make_traj("g", 1, n_tokens=100), "token_ids", list(range(100, 200)))
+    assert check_trajectory(big, Limits()) is None
+    view = P.decode_view(P.encode(t))  # the broker's zero-copy view checks the same
+    assert check_trajectory(view, LIMITS) is None
+
+
+def test_bad_trajectories_are_refused_alone_and_counted(tmp_path: Path) -> None:
+    """vocab from the model's config.json, [actor] max_model_len, the relayed policy: a batch
+    of good and bad trajectories gets one Ack naming each refusal; the good ones are stored."""
+    model = tmp_path / "no-model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"vocab_size": 100}))
+
+    def refused(reason: str) -> float:
+        labels = {"reason": reason}
+        value = REGISTRY.get_sample_value("headrace_broker_trajectories_rejected_total", labels)
+        return value or 0.0
+
+    async def main() -> None:
+        async with running(config(tmp_path, durability="none", max_model_len=64)) as (_, client):
+            actor, learner = client("a"), client("l")
+            manifest = P.WeightManifest(
+                version=5,
+                total_bytes=8,
+                chunk_bytes=8,
+                chunk_digests=["ab"],
+                tensors=[],
+                digest="ab",
+            )
+            pub = P.PolicyPublished(version=5, weights_endpoint="tcp://w:1", manifest=manifest)
+            await learner.send(pub)
+            assert (await status(learner))["policy_version"] == 5
+            before = {r: refused(r) for r in ("token_id", "policy_version", "too_long")}
+            good = [make_traj("g", 0, version=5), make_traj("g", 1, version=4)]
+            bad = [
+                with_array(make_traj("b", 0), "token_ids", [7] * 7 + [100]),
+                make_traj("b", 1, version=6),
+                make_traj("b", 2, n_tokens=65),
+            ]
+            ack = await actor.request(P.TrajectoryBatch(items=[bad[0], *good, *bad[1:]]), P.Ack)
+            assert ack.traj_ids == ["g-0", "g-1"]
+            got = {r.traj_id: r.reason for r in ack.rejected}
+            assert got == {"b-0": "token_id", "b-1": "policy_version", "b-2": "too_long"}
+            assert all(r.detail.startswith(r.traj_id) for r in ack.rejected)
+            assert {r: refused(r) - before[r] for r in before} == dict.fromkeys(before, 1.0)
+            info = await status(actor)
+            assert info["stored_trajectories"] == 2 and info["replay_size"] == 2
+            # all refused: an Ack with no traj_ids, nothing stored
+            ack = await actor.request(P.TrajectoryBatch(items=bad[:1]), P.Ack)
+            assert ack.traj_ids == [] and [r.traj_id for r in ack.rejected] == ["b-0"]
+
+    asyncio.run(main())
+
+
+def test_the_outbox_drops_refused_trajectories_and_keeps_the_rest() -> None:
+    from actor.outbox import Outbox
+
+    class NoClient:
+        def on(self, kind: type, fn: object) -> None:
+            self.handler = fn
+
+    client = NoClient()
+    box = Outbox(client)  # type: ignore[arg-type]
+    for i in range(3):
+        box.put(make_traj("g", i))
+    before = REGISTRY.get_sample_value(
+        "headrace_actor_trajectories_rejected_total", {"reason": "token_id"}
+    )
+    client.handler(P.Ack(traj_ids=["g-0"], rejected=[P.Rejected("g-1", "token_id", "x")]))
+    assert len(box) == 1  # g-2 still waits for its ack
+    after = REGISTRY.get_sample_value(
+        "headrace_actor_trajectories_rejected_total", {"reason": "token_id"}
+    )
+    assert (after or 0) - (before or 0) == 1
+    assert np.isfinite(after)
+
+
+def test_feedback_that_would_poison_the_curator_is_refused(tmp_path: Path) -> None:
+    assert check_feedback(P.TaskFeedback("t", mean_abs_advantage=0.3, pass_rate=0.5)) is None
+    for fb in (
+        P.TaskFeedback("t", mean_abs_advantage=math.nan),
+        P.TaskFeedback("t", mean_abs_advantage=-1.0),
+        P.TaskFeedback("t", pass_rate=math.inf),
+        P.TaskFeedback("t", pass_rate=math.nan),
+    ):
+        bad = check_feedback(fb)
+        assert bad is not None and bad.reason == "feedback", fb
+
+    async def main() -> None:
+        async with running(config(tmp_path, durability="none")) as (broker, client):
+            learner = client("l")
+            with pytest.raises(P.ProtocolError, match="invalid"):
+                await learner.request(P.TaskFeedback("t", pass_rate=math.nan), P.Ack)
+            # the curator still picks tasks: every arm's score is finite
+            grant = await client("a").request(P.TaskRequest(n=2), P.TaskGrant)
+            assert len(grant.leases) == 2
+
+    asyncio.run(main())
