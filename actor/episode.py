@@ -52,6 +52,14 @@ class EpisodeBuffer:
         self.policy_version += versions
         self.turn_idx += [turn] * len(ids)
 
+    def clip(self, n: int) -> None:
+        """Keep the first `n` tokens. Generated tokens always fit (each turn generates at
+        most the room left), so what goes is context no later turn will read: the tail of an
+        observation that overflowed max_model_len, which the broker would refuse as too long."""
+        for name in ("token_ids", "role", "loss_mask", "behav_logprob", "policy_version"):
+            del getattr(self, name)[n:]
+        del self.turn_idx[n:]
+
 
 def decode_pieces(tokenizer, ids: list[int]) -> list[str]:
     return [tokenizer.decode([i]) for i in ids]
@@ -139,6 +147,7 @@ async def run_episode(
     except EnvError:
         termination = P.Termination.ENV_ERROR
 
+    buf.clip(max_model_len)
     rewards = [t.reward for t in turns]
     outcome = env.outcome(rewards)
     return P.Trajectory(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import random
 
+import numpy as np
+
 from actor.engine import GenResult
 from actor.envs import make_env
 from actor.envs.base import Generation, StepResult
@@ -158,3 +160,36 @@ def test_full_episode_through_the_actor_loop() -> None:
     ids, role = traj.array("token_ids"), traj.array("role")
     moves = "".join(chr(i) for i in ids[role == Role.ACTION])
     assert moves == "".join(t.action for t in traj.turns)
+
+
+def test_an_observation_past_max_model_len_is_clipped_and_no_generated_token_lost() -> None:
+    """An episode never exceeds max_model_len (the broker refuses longer ones): the tail of an
+    observation that overflows is cut, every generated token stays."""
+    task = bank().task("ta-guess_the_number.easy-9")
+
+    def play(max_len: int) -> P.Trajectory:
+        env = make_env(task, 0)
+        lease = P.Lease(lease_id="L", task=task, group_size=1, deadline_s=60)
+        return asyncio.run(
+            run_episode(
+                BisectingEngine(),
+                env,
+                CharTokenizer(),
+                lease,
+                "a",
+                temperature=1.0,
+                max_model_len=max_len,
+                prefix_ids=(),
+                needs_text=env.needs_text,
+            )
+        )
+
+    full = play(8192)
+    mask = full.array("loss_mask")
+    n_first = int((full.array("turn_idx")[mask > 0] == 0).sum())  # generated in turn 0
+    first_gen_end = int(np.flatnonzero(mask)[0]) + n_first
+    clipped = play(first_gen_end + 3)  # 3 characters into the first observation
+    assert clipped.n_tokens == first_gen_end + 3
+    assert clipped.termination == P.Termination.MAX_TOKENS
+    assert (clipped.array("token_ids") == full.array("token_ids")[: first_gen_end + 3]).all()
+    assert clipped.array("loss_mask").sum() == n_first
