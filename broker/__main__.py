@@ -26,6 +26,7 @@ from broker.store import StoreCorruptError, StoreError
 from shared.config import BrokerConfig, Config, ConfigError, load_config
 from shared.logs import setup_logging
 from shared.metrics import serve_metrics
+from shared.security import SecurityError, check_exposure
 
 log = logging.getLogger("broker")
 
@@ -101,6 +102,10 @@ async def run(cfg: Config) -> int:
         serve_metrics(b.metrics_port, "broker")
     except OSError as e:
         raise StartupError(f"metrics port {b.metrics_port}: {e.strerror or e}") from None
+    try:
+        check_exposure(cfg.security, b.bind_host, "the broker")
+    except SecurityError as e:
+        raise StartupError(str(e)) from None
     try:
         endpoint = await broker.start()
     except zmq.ZMQError as e:

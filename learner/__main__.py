@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import zmq
 
 from shared.config import Config, ConfigError, load_config
+from shared.security import SecurityError, bind_host_for, check_exposure
 
 if TYPE_CHECKING:
     from learner.loop import Options
@@ -80,6 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"headrace-learner: {e}", file=sys.stderr)
         return 2
     lc = cfg.learner
+    try:
+        check_exposure(cfg.security, bind_host_for(lc.weights_host), "the weight endpoint")
+    except SecurityError as e:
+        print(f"headrace-learner: {e}", file=sys.stderr)
+        return 1
 
     from learner.loop import Options
 

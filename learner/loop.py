@@ -34,7 +34,7 @@ from learner.util import json_safe, write_json_atomic
 from shared import protocol as P
 from shared.config import Config
 from shared.metrics import TRAJECTORY_STALENESS, serve_metrics
-from shared.security import client_keys, server_keys
+from shared.security import bind_host_for, client_keys, server_keys
 from shared.transport import Client, PeerUnreachable
 
 log = logging.getLogger("learner")
@@ -292,7 +292,7 @@ class Learner:
         M.POLICY_VERSION.set(self.version)
         port = self.opts.weights_port
         self.publisher = WeightPublisher(
-            f"tcp://0.0.0.0:{port if port else '*'}",
+            f"tcp://{bind_host_for(self.lc.weights_host)}:{port if port else '*'}",
             curve=server_keys(self.cfg.security, "learner"),
         )
         self.weights_endpoint = f"tcp://{self.lc.weights_host}:{self.publisher.port}"

@@ -403,6 +403,9 @@ class SecurityConfig(_Section):
     learner_public_key: str = ""  # the weight endpoint to trust; "": <keys_dir>/learner.key
     # Servers admit only the client public keys (*.key) in here; "": <keys_dir>/clients
     allowed_clients_dir: str = ""
+    # Without curve, a broker or weight endpoint that binds beyond loopback lets anyone who
+    # reaches the port act as any role; it refuses to start unless this says it is meant.
+    insecure: bool = False
 
 
 class Config(_Section):

@@ -49,6 +49,32 @@ class SecurityError(RuntimeError):
     """Keys are configured but missing or unreadable."""
 
 
+LOOPBACK = ("127.", "localhost", "::1", "[::1]")
+
+
+def is_loopback(host: str) -> bool:
+    return host.startswith(LOOPBACK)
+
+
+def bind_host_for(announced: str) -> str:
+    """The interface a server binds for clients that dial `announced`: loopback when they
+    reach it there (one machine), every interface otherwise (then `check_exposure` applies)."""
+    return "127.0.0.1" if is_loopback(announced) else "0.0.0.0"
+
+
+def check_exposure(sec: SecurityConfig, host: str, what: str) -> None:
+    """Refuse a plaintext server on an interface beyond loopback unless `[security] insecure`
+    says so: anyone who reaches such a port could publish policies, sample the replay or
+    fetch the weights. One line, naming both ways out."""
+    if sec.curve or sec.insecure or is_loopback(host):
+        return
+    raise SecurityError(
+        f"{what} would bind {host} without [security] curve: anyone who reaches it could act as "
+        "any role; set [security] curve = true (headrace keys generate), or insecure = true "
+        "on a network you trust"
+    )
+
+
 @dataclass(frozen=True)
 class CurveServer:
     """What a ROUTER needs: its key pair and whom to admit (`domain` keys the ZAP allow-list,

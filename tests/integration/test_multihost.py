@@ -194,6 +194,7 @@ def test_roles_in_separate_namespaces_survive_a_cut_link(
             "weights_port": weights_port,
             "connect_timeout_s": 120.0,
         },
+        security={"insecure": True},  # plaintext across the namespaces' bridge
     )
     c = ["--config", str(cfg)]
     stub_acked = tmp_path / "acked-stub.txt"

@@ -301,6 +301,7 @@ def test_slurm_scripts():
     head = (OPS / "slurm" / "head.sbatch").read_text()
     assert "--array=" in head and "actors.sbatch" in head
     assert "weights_host" in head and 'bind_host = "0.0.0.0"' in head
+    assert "insecure = true" in head  # or neither server would start
 
 
 def test_kubernetes_manifest():
@@ -320,6 +321,7 @@ def test_kubernetes_manifest():
     (cm,) = by_kind["ConfigMap"]
     cfg = msgspec.convert(tomllib.loads(cm["data"]["run.toml"]), Config)
     assert cfg.broker.bind_host == "0.0.0.0"
+    assert cfg.security.insecure or cfg.security.curve  # or neither server would start
     assert cfg.actor.broker == cfg.learner.broker == "tcp://headrace-broker.headrace.svc:5555"
     assert cfg.learner.weights_host.startswith("headrace-learner.")
 
