@@ -481,8 +481,7 @@ class Broker:
             if problem:
                 log.warning("%s", problem)
         self.learner_batch = msg.batch_size
-        cap = msg.max_staleness if msg.max_staleness >= 0 else self.cfg.broker.max_staleness
-        self._retire(self.table.evict_stale(msg.policy_version, cap))
+        self._retire(self.table.evict_stale(msg.policy_version, self.cfg.broker.max_staleness))
         items = self.table.sample(msg.batch_size)
         self._update_gauges()
         if items is None:

@@ -215,8 +215,9 @@ class Ack(Base):
 
 class SampleRequest(Base):
     batch_size: int  # in trajectories; whole groups are returned
-    max_staleness: int = -1  # -1: use the broker's configured cap
-    policy_version: int = 0  # the learner's current version, for the staleness cap
+    # The learner's current version, for the staleness cap. The cap itself is the broker's
+    # ([broker] max_staleness): a client never chooses what gets evicted.
+    policy_version: int = 0
 
 
 class Batch(Base):

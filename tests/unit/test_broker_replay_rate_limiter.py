@@ -178,14 +178,14 @@ def test_liveness_grant_when_evictions_leave_the_ratio_in_debt(tmp_path: Path) -
     replay = ReplayConfig(rate_limiter="sample_to_insert", samples_per_insert=1.0, error_buffer=2)
 
     async def main() -> None:
-        cfg = config(tmp_path, replay, min_size_to_sample=1)
+        cfg = config(tmp_path, replay, min_size_to_sample=1, max_staleness=1)
         async with running(cfg) as (broker, client):
             actor, learner = client("actor-1"), client("learner")
             grant = await actor.request(P.TaskRequest(n=10), P.TaskGrant)
             assert len(grant.leases) == 1  # (0 + 2) - 0 = 2 <= 3 ; (0 + 4) = 4 > 3
             await deliver(actor, grant.leases, version=0)
             # the learner is at v10 with a cap of 1: the group is evicted unsampled
-            req = P.SampleRequest(batch_size=2, max_staleness=1, policy_version=10)
+            req = P.SampleRequest(batch_size=2, policy_version=10)
             nr = await learner.request(req, (P.Batch, P.NotReady))
             assert isinstance(nr, P.NotReady) and nr.replay_size == 0
             # (2 + 2) - 0 = 4 > 3 would block forever: nothing is owed and the learner
@@ -196,7 +196,7 @@ def test_liveness_grant_when_evictions_leave_the_ratio_in_debt(tmp_path: Path) -
             assert (await actor.request(P.TaskRequest(n=10), P.TaskGrant)).leases == []
             await deliver(actor, grant.leases, version=10)
             got = await learner.request(
-                P.SampleRequest(batch_size=2, max_staleness=1, policy_version=10),
+                P.SampleRequest(batch_size=2, policy_version=10),
                 (P.Batch, P.NotReady),
             )
             assert isinstance(got, P.Batch) and len(got.items) == 2

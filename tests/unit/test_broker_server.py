@@ -129,7 +129,7 @@ def test_staleness_cap_evicts_old_groups(tmp_path: Path) -> None:
             actor, learner = client("a"), client("l")
             await actor.request(group("old", version=1), P.Ack)
             await actor.request(group("new", version=5), P.Ack)
-            req = P.SampleRequest(batch_size=2, policy_version=6)  # -1: broker's cap of 2
+            req = P.SampleRequest(batch_size=2, policy_version=6)  # the broker's cap of 2
             batch = await learner.request(req, P.Batch)
             assert {t.group_id for t in batch.items} == {"new"}
             info = await status(learner)

@@ -58,7 +58,7 @@ EXAMPLES: list[P.Base] = [
     P.TaskGrant(leases=[P.Lease(lease_id="l", task=TASK, group_size=8, deadline_s=30.0)]),
     P.TrajectoryBatch(items=[make_traj()]),
     P.Ack(traj_ids=["t1"], duplicates=1),
-    P.SampleRequest(batch_size=32, max_staleness=2, policy_version=5),
+    P.SampleRequest(batch_size=32, policy_version=5),
     P.Batch(items=[make_traj()], sample_ids=[7], is_weights=[1.0], cursor=9),
     P.NotReady(replay_size=3, retry_after_s=0.5),
     P.PriorityUpdate(sample_ids=[1, 2], priorities=[0.5, 0.25]),
