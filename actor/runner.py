@@ -34,6 +34,10 @@ EPISODES = Counter("headrace_actor_episodes_total", "Episodes finished", ["termi
 TOKENS = Counter("headrace_actor_tokens_generated_total", "Tokens sampled by the engine")
 VERSION = Gauge("headrace_actor_policy_version", "Policy version the engine is running")
 RUNNING = Gauge("headrace_actor_episodes_running", "Episodes in progress")
+EPISODES_TIMED_OUT = Counter(
+    "headrace_actor_episodes_timed_out_total",
+    "Episodes stopped at their lease's timeout_s (the broker re-grants the task)",
+)
 REWARD = Gauge("headrace_actor_reward_mean", "Mean outcome reward of recent episodes")
 ENGINE_UP = Gauge("headrace_actor_engine_up", "1 while the vLLM engine is alive")
 UPDATES = Counter("headrace_actor_weight_updates_total", "Policies loaded into the engine")
@@ -216,7 +220,7 @@ class Actor:
                 payload = {**task.payload, "step_delay_s": self.cfg.env.step_delay_s}
                 task = msgspec.structs.replace(task, payload=payload)
             env = make_env(task, episode_seed=k)
-            traj = await run_episode(
+            episode = run_episode(
                 self.engine,
                 env,
                 self.tokenizer,
@@ -229,6 +233,18 @@ class Actor:
                 prefix_ids=self.prefix_ids,
                 needs_text=getattr(env, "needs_text", False),
             )
+            # The broker expires the lease at timeout_s after its grant, heartbeats or not;
+            # an episode still running then would be refused anyway (its group is gone).
+            traj = await asyncio.wait_for(episode, lease.timeout_s or None)
+        except TimeoutError:
+            EPISODES_TIMED_OUT.inc()
+            log.warning(
+                "episode %d of %s stopped after the lease's %.0f s",
+                k,
+                lease.lease_id,
+                lease.timeout_s,
+            )
+            return
         except EngineDead as e:
             # The watcher may not have noticed yet: make sure the process exits non-zero.
             self._fatal = e

@@ -80,6 +80,8 @@ def validate(b: BrokerConfig) -> None:
     for name in ("lease_deadline_s", "heartbeat_timeout_s"):
         if getattr(b, name) <= 0:
             problems.append(f"{name} must be > 0")
+    if b.episode_timeout_s < 0:
+        problems.append("episode_timeout_s must be >= 0 (0 = no limit)")
     if b.commit_interval_s < 0:
         problems.append("commit_interval_s must be >= 0")
     r = b.retention

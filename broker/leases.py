@@ -2,8 +2,9 @@
 
 A lease is one task x `group_size` episodes handed to one actor; its id is also the group id of
 the trajectories it produces. A lease ends when its group is complete in the store, or expires
-when its actor has been silent for `heartbeat_timeout_s` or it outlives its deadline (renewed by
-the actor's heartbeats); the task of an expired lease is re-granted under a new lease id, so a
+when its actor has been silent for `heartbeat_timeout_s` or it outlives its deadline (renewed
+by the actor's heartbeats, but never past `timeout_s` after the grant, so a hung episode cannot
+hold its task forever); the task of an expired lease is re-granted under a new lease id, so a
 crashed actor costs time, not tasks.
 """
 
@@ -32,7 +33,8 @@ class ActiveLease:
     lease: P.Lease
     peer: bytes  # routing identity of the actor holding it
     granted: float  # monotonic clock
-    deadline: float  # monotonic clock
+    deadline: float  # monotonic clock; renewals never move it past `hard`
+    hard: float = float("inf")  # granted + the lease's timeout_s
 
     @property
     def lease_id(self) -> str:
@@ -54,8 +56,10 @@ class LeaseBook:
         deadline_s: float,
         heartbeat_timeout_s: float,
         clock: Callable[[], float] = time.monotonic,
+        timeout_s: float = 0.0,
     ) -> None:
         self.deadline_s = deadline_s
+        self.timeout_s = timeout_s
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.clock = clock
         self.active: dict[str, ActiveLease] = {}
@@ -85,12 +89,15 @@ class LeaseBook:
             deadline_s=self.deadline_s,
             sample_prob=sample_prob,
             curator_version=curator_version,
+            timeout_s=self.timeout_s,
         )
         return self._add(lease, peer)
 
     def _add(self, lease: P.Lease, peer: bytes) -> ActiveLease:
         now = self.clock()
-        active = ActiveLease(lease=lease, peer=peer, granted=now, deadline=now + self.deadline_s)
+        hard = now + lease.timeout_s if lease.timeout_s > 0 else float("inf")
+        deadline = min(now + self.deadline_s, hard)
+        active = ActiveLease(lease=lease, peer=peer, granted=now, deadline=deadline, hard=hard)
         self.active[lease.lease_id] = active
         return active
 
@@ -105,7 +112,7 @@ class LeaseBook:
         n = 0
         for a in self.active.values():
             if a.peer == peer:
-                a.deadline = deadline
+                a.deadline = min(deadline, a.hard)
                 n += 1
         return n
 

@@ -66,7 +66,9 @@ class Broker:
             self.store, b.retention, b.max_times_sampled, on_evict=self._evict_for_retention
         )
         self.table = build_table(b)  # [broker.replay]: sampler, rate limiter; removers
-        self.leases = LeaseBook(b.lease_deadline_s, b.heartbeat_timeout_s, clock)
+        self.leases = LeaseBook(
+            b.lease_deadline_s, b.heartbeat_timeout_s, clock, timeout_s=b.episode_timeout_s
+        )
         self.bank = make_bank(cfg.env)
         self.vocab_size = model_vocab_size(cfg.model.path)
         self.curriculum = Curriculum(self.bank, b.curriculum)

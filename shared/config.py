@@ -172,6 +172,10 @@ class BrokerConfig(_Section):
     group_size: int = 8
     lease_deadline_s: float = 120.0
     heartbeat_timeout_s: float = 20.0
+    # A lease's episodes must be done this long after its grant, heartbeats or not (0: no
+    # limit). Heartbeats prove the actor lives, not that an episode moves: a hung tool call
+    # would otherwise keep its lease (and its task) forever. The actor stops such episodes.
+    episode_timeout_s: float = 900.0
     max_staleness: int = 4  # policy versions; older trajectories are evicted unsampled
     replay_capacity: int = 4096
     max_times_sampled: int = 1

@@ -101,6 +101,7 @@ class Lease(Base):
     deadline_s: float  # seconds from grant; renewed by heartbeats
     sample_prob: float = 1.0
     curator_version: int = 0
+    timeout_s: float = 0.0  # seconds from grant, never renewed: episodes still running stop
 
 
 class TaskRequest(Base):

@@ -164,3 +164,49 @@ def test_a_stalled_broker_leaves_no_orphan_lease_and_a_dead_engine_hands_its_lea
     finally:
         for p in procs:
             p.stop(timeout=10)
+
+
+def test_a_hung_episode_loses_its_lease_and_its_task_is_granted_again(tmp_path, tiny_model):
+    """Every tool call of this run hangs for 60 s; the actor's heartbeats keep coming. At
+    [broker] episode_timeout_s the broker expires the leases anyway and queues their tasks
+    again, and the actor stops the hung episodes (`headrace_actor_episodes_timed_out_total`),
+    so its slots ask for those tasks again."""
+    from tests.helpers import Proc, metric, wait_for
+
+    port, bport, aport = free_port(), free_port(), free_port()
+    cfg = write_config(
+        tmp_path / "c.toml",
+        tiny_model,
+        env={"step_delay_s": 60.0},
+        broker={"port": port, "episode_timeout_s": 5.0, "lease_deadline_s": 600.0},
+        actor={"max_concurrent_episodes": 4, "heartbeat_s": 1.0},
+    )
+    broker = Proc(
+        "broker",
+        ["broker", "--config", str(cfg), "--data-dir", str(tmp_path / "d")]
+        + ["--metrics-port", str(bport)],
+        tmp_path,
+    )
+    actor = Proc(
+        "actor",
+        ["actor", "--config", str(cfg), "--broker", f"tcp://127.0.0.1:{port}"]
+        + ["--metrics-port", str(aport)],
+        tmp_path,
+    )
+    try:
+        wait_for(
+            lambda: metric(aport, "headrace_actor_episodes_timed_out_total") >= 4,
+            420,
+            "the hung episodes to be stopped at the lease timeout",
+        )
+        assert metric(bport, "headrace_broker_leases_expired_total") >= 1
+        # the slots came back and asked again: the expired tasks went out under new leases
+        wait_for(
+            lambda: metric(bport, "headrace_broker_leases_granted_total") >= 2,
+            30,
+            "the expired task to be granted again",
+        )
+        assert metric(aport, "headrace_actor_trajectories_acked_total") == 0
+    finally:
+        for p in (actor, broker):
+            p.stop(timeout=10)

@@ -49,6 +49,21 @@ def test_deadline_is_renewed_by_heartbeats() -> None:
     assert [x.lease_id for x in book.expire(lambda peer: clock.t)] == [a.lease_id]
 
 
+def test_heartbeats_never_renew_a_lease_past_its_timeout() -> None:
+    """A live actor whose episode hangs loses the lease at timeout_s; its task is requeued."""
+    clock = FakeClock()
+    book = LeaseBook(deadline_s=10, heartbeat_timeout_s=1000, clock=clock, timeout_s=25)
+    a = book.grant(b"p", task(1), group_size=2)
+    assert a.lease.timeout_s == 25  # the actor stops its episodes then too
+    for _ in range(3):  # heartbeats every 8 s: 24 s after the grant, still held
+        clock.t += 8
+        book.renew(b"p")
+        assert book.expire(lambda peer: clock.t) == []
+    clock.t += 2  # 26 s: past the timeout although the last heartbeat was 2 s ago
+    assert [x.lease_id for x in book.expire(lambda peer: clock.t)] == [a.lease_id]
+    assert book.take_requeued(1) == [task(1)]
+
+
 def test_complete_removes_and_restore_readopts() -> None:
     clock = FakeClock()
     book = LeaseBook(deadline_s=10, heartbeat_timeout_s=5, clock=clock)
