@@ -129,6 +129,7 @@ def init_label_values() -> None:
         "multipart",
         "unexpected",
         "invalid_trajectory",
+        "oversize_stats",
     ):
         REJECTED_FRAMES.labels(reason=reason)
     for reason in REASONS:

@@ -40,6 +40,7 @@ from shared.validation import Invalid, Limits, check_feedback, check_trajectory
 log = logging.getLogger(__name__)
 
 MAX_LEASES_PER_REQUEST = 256
+MAX_HEARTBEAT_STATS = 64  # an actor sends ~10; each peer's are kept (Status) for an hour
 BACKPRESSURE_RETRY_S = 0.5  # what an actor is told to wait when it gets fewer leases
 NOT_READY_RETRY_S = 0.2  # what the learner is told to wait when no batch can be formed
 PEER_FORGET_AFTER_S = 3600.0  # peers silent this long leave Status and the relay list
@@ -282,7 +283,11 @@ class Broker:
 
     async def _on_heartbeat(self, ident: bytes, peer: Peer, msg: P.Heartbeat) -> None:
         peer.last_heartbeat = peer.last_seen
-        peer.stats = msg.stats
+        if len(msg.stats) > MAX_HEARTBEAT_STATS or any(len(k) > 64 for k in msg.stats):
+            REJECTED_FRAMES.labels(reason="oversize_stats").inc()  # kept for an hour: bounded
+            peer.stats = {}
+        else:
+            peer.stats = msg.stats
         if msg.peer_id:
             peer.peer_id = msg.peer_id
         self.leases.renew(ident)
@@ -534,6 +539,9 @@ class Broker:
 
     async def _on_feedback(self, ident: bytes, peer: Peer, msg: P.TaskFeedback) -> None:
         bad = check_feedback(msg)
+        if bad is None and not self._knows_task(msg.task_id):
+            # Kept per task id (and saved): unknown ids would grow that without bound.
+            bad = Invalid("feedback", f"{msg.task_id[:80]}: no such task in this bank")
         if bad is not None:  # never reaches the curator or its saved state
             M.TRAJ_REJECTED.labels(reason=bad.reason).inc()
             log.warning("refused feedback from %s: %s", peer.peer_id, bad.detail)
@@ -541,6 +549,13 @@ class Broker:
             return
         self.curriculum.feedback(msg)
         self._spawn(self.store.kv_set(f"feedback/{msg.task_id}", P.encode(msg)))
+
+    def _knows_task(self, task_id: str) -> bool:
+        try:
+            self.bank.task(task_id)
+        except KeyError:
+            return False
+        return True
 
     # ------------------------------------------------------------ status
 

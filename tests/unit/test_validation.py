@@ -152,3 +152,26 @@ def test_feedback_that_would_poison_the_curator_is_refused(tmp_path: Path) -> No
             assert len(grant.leases) == 2
 
     asyncio.run(main())
+
+
+def test_feedback_for_unknown_tasks_and_oversized_heartbeat_stats_are_not_kept(
+    tmp_path: Path,
+) -> None:
+    async def main() -> None:
+        async with running(config(tmp_path, durability="none")) as (broker, client):
+            learner, actor = client("l"), client("a")
+            with pytest.raises(P.ProtocolError, match="no such task"):
+                await learner.request(P.TaskFeedback("no-such-task-1", pass_rate=0.5), P.Ack)
+            known = broker.bank.task_id_at(0)
+            await learner.send(P.TaskFeedback(known, pass_rate=0.5))
+            hello = P.Hello(role="actor", peer_id="a", protocol_version=P.PROTOCOL_VERSION)
+            await actor.request(hello, P.Welcome)
+            await actor.send(P.Heartbeat("a", stats={"episodes_running": 3.0}))
+            info = await status(actor)
+            assert [a["stats"] for a in info["actors"]] == [{"episodes_running": 3.0}]
+            await actor.send(P.Heartbeat("a", stats={f"k{i}": 1.0 for i in range(1000)}))
+            info = await status(actor)
+            assert [a["stats"] for a in info["actors"]] == [{}]
+            assert list(broker.bank.feedback_by_task) == [known]
+
+    asyncio.run(main())
