@@ -8,14 +8,12 @@ tasks, so a slow disk never stalls heartbeats, task requests or status replies.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import secrets
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -25,6 +23,7 @@ from broker.curriculum.banks import make_bank
 from broker.curriculum.service import STATE_KEY as CURRICULUM_STATE_KEY
 from broker.curriculum.service import Curriculum
 from broker.groups import GroupAssembler
+from broker.intake import model_vocab_size, screen
 from broker.leases import LeaseBook, LeaseRecord
 from broker.peers import INFERRED_ROLE, Peer
 from broker.replay import GroupItem, build_table
@@ -35,7 +34,7 @@ from shared.config import Config
 from shared.metrics import REJECTED_FRAMES, TRAJECTORY_STALENESS
 from shared.security import server_keys
 from shared.transport import Server
-from shared.validation import Invalid, Limits, check_feedback, check_trajectory
+from shared.validation import Invalid, Limits, check_feedback
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +43,6 @@ MAX_HEARTBEAT_STATS = 64  # an actor sends ~10; each peer's are kept (Status) fo
 BACKPRESSURE_RETRY_S = 0.5  # what an actor is told to wait when it gets fewer leases
 NOT_READY_RETRY_S = 0.2  # what the learner is told to wait when no batch can be formed
 PEER_FORGET_AFTER_S = 3600.0  # peers silent this long leave Status and the relay list
-
-
-def model_vocab_size(path: str) -> int:
-    """`vocab_size` from the model's config.json, or 0 (token ids then only checked >= 0)
-    when this machine has no copy of the model."""
-    try:
-        return int(json.loads((Path(path) / "config.json").read_text())["vocab_size"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
 
 
 class Broker:
@@ -367,37 +357,13 @@ class Broker:
     async def _on_trajectories(
         self, ident: bytes, peer: Peer, msg: P.TrajectoryBatchFrames
     ) -> None:
-        # Each item is validated as strictly as a full decode, but through a zero-copy view;
-        # the frame slice itself is what the store keeps and what the learner will get. A bad
-        # item is refused on its own: the good ones of the same batch are stored and acked.
-        items: list[Incoming] = []
-        rejected: list[P.Rejected] = []
-        limits = self._limits()
-        for frame in msg.items:
-            try:
-                view = P.decode_view(frame)
-            except P.ProtocolError as e:
-                REJECTED_FRAMES.labels(reason=e.reason).inc()
-                tid = P.peek_traj_id(frame)
-                if not tid:  # nothing to name: the sender can only be told
-                    await self._send(ident, P.Error(reason=e.reason, detail=e.detail[:500]))
-                    continue
-                bad: Invalid | None = Invalid(e.reason, f"{tid}: {e.detail}")
-            else:
-                tid, bad = view.traj_id, check_trajectory(view, limits)
-            if bad is None:
-                items.append(Incoming(view, frame))
-                continue
-            M.TRAJ_REJECTED.labels(reason=bad.reason).inc()
-            log.warning(
-                "refused a trajectory from %s (%s): %s", peer.peer_id, bad.reason, bad.detail
-            )
-            rejected.append(P.Rejected(traj_id=tid, reason=bad.reason, detail=bad.detail[:300]))
-        M.TRAJ_RECEIVED.inc(len(items))
-        if items:
-            self._spawn(self._ingest(ident, peer, items, rejected))
-        elif rejected:
-            await self._send(ident, P.Ack(traj_ids=[], rejected=rejected))
+        got = screen(msg.items, self._limits(), peer.peer_id)
+        for error in got.errors:
+            await self._send(ident, error)
+        if got.items:
+            self._spawn(self._ingest(ident, peer, got.items, got.rejected))
+        elif got.rejected:
+            await self._send(ident, P.Ack(traj_ids=[], rejected=got.rejected))
 
     def _limits(self) -> Limits:
         """What a trajectory is checked against: the model's vocabulary, [actor]

@@ -175,3 +175,19 @@ def test_feedback_for_unknown_tasks_and_oversized_heartbeat_stats_are_not_kept(
             assert list(broker.bank.feedback_by_task) == [known]
 
     asyncio.run(main())
+
+
+def test_screen_sorts_a_batch_without_sockets() -> None:
+    """Good frames go on; a frame that fails to decode is named when its traj_id can still be
+    read, and reported as an Error when not."""
+    from broker.intake import screen
+
+    good = msgspec.Raw(P.encode(make_traj("g", 0)))
+    undecodable_named = msgspec.Raw(
+        msgspec.msgpack.encode({"type": "Trajectory", "traj_id": "x-1", "junk": 1})
+    )
+    garbage = msgspec.Raw(b"\xc1")
+    got = screen([good, undecodable_named, garbage], LIMITS, "a")
+    assert [i.view.traj_id for i in got.items] == ["g-0"]
+    assert [r.traj_id for r in got.rejected] == ["x-1"]
+    assert len(got.errors) == 1 and got.errors[0].reason == "malformed"
