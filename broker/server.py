@@ -488,9 +488,19 @@ class Broker:
         if self.policy is not None and msg.version < self.policy.version:
             log.warning("ignoring policy v%d: v%d is newer", msg.version, self.policy.version)
             return
-        self.policy = msg  # in memory first, so every Welcome from now on carries it
+        self._spawn(self._adopt_policy(msg))
+
+    async def _adopt_policy(self, msg: P.PolicyPublished) -> None:
+        """Durable first, then announced: no actor may run a version that a restarted broker
+        would not know (it refuses trajectories from versions newer than its own)."""
+        try:
+            await self.store.kv_set("policy", P.encode(msg))
+        except StoreError as e:
+            log.error("policy v%d not saved (%s): relaying it anyway", msg.version, e)
+        if self.policy is not None and msg.version < self.policy.version:
+            return  # a newer one was adopted while this one was being saved
+        self.policy = msg  # every Welcome from now on carries it
         M.POLICY_VERSION.set(msg.version)
-        self._spawn(self.store.kv_set("policy", P.encode(msg)))
         horizon = 10 * self.cfg.broker.heartbeat_timeout_s
         now = self.clock()
         actors = [

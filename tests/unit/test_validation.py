@@ -85,7 +85,8 @@ def test_bad_trajectories_are_refused_alone_and_counted(tmp_path: Path) -> None:
             )
             pub = P.PolicyPublished(version=5, weights_endpoint="tcp://w:1", manifest=manifest)
             await learner.send(pub)
-            assert (await status(learner))["policy_version"] == 5
+            while (await status(learner))["policy_version"] != 5:  # adopted once saved
+                await asyncio.sleep(0.01)
             before = {r: refused(r) for r in ("token_id", "policy_version", "too_long")}
             good = [make_traj("g", 0, version=5), make_traj("g", 1, version=4)]
             bad = [
