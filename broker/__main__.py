@@ -74,7 +74,13 @@ def validate(b: BrokerConfig) -> None:
     for name in ("port", "metrics_port"):
         if not 0 <= getattr(b, name) <= 65535:
             problems.append(f"{name} {getattr(b, name)} is not a port")
-    for name in ("group_size", "replay_capacity", "max_times_sampled", "max_frame_bytes"):
+    for name in (
+        "group_size",
+        "replay_capacity",
+        "max_times_sampled",
+        "max_frame_bytes",
+        "max_ingest_bytes",
+    ):
         if getattr(b, name) < 1:
             problems.append(f"{name} must be >= 1")
     for name in ("lease_deadline_s", "heartbeat_timeout_s"):

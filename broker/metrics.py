@@ -18,6 +18,13 @@ TRAJ_REJECTED = Counter(
     "Trajectories (and task feedback) refused for good, never stored, by reason",
     ["reason"],
 )
+INGEST_SHED = Counter(
+    "headrace_broker_ingest_shed_total",
+    "Trajectories not taken because max_ingest_bytes were waiting for the store (resent later)",
+)
+INGEST_BYTES = Gauge(
+    "headrace_broker_ingest_bytes", "Trajectory bytes received and waiting for their commit"
+)
 DUPLICATES = Counter(
     "headrace_broker_duplicates_total", "Trajectories received again (acked, not stored twice)"
 )

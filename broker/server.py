@@ -68,6 +68,7 @@ class Broker:
         self.policy: P.PolicyPublished | None = None
         self.run_id = ""
         self.learner_batch = 0  # last SampleRequest.batch_size seen (backpressure bound)
+        self.ingest_bytes = 0  # received, not yet committed (bounded by max_ingest_bytes)
         self.evicted: Counter[str] = Counter()
         self.server: Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -357,11 +358,18 @@ class Broker:
     async def _on_trajectories(
         self, ident: bytes, peer: Peer, msg: P.TrajectoryBatchFrames
     ) -> None:
+        nbytes = sum(len(f) for f in msg.items)
+        if self.ingest_bytes and self.ingest_bytes + nbytes > self.cfg.broker.max_ingest_bytes:
+            # Backpressure by shedding: no ack, so the outbox keeps the batch and resends it.
+            M.INGEST_SHED.inc(len(msg.items))
+            return
         got = screen(msg.items, self._limits(), peer.peer_id)
         for error in got.errors:
             await self._send(ident, error)
         if got.items:
-            self._spawn(self._ingest(ident, peer, got.items, got.rejected))
+            self.ingest_bytes += nbytes
+            M.INGEST_BYTES.set(self.ingest_bytes)
+            self._spawn(self._ingest(ident, peer, got.items, got.rejected, nbytes))
         elif got.rejected:
             await self._send(ident, P.Ack(traj_ids=[], rejected=got.rejected))
 
@@ -376,7 +384,12 @@ class Broker:
         )
 
     async def _ingest(
-        self, ident: bytes, peer: Peer, items: list[Incoming], rejected: list[P.Rejected]
+        self,
+        ident: bytes,
+        peer: Peer,
+        items: list[Incoming],
+        rejected: list[P.Rejected],
+        nbytes: int,
     ) -> None:
         try:
             result = await self.store.put(items)
@@ -385,6 +398,9 @@ class Broker:
             # The store logged the failure (once per streak) and counted it.
             log.debug("not acking %d trajectories from %s: %s", len(items), peer.peer_id, e)
             return
+        finally:
+            self.ingest_bytes -= nbytes
+            M.INGEST_BYTES.set(self.ingest_bytes)
         now = self.clock()
         peer.episodes += len(result.new)
         for meta in result.new:

@@ -182,6 +182,9 @@ class BrokerConfig(_Section):
     min_size_to_sample: int = 1
     max_frame_bytes: int = 64 * 1024 * 1024
     commit_interval_s: float = 0.0  # min spacing of group commits (0: back to back)
+    # Trajectory bytes received but not yet committed. A batch that would go past it is not
+    # acked (its sender resends it later): memory stays bounded under a slow disk or a flood.
+    max_ingest_bytes: int = 256 * 1024 * 1024
     retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
     replay: ReplayConfig = msgspec.field(default_factory=ReplayConfig)
     curriculum: CuratorConfig = msgspec.field(default_factory=CuratorConfig)

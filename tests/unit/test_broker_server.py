@@ -267,3 +267,42 @@ def test_priorities_and_task_feedback_are_kept(tmp_path: Path) -> None:
             assert broker.bank.feedback_by_task[fb.task_id] == fb  # persisted
 
     asyncio.run(main())
+
+
+def test_ingest_past_max_ingest_bytes_is_shed_and_taken_on_resend(tmp_path: Path) -> None:
+    """A slow store: what waits for its commit is bounded; a batch beyond the bound gets no
+    ack (its sender resends it) and is taken once the store has caught up."""
+    one_batch = sum(len(P.encode(t)) for t in group("a").items)
+
+    async def main() -> None:
+        cfg = config(tmp_path, durability="none", max_ingest_bytes=one_batch + 1)
+        async with running(cfg) as (broker, client):
+            gate = asyncio.Event()
+            real_put = broker.store.put
+
+            async def slow_put(items):  # the disk stalls until the gate opens
+                await gate.wait()
+                return await real_put(items)
+
+            broker.store.put = slow_put
+            actor = client("a")
+
+            def shed() -> float:
+                return REGISTRY.get_sample_value("headrace_broker_ingest_shed_total") or 0.0
+
+            before = shed()
+            await actor.send(group("a"))
+            while broker.ingest_bytes == 0:
+                await asyncio.sleep(0.005)
+            assert broker.ingest_bytes == one_batch
+            await actor.send(group("b"))  # would double what waits: not taken
+            while shed() < before + GROUP:
+                await asyncio.sleep(0.005)
+            assert broker.ingest_bytes == one_batch
+            gate.set()
+            assert (await actor.recv(P.Ack, timeout=5)).traj_ids == ["a-0", "a-1"]
+            assert (await actor.request(group("b"), P.Ack)).traj_ids == ["b-0", "b-1"]
+            assert broker.ingest_bytes == 0
+            assert (await status(actor))["stored_trajectories"] == 4
+
+    asyncio.run(main())
