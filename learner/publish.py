@@ -6,8 +6,9 @@ layout, so the actor hands it straight to vLLM's loader) into one blob, cuts it 
 `WeightManifest`, which the learner broadcasts via the broker as `PolicyPublished`.
 
 A ZMQ ROUTER answers `WeightRequest{version, chunk}` with `WeightChunk`. Flow control is
-credit-based on the client side: a fetcher keeps at most its window of requests outstanding,
-so the server never queues more than (clients x window) chunks. The latest `keep` versions stay
+credit-based on the client side (a fetcher keeps at most its window of requests outstanding)
+and capped on the server side: at most PEER_CHUNK_CREDIT chunks queue per peer, whatever it
+sends. The latest `keep` versions stay
 servable, so an actor that started fetching version v can finish after v+1 is published.
 """
 
@@ -33,6 +34,7 @@ from shared.weights import blake2b_128
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
+PEER_CHUNK_CREDIT = 16  # chunks queued per peer at most (fetch_blob's window is 4)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -77,7 +79,12 @@ class WeightPublisher:
             raise ValueError(f"chunk_bytes must be in (0, {max_frame_bytes // 2}]")
         self.chunk_bytes = chunk_bytes
         self.keep = keep
-        self.server = Server(bind, max_frame_bytes=max_frame_bytes, curve=curve)
+        # Server-side credit: a peer that pipelines requests without reading the replies pins
+        # at most PEER_CHUNK_CREDIT chunks here (ZeroMQ drops the rest; an honest fetcher keeps
+        # its window of 4 outstanding and never reaches it), not 10,000 x chunk_bytes.
+        self.server = Server(
+            bind, max_frame_bytes=max_frame_bytes, curve=curve, sndhwm=PEER_CHUNK_CREDIT
+        )
         self.endpoint = self.server.endpoint  # the real address (port resolved if bound to :0)
         self._versions: OrderedDict[int, _Published] = OrderedDict()
         self._task: asyncio.Task[None] | None = None

@@ -48,17 +48,19 @@ class Server:
         max_frame_bytes: int = P.DEFAULT_MAX_FRAME_BYTES,
         accepts: object = P.Message,
         curve: CurveServer | None = None,
+        sndhwm: int = 10_000,
     ) -> None:
         """`accepts`: the union decoded (e.g. `P.BrokerInbound`, which leaves trajectories as
         frames); whatever it is, frames are capped and validated the same way. `curve`: serve
-        CurveZMQ to the clients it lists (None: plaintext)."""
+        CurveZMQ to the clients it lists (None: plaintext). `sndhwm`: replies queued per peer
+        before ZeroMQ drops more (what a peer that requests without reading can pin)."""
         self.max_frame_bytes = max_frame_bytes
         self._decoder = P.decoder_for(accepts)
         self.sock = _ctx().socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes * _HARD_CAP_FACTOR)
-        self.sock.setsockopt(zmq.SNDHWM, 10_000)
+        self.sock.setsockopt(zmq.SNDHWM, sndhwm)  # before bind: connections copy it
         self.sock.setsockopt(zmq.RCVHWM, 10_000)
         # Before bind: a connection accepted before the ZAP handler exists would be let in.
         self._watch: HandshakeWatch | None = secure_server(self.sock, curve) if curve else None

@@ -76,3 +76,45 @@ def test_tied_tensors_serialise() -> None:
         assert m.total_bytes > 2 * w.numel() * 4
     finally:
         pub.server.close()
+
+
+def test_a_peer_that_never_reads_pins_a_bounded_number_of_chunks() -> None:
+    """100 chunk requests pipelined by a peer that does not read: the endpoint queues at most
+    PEER_CHUNK_CREDIT replies for it (ZeroMQ drops the rest), and keeps serving others."""
+    import zmq
+    import zmq.asyncio
+
+    from learner.publish import PEER_CHUNK_CREDIT
+
+    chunk = 1 << 20
+
+    async def main() -> None:
+        pub = WeightPublisher("tcp://127.0.0.1:0", chunk_bytes=chunk)
+        pub.start()
+        ctx = zmq.asyncio.Context()
+        greedy = ctx.socket(zmq.DEALER)
+        greedy.setsockopt(zmq.RCVHWM, 1)
+        greedy.setsockopt(zmq.RCVBUF, 64 * 1024)
+        greedy.connect(f"tcp://127.0.0.1:{pub.port}")
+        honest = Client(f"tcp://127.0.0.1:{pub.port}", peer_id="honest")
+        try:
+            m = pub.publish(1, {"w": torch.zeros(100 * chunk // 4)})
+            for i in range(100):
+                await greedy.send(P.encode(P.WeightRequest(version=1, chunk=i)))
+            while pub.chunks_served < 100:  # every request handled (sent or dropped)
+                await asyncio.sleep(0.01)
+            blob = await fetch_weights(honest, m, window=4)  # others are still served
+            assert blake2b_128(blob) == m.digest
+            got = 0
+            while await greedy.poll(500):
+                await greedy.recv_multipart()
+                got += 1
+            # the queue, the reader's one slot, and what the kernel's socket buffers held
+            assert got <= PEER_CHUNK_CREDIT + 1 + 16, got
+        finally:
+            honest.close()
+            greedy.close(0)
+            ctx.term()
+            await pub.aclose()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
