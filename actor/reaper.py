@@ -19,7 +19,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-import time
 
 import psutil
 
@@ -54,6 +53,7 @@ class Reaper:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.wait()
 
 
 def _is_reaper(p: psutil.Process) -> bool:
@@ -105,8 +105,8 @@ def main(argv: list[str]) -> int:
         closed.set()
 
     threading.Thread(target=read, daemon=True).start()
-    while _alive(actor) and not closed.is_set():
-        time.sleep(POLL_S)
+    while _alive(actor) and not closed.wait(POLL_S):  # a clean close ends it at once
+        pass
     _reap(tracked)
     return 0
 

@@ -34,7 +34,10 @@ from shared.weights import blake2b_128
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
-PEER_CHUNK_CREDIT = 16  # chunks queued per peer at most (fetch_blob's window is 4)
+# Replies queued per peer at most: 128 x 4 MiB chunks = 512 MiB for a peer that requests
+# without reading (it was 10,000 x 4 MiB). fetch_blob keeps 4 requests outstanding; a burst
+# of small Error replies (a confused or fuzzing client) still fits.
+PEER_CHUNK_CREDIT = 128
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -79,9 +82,8 @@ class WeightPublisher:
             raise ValueError(f"chunk_bytes must be in (0, {max_frame_bytes // 2}]")
         self.chunk_bytes = chunk_bytes
         self.keep = keep
-        # Server-side credit: a peer that pipelines requests without reading the replies pins
-        # at most PEER_CHUNK_CREDIT chunks here (ZeroMQ drops the rest; an honest fetcher keeps
-        # its window of 4 outstanding and never reaches it), not 10,000 x chunk_bytes.
+        # Server-side bound: a peer that pipelines requests without reading the replies pins
+        # at most PEER_CHUNK_CREDIT chunks here; ZeroMQ drops the rest.
         self.server = Server(
             bind, max_frame_bytes=max_frame_bytes, curve=curve, sndhwm=PEER_CHUNK_CREDIT
         )

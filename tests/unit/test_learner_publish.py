@@ -79,14 +79,14 @@ def test_tied_tensors_serialise() -> None:
 
 
 def test_a_peer_that_never_reads_pins_a_bounded_number_of_chunks() -> None:
-    """100 chunk requests pipelined by a peer that does not read: the endpoint queues at most
+    """400 chunk requests pipelined by a peer that does not read: the endpoint queues at most
     PEER_CHUNK_CREDIT replies for it (ZeroMQ drops the rest), and keeps serving others."""
     import zmq
     import zmq.asyncio
 
     from learner.publish import PEER_CHUNK_CREDIT
 
-    chunk = 1 << 20
+    chunk, n = 1 << 18, 400
 
     async def main() -> None:
         pub = WeightPublisher("tcp://127.0.0.1:0", chunk_bytes=chunk)
@@ -98,10 +98,10 @@ def test_a_peer_that_never_reads_pins_a_bounded_number_of_chunks() -> None:
         greedy.connect(f"tcp://127.0.0.1:{pub.port}")
         honest = Client(f"tcp://127.0.0.1:{pub.port}", peer_id="honest")
         try:
-            m = pub.publish(1, {"w": torch.zeros(100 * chunk // 4)})
-            for i in range(100):
+            m = pub.publish(1, {"w": torch.zeros(n * chunk // 4)})
+            for i in range(n):
                 await greedy.send(P.encode(P.WeightRequest(version=1, chunk=i)))
-            while pub.chunks_served < 100:  # every request handled (sent or dropped)
+            while pub.chunks_served < n:  # every request handled (sent or dropped)
                 await asyncio.sleep(0.01)
             blob = await fetch_weights(honest, m, window=4)  # others are still served
             assert blake2b_128(blob) == m.digest
@@ -110,7 +110,7 @@ def test_a_peer_that_never_reads_pins_a_bounded_number_of_chunks() -> None:
                 await greedy.recv_multipart()
                 got += 1
             # the queue, the reader's one slot, and what the kernel's socket buffers held
-            assert got <= PEER_CHUNK_CREDIT + 1 + 16, got
+            assert got <= PEER_CHUNK_CREDIT + 1 + 32 < n, got
         finally:
             honest.close()
             greedy.close(0)
