@@ -40,10 +40,15 @@ class Reaper:
         mine = [p for p in psutil.Process().children(recursive=True) if not _is_reaper(p)]
         stdin = self.proc.stdin
         assert stdin is not None
+        tracked = []
         for p in mine:
-            stdin.write(f"{p.pid} {p.create_time()}\n".encode())
+            try:
+                stdin.write(f"{p.pid} {p.create_time()}\n".encode())
+            except psutil.NoSuchProcess:  # gone already: nothing to reap
+                continue
+            tracked.append(p.pid)
         stdin.flush()
-        return [p.pid for p in mine]
+        return tracked
 
     def close(self) -> None:
         """After a clean shutdown: the reaper reaps any leftovers and exits."""

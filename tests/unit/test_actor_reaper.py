@@ -24,14 +24,27 @@ time.sleep(600)
 """
 
 
-def start(mode: str) -> tuple[subprocess.Popen[str], psutil.Process]:
+def _reaper(p: psutil.Process) -> bool:
+    try:
+        return (
+            p.is_running()
+            and p.status() != psutil.STATUS_ZOMBIE
+            and ("actor.reaper" in p.cmdline())
+        )
+    except psutil.Error:  # gone while we looked
+        return False
+
+
+def start(mode: str) -> tuple[subprocess.Popen[str], int]:
+    """The owner process and the pid of its child (in "clean" mode already stopped)."""
     owner = subprocess.Popen([sys.executable, "-c", OWNER, mode], stdout=subprocess.PIPE, text=True)
     assert owner.stdout is not None
-    return owner, psutil.Process(int(owner.stdout.readline()))
+    return owner, int(owner.stdout.readline())
 
 
 def test_a_sigkilled_owner_takes_its_tracked_children_with_it() -> None:
-    owner, child = start("kill")
+    owner, pid = start("kill")
+    child = psutil.Process(pid)
     try:
         time.sleep(1.0)  # two reaper polls: a live owner's children are left alone
         assert child.is_running()
@@ -45,14 +58,10 @@ def test_a_sigkilled_owner_takes_its_tracked_children_with_it() -> None:
 
 
 def test_a_clean_close_stops_the_reaper() -> None:
-    owner, child = start("clean")
+    owner, _ = start("clean")
     try:
         assert owner.stdout is not None and owner.stdout.readline().strip() == "closed"
-        reapers = [
-            p
-            for p in psutil.Process(owner.pid).children(recursive=True)
-            if "actor.reaper" in p.cmdline()
-        ]
+        reapers = [p for p in psutil.Process(owner.pid).children(recursive=True) if _reaper(p)]
         assert not reapers, "the reaper still runs after close()"
     finally:
         owner.kill()
