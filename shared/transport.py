@@ -190,7 +190,12 @@ class Client:
         for _ in range(retries + 1):
             for k in (*kinds, P.Error):
                 self.drain(k)
-            await self.send(msg)
+            try:
+                # A DEALER with no connection to send on (the server refused its handshake,
+                # or is not up yet) waits in send for as long as that lasts: bound it too.
+                await asyncio.wait_for(self.send(msg), timeout)
+            except TimeoutError:
+                continue
             waiters = {asyncio.ensure_future(self.recv(k)): k for k in (*kinds, P.Error)}
             done, pending = await asyncio.wait(
                 waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
