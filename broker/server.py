@@ -375,12 +375,14 @@ class Broker:
 
     def _limits(self) -> Limits:
         """What a trajectory is checked against: the model's vocabulary, [actor]
-        max_model_len, and the newest policy this broker has relayed (none after a restart
-        without durability: then versions are only checked for order)."""
+        max_model_len, and the newest policy this broker knows (none after a restart without
+        durability: then versions are only checked for order)."""
         return Limits(
             vocab_size=self.vocab_size,
             max_tokens=self.cfg.actor.max_model_len,
-            policy_version=self.policy.version if self.policy else None,
+            # + 1: the newest publication may have been relayed but not yet saved when this
+            # broker last stopped (see _on_policy)
+            policy_version=self.policy.version + 1 if self.policy else None,
         )
 
     async def _ingest(
@@ -504,19 +506,12 @@ class Broker:
         if self.policy is not None and msg.version < self.policy.version:
             log.warning("ignoring policy v%d: v%d is newer", msg.version, self.policy.version)
             return
-        self._spawn(self._adopt_policy(msg))
-
-    async def _adopt_policy(self, msg: P.PolicyPublished) -> None:
-        """Durable first, then announced: no actor may run a version that a restarted broker
-        would not know (it refuses trajectories from versions newer than its own)."""
-        try:
-            await self.store.kv_set("policy", P.encode(msg))
-        except StoreError as e:
-            log.error("policy v%d not saved (%s): relaying it anyway", msg.version, e)
-        if self.policy is not None and msg.version < self.policy.version:
-            return  # a newer one was adopted while this one was being saved
-        self.policy = msg  # every Welcome from now on carries it
+        self.policy = msg  # in memory first, so every Welcome from now on carries it
         M.POLICY_VERSION.set(msg.version)
+        # Saved in the background: waiting for the store here would delay every actor's next
+        # weights by a commit (more staleness). A broker that crashes before the save knows
+        # one version less than its actors may run: `_limits` allows for that one.
+        self._spawn(self.store.kv_set("policy", P.encode(msg)))
         horizon = 10 * self.cfg.broker.heartbeat_timeout_s
         now = self.clock()
         actors = [
