@@ -199,7 +199,11 @@ def test_a_hung_episode_loses_its_lease_and_its_task_is_granted_again(tmp_path, 
             420,
             "the hung episodes to be stopped at the lease timeout",
         )
-        assert metric(bport, "headrace_broker_leases_expired_total") >= 1
+        wait_for(  # the broker's reaper ticks every second: it may come just after the actor
+            lambda: metric(bport, "headrace_broker_leases_expired_total") >= 1,
+            10,
+            "the broker to expire the hung lease",
+        )
         # the slots came back and asked again: the expired tasks went out under new leases
         wait_for(
             lambda: metric(bport, "headrace_broker_leases_granted_total") >= 2,
