@@ -70,6 +70,7 @@ async def _evaluate(ckpt: str, tasks: dict[str, list[Any]], spec: dict[str, Any]
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
     engine = Engine(ckpt, seed=int(spec["seed"]), max_model_len=max_len, max_num_seqs=EVAL_SEQS)
     slots = asyncio.Semaphore(EVAL_SEQS)
+    prefix = special_prefix(tokenizer)  # once, not per episode
 
     async def one(task: P.TaskSpec, k: int) -> bool:
         async with slots:
@@ -84,7 +85,7 @@ async def _evaluate(ckpt: str, tasks: dict[str, list[Any]], spec: dict[str, Any]
                 top_p=float(spec["top_p"]),
                 top_k=int(spec["top_k"]),  # 0: off, as in [actor]
                 max_model_len=max_len,
-                prefix_ids=special_prefix(tokenizer),
+                prefix_ids=prefix,
             )
             return bool(traj.success)
 
