@@ -141,7 +141,7 @@ def init_label_values() -> None:
         REJECTED_FRAMES.labels(reason=reason)
     for reason in REASONS:
         TRAJ_REJECTED.labels(reason=reason)
-    for reason in ("stale", "capacity", "incomplete", "retention", "zero_variance"):
+    for reason in ("stale", "capacity", "incomplete", "retention", "zero_variance", "corrupt"):
         EVICTED.labels(reason=reason)
     for reason in ("consumed", "evicted", "unconsumed"):
         RETENTION_DELETED.labels(reason=reason)

@@ -28,7 +28,7 @@ from broker.leases import LeaseBook, LeaseRecord
 from broker.peers import INFERRED_ROLE, Peer
 from broker.replay import GroupItem, build_table
 from broker.retention import Retention
-from broker.store import Incoming, Store, StoreError, TrajMeta
+from broker.store import CORRUPT, CorruptRecords, Incoming, Store, StoreError, TrajMeta
 from shared import protocol as P
 from shared.config import Config
 from shared.metrics import REJECTED_FRAMES, TRAJECTORY_STALENESS
@@ -488,6 +488,18 @@ class Broker:
         weights = self.table.weights(items)
         try:
             claimed = await self.store.claim(seqs)  # durable before anything leaves the broker
+        except CorruptRecords as e:
+            # Quarantined by the store; drop their groups (a group-relative baseline needs the
+            # whole group) and put the rest back: the learner's next request gets a batch.
+            bad = set(e.seqs)
+            self.table.restore(items)  # undoes the sampling count of all of them
+            hit = [item for item in items if bad.intersection(item.seqs)]
+            for item in hit:
+                self.table.remove(item.key)
+            self._retire([(item, CORRUPT) for item in hit])
+            self._update_gauges()
+            await self._send(ident, P.NotReady(self.table.size, 0.0))
+            return
         except StoreError as e:
             log.error("could not record sampling of %d trajectories: %s", len(seqs), e)
             self.table.restore(items)

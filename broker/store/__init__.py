@@ -1,6 +1,7 @@
 """The broker's durable trajectory store: SQLite (WAL) for rows and state, segment files for
 trajectory bodies, group commit on one store thread. See store.py and segments.py."""
 
+from broker.store.integrity import CORRUPT, CorruptRecords
 from broker.store.records import (
     Claimed,
     Incoming,
@@ -17,7 +18,9 @@ from broker.store.segments import SegmentLog
 from broker.store.store import Store
 
 __all__ = [
+    "CORRUPT",
     "DB_NAME",
+    "CorruptRecords",
     "Claimed",
     "Incoming",
     "PutResult",

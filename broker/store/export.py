@@ -26,8 +26,9 @@ from typing import BinaryIO
 
 import msgspec
 
+from broker.store import integrity
 from broker.store.records import StoreCorruptError, StoreError
-from broker.store.schema import DB_NAME, SCHEMA_VERSION
+from broker.store.schema import DB_NAME, MIGRATIONS, SCHEMA_VERSION
 from broker.store.segments import SegmentLog
 from shared import framefile
 from shared import protocol as P
@@ -47,6 +48,7 @@ class ExportStats:
     incomplete_groups: int = 0  # skipped: fewer than group_size trajectories stored
     incomplete_trajectories: int = 0
     extra_trajectories: int = 0  # beyond group_size in a complete group (never trained on)
+    corrupt_groups: int = 0  # skipped: a trajectory failed its integrity check
 
     def line(self) -> str:
         s = f"exported {self.groups} groups ({self.trajectories} trajectories)"
@@ -55,6 +57,8 @@ class ExportStats:
                 f"; skipped {self.incomplete_groups} incomplete groups"
                 f" ({self.incomplete_trajectories} trajectories)"
             )
+        if self.corrupt_groups:
+            s += f"; skipped {self.corrupt_groups} groups with a corrupt trajectory"
         if self.extra_trajectories:
             s += f"; left out {self.extra_trajectories} trajectories beyond group_size"
         return s
@@ -78,7 +82,7 @@ def open_readonly(db: Path) -> sqlite3.Connection:
     except sqlite3.Error as e:
         conn.close()
         raise StoreCorruptError(f"{db}: {e}") from None
-    if version != SCHEMA_VERSION:
+    if version != SCHEMA_VERSION and version not in MIGRATIONS:  # older ones read as they are
         conn.close()
         raise StoreError(f"{db}: store format {version}, this broker reads {SCHEMA_VERSION}")
     return conn
@@ -107,19 +111,24 @@ def complete_groups(
 def group_frame(
     conn: sqlite3.Connection, segments: SegmentLog, group_id: str, group_size: int
 ) -> bytes:
-    """One group as an encoded `Batch`: its first `group_size` stored trajectories."""
+    """One group as an encoded `Batch`: its first `group_size` stored trajectories.
+    Raises CorruptRecords when one fails its integrity check, as a claim does."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    checksum = "checksum" if version >= 3 else "NULL"
     rows = conn.execute(
-        "SELECT seq, seg_id, seg_offset, nbytes FROM trajectories"
+        f"SELECT seq, seg_id, seg_offset, nbytes, {checksum} FROM trajectories"
         " WHERE group_id = ? AND seg_id IS NOT NULL ORDER BY seq LIMIT ?",
         (group_id, group_size),
     ).fetchall()
     items = []
-    for seq, seg, off, n in rows:
-        body = segments.read(seg, off, n)
+    for seq, seg, off, n, expected in rows:
         try:
-            P.decode_view(body)  # as a claim does: a damaged body is the store's error
-        except P.ProtocolError as e:
-            raise StoreCorruptError(f"undecodable trajectory (seq {seq}): {e}") from None
+            body = segments.read(seg, off, n)
+        except OSError as e:
+            raise integrity.CorruptRecords({seq: f"unreadable: {e}"}) from None
+        why = integrity.problem(body, expected)
+        if why is not None:
+            raise integrity.CorruptRecords({seq: why})
         items.append(msgspec.Raw(body))
     seqs = [r[0] for r in rows]
     return P.encode(P.BatchFrames(items, sample_ids=seqs, is_weights=[], cursor=max(seqs)))
@@ -143,7 +152,13 @@ def export(
             )
         framefile.write_header(out)
         for gid in gids:
-            framefile.write_frame(out, group_frame(conn, segments, gid, group_size))
+            try:
+                frame = group_frame(conn, segments, gid, group_size)
+            except integrity.CorruptRecords as e:
+                print(f"{PROG}: group {gid} skipped: {e}", file=sys.stderr)
+                stats.corrupt_groups += 1
+                continue
+            framefile.write_frame(out, frame)
             stats.groups += 1
             stats.trajectories += group_size
     except (sqlite3.Error, OSError) as e:

@@ -5,7 +5,11 @@ from __future__ import annotations
 import functools
 
 DB_NAME = "broker.db"
-SCHEMA_VERSION = 2  # 2: bodies in segment files (segments.py), not blobs
+SCHEMA_VERSION = 3  # 2: bodies in segment files (segments.py), not blobs; 3: checksums
+MIGRATIONS = {
+    # 2 -> 3: rows stored before checksums keep NULL (read unverified)
+    2: "ALTER TABLE trajectories ADD COLUMN checksum INTEGER",
+}
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS trajectories (
     seq INTEGER PRIMARY KEY,            -- insert order: FIFO order and the learner's cursor
@@ -25,7 +29,8 @@ CREATE TABLE IF NOT EXISTS trajectories (
     created REAL NOT NULL,
     seg_id INTEGER,                     -- where its encoding is: segment file (NULL: in memory),
     seg_offset INTEGER,                 -- byte offset in it
-    nbytes INTEGER NOT NULL             -- and length
+    nbytes INTEGER NOT NULL,            -- and length
+    checksum INTEGER                    -- xxh3-64 of the encoding (signed); NULL: in memory
 );
 CREATE INDEX IF NOT EXISTS trajectories_segment ON trajectories(seg_id);
 CREATE INDEX IF NOT EXISTS trajectories_open ON trajectories(times_sampled)
@@ -36,15 +41,15 @@ CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 INSERT = (
     "INSERT INTO trajectories (seq, traj_id, group_id, task_id, lease_id, actor_id,"
     " min_version, n_tokens, reward, success, sample_prob, seconds, created,"
-    " seg_id, seg_offset, nbytes) VALUES "
+    " seg_id, seg_offset, nbytes, checksum) VALUES "
 )
-INSERT_ROWS = 64  # rows per INSERT statement (16 parameters each)
-SEG_COLUMN = 13  # index of seg_id in an insert row (seg_offset follows)
+INSERT_ROWS = 64  # rows per INSERT statement (17 parameters each)
+SEG_COLUMN = 13  # index of seg_id in an insert row (seg_offset, nbytes, checksum follow)
 
 
 @functools.cache
 def insert_rows(n: int) -> str:
-    return INSERT + ", ".join(["(" + ", ".join(["?"] * 16) + ")"] * n)
+    return INSERT + ", ".join(["(" + ", ".join(["?"] * 17) + ")"] * n)
 
 
 PAGE_SIZE = 16384

@@ -27,6 +27,7 @@ Why this shape:
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import logging
 import os
@@ -41,6 +42,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from broker.metrics import COMMIT_BATCHES, COMMIT_SECONDS, STORE_ERRORS, STORE_FAILING, STORED
+from broker.store import integrity
 from broker.store.maintenance import Maintenance
 from broker.store.records import (
     Claimed,
@@ -58,6 +60,7 @@ from broker.store.schema import (
     INSERT_ROWS,
     MAX_SQL_PARAMS,
     META_COLS,
+    MIGRATIONS,
     PAGE_SIZE,
     SCHEMA,
     SCHEMA_VERSION,
@@ -156,13 +159,15 @@ class Store(Maintenance):
         # the commit, instead of spilling into the WAL mid-transaction.
         conn.execute("PRAGMA cache_size=-65536")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, SCHEMA_VERSION):
+        if version not in (0, SCHEMA_VERSION, *MIGRATIONS):
             raise StoreError(
                 f"{self.path}: store format {version}, this broker reads {SCHEMA_VERSION};"
                 " start it on a new --data-dir"
             )
         conn.executescript(SCHEMA)
-        if version == 0:
+        for v in range(version, SCHEMA_VERSION) if version else ():
+            conn.execute(MIGRATIONS[v])
+        if version != SCHEMA_VERSION:
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         if self.segments is not None:
             used = {
@@ -180,6 +185,9 @@ class Store(Maintenance):
             dropped = self.segments.open(used)
             if dropped:
                 log.info("removed %d unreferenced segment files", len(dropped))
+            # A segment shorter than its rows say (truncated by a crash of the filesystem or
+            # by hand): quarantine the rows it cannot hold instead of failing on each read.
+            integrity.quarantine(conn, integrity.truncated_rows(conn, self.segments), "open")
         self.stored = conn.execute("SELECT COUNT(*) FROM trajectories").fetchone()[0]
         # Seqs are the FIFO order and the learner's cursor: never hand one out twice, even
         # after retention deleted the newest rows (see _save_next_seq).
@@ -385,6 +393,7 @@ class Store(Maintenance):
                         None,
                         None,
                         size,
+                        None if memory else integrity.checksum(frame),
                     ]
                 )
                 new.append(TrajMeta(seq, tid, gid, task, lease, actor, mv, nt, r, ok, p, sec))
@@ -428,43 +437,51 @@ class Store(Maintenance):
 
     def _claim(self, seqs: list[int]) -> list[Claimed]:
         conn = self._conn_or_raise()
+        if self.in_memory:
+            missing = [s for s in seqs if s not in self._bodies]
+            if missing:
+                raise StoreError(f"trajectory seq {missing[0]} is missing")
+            self._count_sampled(conn, seqs)
+            return [self._bodies[s] for s in seqs]
+        assert self.segments is not None
+        out, problems = [], {}
+        for s in seqs:
+            row = conn.execute(
+                "SELECT min_version, seg_id, seg_offset, nbytes, checksum FROM trajectories"
+                " WHERE seq = ?",
+                (s,),
+            ).fetchone()
+            if row is None or row[1] is None:
+                raise StoreError(f"trajectory seq {s} is missing")
+            v, g, o, n, expected = row
+            try:
+                body = self.segments.read(g, o, n)
+            except OSError as e:
+                if e.errno != errno.EIO:  # EMFILE and the like: the record may be fine
+                    raise
+                problems[s] = f"unreadable: {e}"
+                continue
+            # Verify what leaves the broker: damage is the broker's to report and contain,
+            # not a frame the learner would reject whole.
+            why = integrity.problem(body, expected)
+            if why is not None:
+                problems[s] = why
+                continue
+            out.append(Claimed(s, v, msgspec.Raw(body)))
+        if problems:
+            integrity.quarantine(conn, problems, str(self.segments.dir))
+            raise integrity.CorruptRecords(problems)
+        self._count_sampled(conn, seqs)
+        return out
+
+    @staticmethod
+    def _count_sampled(conn: sqlite3.Connection, seqs: list[int]) -> None:
         conn.execute("BEGIN IMMEDIATE")
         conn.executemany(
             "UPDATE trajectories SET times_sampled = times_sampled + 1 WHERE seq = ?",
             [(s,) for s in seqs],
         )
-        if self.in_memory:
-            missing = [s for s in seqs if s not in self._bodies]
-            if missing:
-                conn.rollback()
-                raise StoreError(f"trajectory seq {missing[0]} is missing")
-            conn.execute("COMMIT")
-            return [self._bodies[s] for s in seqs]
-        locs = []
-        for s in seqs:
-            row = conn.execute(
-                "SELECT min_version, seg_id, seg_offset, nbytes FROM trajectories WHERE seq = ?",
-                (s,),
-            ).fetchone()
-            if row is None or row[1] is None:
-                conn.rollback()
-                raise StoreError(f"trajectory seq {s} is missing")
-            locs.append(row)
         conn.execute("COMMIT")
-        assert self.segments is not None
-        read = self.segments.read
-        out = [
-            Claimed(s, v, msgspec.Raw(read(g, o, n)))
-            for s, (v, g, o, n) in zip(seqs, locs, strict=True)
-        ]
-        # Re-validate what leaves the broker: a damaged blob is the broker's error to report,
-        # not a frame the learner would have to reject whole.
-        for c in out:
-            try:
-                P.decode_view(c.frame)
-            except P.ProtocolError as e:
-                raise StoreCorruptError(f"undecodable trajectory blob (seq {c.seq}): {e}") from None
-        return out
 
     async def retire(self, seqs: Sequence[int], reason: str) -> None:
         """Mark trajectories as evicted unsampled, so a restart does not replay them."""
