@@ -6,9 +6,10 @@ vLLM actors (`--real-actors`, default 1) and stub actors (`tests.chaos.stub_acto
 each again at once with the same arguments; between kills the learner must take a step. Then
 the run must reach `--steps`. See `tests/chaos/harness.py` for what is checked.
 
-Last line: one JSON object with `kills` by role, `steps_reached`, `acked`, `stored`,
-`trained_twice`, `version_regressions`, `seconds` (and `lost`, `real_acked`, ...).
-Exit 1 if an invariant broke.
+Last line: one JSON object with `kills` by role, `steps_reached`, `acked`, `stored`, `lost`,
+`trained_twice`, `never_trained_unexplained`, `orphans`, `version_regressions`, `seconds`
+(and `trained`, `unconsumed`, `evicted` by reason, `real_acked`, ...). Exit 1 if an
+invariant broke.
 
     python benchmarks/chaos.py [--kills 12] [--steps 40] [--seed 0] [--real-actors 1]
 """
@@ -66,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         and result.lost == 0
         and result.real_acked_over_stored == 0
         and result.trained_twice == 0
+        and result.never_trained_unexplained == 0
+        and result.sampled_over_cap == 0
+        and result.orphans == 0
         and result.version_regressions == 0
     )
     for r in result.regressions:

@@ -47,6 +47,15 @@ LEASES_EXPIRED = Counter(
 BACKPRESSURE = Counter(
     "headrace_broker_backpressure_total", "Task requests answered with fewer leases than asked"
 )
+BATCHES_KEPT = Gauge(
+    "headrace_broker_learner_batches_kept",
+    "Batches handed to the learner and kept until a learner checkpoint covers their step",
+)
+BATCHES_HANDED_AGAIN = Counter(
+    "headrace_broker_learner_batches_handed_again_total",
+    "Batches handed to the learner again: unacknowledged, or trained after the step a"
+    " restarted learner resumed from",
+)
 NOT_READY = Counter("headrace_broker_not_ready_total", "Sample requests answered NotReady")
 EVICTED = Counter(
     "headrace_broker_evicted_total", "Groups removed from replay without being sampled", ["reason"]

@@ -11,6 +11,8 @@ INFERRED_ROLE: dict[type, str] = {
     P.TaskRequest: "actor",
     P.TrajectoryBatchFrames: "actor",
     P.SampleRequest: "learner",
+    P.BatchTrained: "learner",
+    P.Checkpointed: "learner",
     P.PolicyPublished: "learner",
     P.PriorityUpdate: "learner",
     P.TaskFeedback: "learner",

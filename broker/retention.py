@@ -43,16 +43,20 @@ class Retention:
         cfg: RetentionConfig,
         max_times_sampled: int,
         on_evict: Callable[[set[str]], None] | None = None,
+        keep_from: Callable[[], int | None] | None = None,
         *,
         batch_rows: int = BATCH_ROWS,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """`on_evict(group_ids)` is called, on the event loop, right before unconsumed
-        trajectories of those groups are deleted; it must drop them from replay."""
+        trajectories of those groups are deleted; it must drop them from replay.
+        `keep_from()`: the oldest seq still needed by a batch the learner may be handed
+        again (broker/batches.py); consumed trajectories from it on are kept."""
         self.store = store
         self.cfg = cfg
         self.max_times_sampled = max(1, max_times_sampled)
         self.on_evict = on_evict
+        self.keep_from = keep_from
         self.batch_rows = max(1, batch_rows)
         self.clock = clock  # wall clock: `created` in the store is time.time()
         self.deleted: Counter[str] = Counter()  # over the process's life, by reason
@@ -105,6 +109,9 @@ class Retention:
                 else:
                     break
                 if closed:
+                    keep = self.keep_from() if self.keep_from else None
+                    if keep is not None:
+                        bound = keep if bound is None else min(bound, keep)
                     got = await self.store.delete_closed(self.max_times_sampled, limit, bound)
                 else:
                     got = await self._delete_open(limit, bound)

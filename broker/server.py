@@ -19,19 +19,21 @@ from typing import Any
 import msgspec
 
 from broker import metrics as M
+from broker.batches import NEXT_ID_KEY, PREFIX, BatchBook
 from broker.curriculum.banks import make_bank
 from broker.curriculum.service import STATE_KEY as CURRICULUM_STATE_KEY
 from broker.curriculum.service import Curriculum
 from broker.groups import GroupAssembler
 from broker.intake import model_vocab_size, screen
+from broker.learner_side import LearnerSide
 from broker.leases import LeaseBook, LeaseRecord
 from broker.peers import INFERRED_ROLE, Peer
 from broker.replay import GroupItem, build_table
 from broker.retention import Retention
-from broker.store import CORRUPT, CorruptRecords, Incoming, Store, StoreError, TrajMeta
+from broker.store import Incoming, Store, StoreError, TrajMeta
 from shared import protocol as P
 from shared.config import Config
-from shared.metrics import REJECTED_FRAMES, TRAJECTORY_STALENESS
+from shared.metrics import REJECTED_FRAMES
 from shared.security import server_keys
 from shared.transport import Server
 from shared.validation import Invalid, Limits, check_feedback
@@ -41,11 +43,10 @@ log = logging.getLogger(__name__)
 MAX_LEASES_PER_REQUEST = 256
 MAX_HEARTBEAT_STATS = 64  # an actor sends ~10; each peer's are kept (Status) for an hour
 BACKPRESSURE_RETRY_S = 0.5  # what an actor is told to wait when it gets fewer leases
-NOT_READY_RETRY_S = 0.2  # what the learner is told to wait when no batch can be formed
 PEER_FORGET_AFTER_S = 3600.0  # peers silent this long leave Status and the relay list
 
 
-class Broker:
+class Broker(LearnerSide):
     def __init__(self, cfg: Config, clock: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg
         b = cfg.broker
@@ -53,8 +54,13 @@ class Broker:
         self.store = Store(
             None if b.durability == "none" else b.data_dir, commit_interval_s=b.commit_interval_s
         )
+        self.batches = BatchBook()  # handed to the learner, kept until checkpointed
         self.retention = Retention(
-            self.store, b.retention, b.max_times_sampled, on_evict=self._evict_for_retention
+            self.store,
+            b.retention,
+            b.max_times_sampled,
+            on_evict=self._evict_for_retention,
+            keep_from=self.batches.oldest_seq,
         )
         self.table = build_table(b)  # [broker.replay]: sampler, rate limiter; removers
         self.leases = LeaseBook(
@@ -79,6 +85,8 @@ class Broker:
             P.TaskRequest: self._on_task_request,
             P.TrajectoryBatchFrames: self._on_trajectories,
             P.SampleRequest: self._on_sample,
+            P.BatchTrained: self._on_batch_trained,
+            P.Checkpointed: self._on_checkpointed,
             P.PolicyPublished: self._on_policy,
             P.PriorityUpdate: self._on_priorities,
             P.TaskFeedback: self._on_feedback,
@@ -151,6 +159,8 @@ class Broker:
         for _, v in await self.store.kv_scan("feedback/"):
             self.bank.feedback(msgspec.msgpack.decode(v, type=P.TaskFeedback))
         self.curriculum.load(await self.store.kv_get(CURRICULUM_STATE_KEY))
+        self.batches.load(await self.store.kv_scan(PREFIX), await self.store.kv_get(NEXT_ID_KEY))
+        M.BATCHES_KEPT.set(len(self.batches.records))
         # Rebuild the replay index: open trajectories regrouped, complete groups in FIFO order.
         now = self.clock()
         for meta in await self.store.scan_open(self.cfg.broker.max_times_sampled):
@@ -262,6 +272,9 @@ class Broker:
         if released:
             log.info("requeued %d leases of restarted %s", len(released), msg.peer_id)
             self._spawn(self.store.kv_write([(f"lease/{a.lease_id}", None) for a in released]))
+        if msg.role == "learner":
+            step = msg.capabilities.get("step", "0")
+            self.learner_resumed(msg.peer_id, int(step) if step.isdigit() else 0)
         p = self.policy
         welcome = P.Welcome(
             run_id=self.run_id,
@@ -460,81 +473,7 @@ class Broker:
         for reason, seqs in by_reason.items():
             self._spawn(self.store.retire(seqs, reason))
 
-    # ------------------------------------------------------------ learner
-
-    async def _on_sample(self, ident: bytes, peer: Peer, msg: P.SampleRequest) -> None:
-        if msg.batch_size < 1:
-            await self._send(ident, P.Error(reason="invalid", detail="batch_size must be >= 1"))
-            return
-        if msg.batch_size != self.learner_batch:
-            check = getattr(self.table.rate_limiter, "check_window", None)
-            problem = check(msg.batch_size, self.cfg.broker.group_size) if check else None
-            if problem:
-                log.warning("%s", problem)
-        self.learner_batch = msg.batch_size
-        self._retire(self.table.evict_stale(msg.policy_version, self.cfg.broker.max_staleness))
-        items = self.table.sample(msg.batch_size)
-        self._update_gauges()
-        if items is None:
-            M.NOT_READY.inc()
-            if self.table.last_refusal == "rate_limiter":
-                M.RATE_LIMITER_BLOCKED.labels(side="sample").inc()
-            await self._send(ident, P.NotReady(self.table.size, NOT_READY_RETRY_S))
-            return
-        self._spawn(self._hand_out(ident, items, msg.policy_version))
-
-    async def _hand_out(self, ident: bytes, items: list[GroupItem], version: int) -> None:
-        seqs = [s for item in items for s in item.seqs]
-        weights = self.table.weights(items)
-        try:
-            claimed = await self.store.claim(seqs)  # durable before anything leaves the broker
-        except CorruptRecords as e:
-            # Quarantined by the store; drop their groups (a group-relative baseline needs the
-            # whole group) and put the rest back: the learner's next request gets a batch.
-            bad = set(e.seqs)
-            self.table.restore(items)  # undoes the sampling count of all of them
-            hit = [item for item in items if bad.intersection(item.seqs)]
-            for item in hit:
-                self.table.remove(item.key)
-            self._retire([(item, CORRUPT) for item in hit])
-            self._update_gauges()
-            await self._send(ident, P.NotReady(self.table.size, 0.0))
-            return
-        except StoreError as e:
-            log.error("could not record sampling of %d trajectories: %s", len(seqs), e)
-            self.table.restore(items)
-            self._update_gauges()
-            await self._send(ident, P.NotReady(self.table.size, NOT_READY_RETRY_S))
-            return
-        for c in claimed:
-            TRAJECTORY_STALENESS.observe(max(0, version - c.min_version))
-        M.TRAJ_SAMPLED.inc(len(claimed))
-        cursor = max(item.key for item in items)
-        frames = [c.frame for c in claimed]
-        batch = P.BatchFrames(frames, sample_ids=seqs, is_weights=weights, cursor=cursor)
-        await self._send(ident, batch)
-
-    async def _on_policy(self, ident: bytes, peer: Peer, msg: P.PolicyPublished) -> None:
-        if self.policy is not None and msg.version < self.policy.version:
-            log.warning("ignoring policy v%d: v%d is newer", msg.version, self.policy.version)
-            return
-        self.policy = msg  # in memory first, so every Welcome from now on carries it
-        M.POLICY_VERSION.set(msg.version)
-        # Saved in the background: waiting for the store here would delay every actor's next
-        # weights by a commit (more staleness). A broker that crashes before the save knows
-        # one version less than its actors may run: `_limits` allows for that one.
-        self._spawn(self.store.kv_set("policy", P.encode(msg)))
-        horizon = 10 * self.cfg.broker.heartbeat_timeout_s
-        now = self.clock()
-        actors = [
-            p for p in self.peers.values() if p.role == "actor" and now - p.last_seen <= horizon
-        ]
-        for p in actors:
-            await self._send(p.ident, msg)
-        log.info("policy v%d published; relayed to %d actors", msg.version, len(actors))
-
-    async def _on_priorities(self, ident: bytes, peer: Peer, msg: P.PriorityUpdate) -> None:
-        M.PRIORITY_UPDATES.inc(self.table.update_priorities(msg.sample_ids, msg.priorities))
+    # ------------------------------------------------------------ curriculum
 
     async def _on_feedback(self, ident: bytes, peer: Peer, msg: P.TaskFeedback) -> None:
         bad = check_feedback(msg)
@@ -586,6 +525,7 @@ class Broker:
             "rate_limiter": self.table.rate_limiter.state(self.table.size),
             "sampler": self.table.sampler.state(),
             "evicted": dict(self.evicted),
+            "learner_batches": self.batches.state(),
             "curriculum": self.curriculum.summary(),
             "actors": [describe(p) for p in peers if p.role == "actor"],
             "learners": [describe(p) for p in peers if p.role == "learner"],

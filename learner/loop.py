@@ -30,6 +30,7 @@ from learner.build import ModelMissing, build_trainer
 from learner.checkpoint import latest, load_checkpoint, save_checkpoint
 from learner.distributed import full_state_dict
 from learner.publish import WeightPublisher
+from learner.trained_log import TrainedLog
 from learner.util import json_safe, write_json_atomic
 from shared import protocol as P
 from shared.config import Config
@@ -76,6 +77,10 @@ class Learner:
         self.publisher: WeightPublisher | None = None
         self.weights_endpoint = ""
         self.last_published = -1
+        self.trained_log: TrainedLog | None = None
+        # batch id -> the step that trained it (recent ones): a batch the broker hands again
+        # because our acknowledgement crossed its reply is acknowledged again, not retrained
+        self.acked: dict[int, int] = {}
 
     # ------------------------------------------------------------ setup
 
@@ -93,6 +98,7 @@ class Learner:
             log.info("resumed from %s: step %d, policy v%d", ckpt, self.step, self.version)
             self._load_summary()
         self.last_ckpt_step = self.step  # a fresh run has nothing worth saving at step 0
+        self.trained_log = TrainedLog(self.opts.checkpoint_dir, self.step)
 
     def _load_summary(self) -> None:
         p = self.opts.summary_json
@@ -200,6 +206,9 @@ class Learner:
             if reply is None:
                 break
             lost_since = None
+            if isinstance(reply, P.Batch) and reply.batch_id in self.acked:
+                await self.client.send(P.BatchTrained(reply.batch_id, self.acked[reply.batch_id]))
+                continue  # trained already: ask again
             if isinstance(reply, P.Batch) and reply.items:
                 M.WAIT_SECONDS.inc(time.monotonic() - t0)
                 return reply
@@ -251,6 +260,7 @@ class Learner:
         M.observe_diagnostics(diag)
         M.TRAJECTORIES.inc(len(batch.items))
         M.TOKENS.inc(diag["n_tokens"])
+        await self._acknowledge(batch)
         if self.step % max(1, self.lc.publish_every) == 0:
             await self._publish()
         await self._feedback(batch, adv)
@@ -264,6 +274,17 @@ class Learner:
             "staleness_max": float(max(stale)),
         }
         return json_safe(entry)
+
+    async def _acknowledge(self, batch: P.Batch) -> None:
+        """Log what this step trained and tell the broker (which otherwise hands it again)."""
+        if self.trained_log is not None:
+            self.trained_log.append(self.step, batch.batch_id, [t.traj_id for t in batch.items])
+        if batch.batch_id:
+            assert self.client is not None
+            self.acked[batch.batch_id] = self.step
+            if len(self.acked) > 1024:
+                del self.acked[next(iter(self.acked))]
+            await self.client.send(P.BatchTrained(batch.batch_id, self.step))
 
     async def _checkpoint(self) -> None:
         await asyncio.to_thread(
@@ -279,6 +300,13 @@ class Learner:
         )
         self.last_ckpt_step = self.step
         log.info("checkpoint step %d (policy v%d)", self.step, self.version)
+        if self.client is not None:
+            # The broker may forget the batches up to here. Bounded: at exit the broker may be
+            # gone, and then it learns the step from our next Hello instead.
+            try:
+                await asyncio.wait_for(self.client.send(P.Checkpointed(self.step)), 5.0)
+            except TimeoutError:
+                log.warning("broker did not take the checkpoint notice (step %d)", self.step)
 
     def _write_summary(self) -> None:
         if self.opts.summary_json is not None:
@@ -311,6 +339,8 @@ class Learner:
         finally:
             self.client.close()
             await self.publisher.aclose()
+            if self.trained_log is not None:
+                self.trained_log.close()
 
     async def _train_loop(self) -> int:
         from tqdm import tqdm

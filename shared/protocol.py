@@ -19,7 +19,7 @@ from enum import IntEnum
 import msgspec
 import numpy as np
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: batches carry an id, the learner acknowledges them
 DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
 
 
@@ -226,6 +226,11 @@ class Batch(Base):
     sample_ids: list[int]
     is_weights: list[float]
     cursor: int = 0  # the broker's insert sequence number of the newest item handed out
+    # Until the learner acknowledges it (BatchTrained) the broker offers the same batch, same
+    # id, again on each SampleRequest, and again after a learner restart if the step that
+    # trained it was not checkpointed: a lost or late reply loses nothing, a duplicate is
+    # recognised by its id.
+    batch_id: int = 0
 
 
 class BatchFrames(Base, tag="Batch"):
@@ -235,6 +240,21 @@ class BatchFrames(Base, tag="Batch"):
     sample_ids: list[int]
     is_weights: list[float]
     cursor: int = 0
+    batch_id: int = 0
+
+
+class BatchTrained(Base):
+    """Learner -> broker after the step that trained `batch_id` (its `step`, 1-based)."""
+
+    batch_id: int
+    step: int
+
+
+class Checkpointed(Base):
+    """Learner -> broker: a checkpoint holds every step up to `step`; batches trained by
+    those steps will never be needed again (a restart resumes after them)."""
+
+    step: int
 
 
 class NotReady(Base):
@@ -313,6 +333,8 @@ Message = (
     | SampleRequest
     | Batch
     | NotReady
+    | BatchTrained
+    | Checkpointed
     | PriorityUpdate
     | TaskFeedback
     | PolicyPublished

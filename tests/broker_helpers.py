@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from broker.server import Broker
 from shared import protocol as P
@@ -61,3 +62,14 @@ async def running(
         for c in clients:
             c.close()
         await broker.stop()
+
+
+async def take(
+    learner: Client, req: P.SampleRequest, reply: type | tuple[type, ...], **kw: float
+) -> Any:
+    """`learner.request(req, reply)`, acknowledging a Batch as a learner's step does (else
+    the broker hands the same batch again on the next request)."""
+    got = await learner.request(req, reply, **kw)  # type: ignore[arg-type]
+    if isinstance(got, P.Batch):
+        await learner.send(P.BatchTrained(batch_id=got.batch_id, step=got.batch_id))
+    return got

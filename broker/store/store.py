@@ -427,21 +427,40 @@ class Store(Maintenance):
         self._bodies.update(bodies)
         return results
 
-    async def claim(self, seqs: Sequence[int]) -> list[Claimed]:
-        """Durably count one more sampling of `seqs` and return their trajectories, in order.
+    async def claim(
+        self, seqs: Sequence[int], kv: Sequence[tuple[str, bytes | None]] = ()
+    ) -> list[Claimed]:
+        """Durably count one more sampling of `seqs` (and write `kv` in the same transaction)
+        and return their trajectories, in order.
 
         Committed before the caller hands them out, so a restart never serves them again
-        beyond `max_times_sampled`.
+        beyond `max_times_sampled`. Raises CorruptRecords (nothing counted) when a body
+        fails its check; those records are quarantined.
         """
-        return await self._call(self._claim, list(seqs))
+        return await self._call(self._claim, list(seqs), list(kv))
 
-    def _claim(self, seqs: list[int]) -> list[Claimed]:
+    async def read(self, seqs: Sequence[int]) -> list[Claimed]:
+        """Their trajectories again, verified, counting nothing (a batch handed again)."""
+        return await self._call(self._read, list(seqs))
+
+    def _claim(self, seqs: list[int], kv: list[tuple[str, bytes | None]]) -> list[Claimed]:
+        out = self._read(seqs)
+        conn = self._conn_or_raise()
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(
+            "UPDATE trajectories SET times_sampled = times_sampled + 1 WHERE seq = ?",
+            [(s,) for s in seqs],
+        )
+        self._kv_apply(conn, kv)
+        conn.execute("COMMIT")
+        return out
+
+    def _read(self, seqs: list[int]) -> list[Claimed]:
         conn = self._conn_or_raise()
         if self.in_memory:
             missing = [s for s in seqs if s not in self._bodies]
             if missing:
                 raise StoreError(f"trajectory seq {missing[0]} is missing")
-            self._count_sampled(conn, seqs)
             return [self._bodies[s] for s in seqs]
         assert self.segments is not None
         out, problems = [], {}
@@ -471,17 +490,7 @@ class Store(Maintenance):
         if problems:
             integrity.quarantine(conn, problems, str(self.segments.dir))
             raise integrity.CorruptRecords(problems)
-        self._count_sampled(conn, seqs)
         return out
-
-    @staticmethod
-    def _count_sampled(conn: sqlite3.Connection, seqs: list[int]) -> None:
-        conn.execute("BEGIN IMMEDIATE")
-        conn.executemany(
-            "UPDATE trajectories SET times_sampled = times_sampled + 1 WHERE seq = ?",
-            [(s,) for s in seqs],
-        )
-        conn.execute("COMMIT")
 
     async def retire(self, seqs: Sequence[int], reason: str) -> None:
         """Mark trajectories as evicted unsampled, so a restart does not replay them."""
@@ -524,12 +533,16 @@ class Store(Maintenance):
     def _kv_write(self, items: list[tuple[str, bytes | None]]) -> None:
         conn = self._conn_or_raise()
         conn.execute("BEGIN IMMEDIATE")
+        self._kv_apply(conn, items)
+        conn.execute("COMMIT")
+
+    @staticmethod
+    def _kv_apply(conn: sqlite3.Connection, items: list[tuple[str, bytes | None]]) -> None:
         for key, value in items:
             if value is None:
                 conn.execute("DELETE FROM kv WHERE key = ?", (key,))
             else:
                 conn.execute("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", (key, value))
-        conn.execute("COMMIT")
 
     async def kv_scan(self, prefix: str) -> list[tuple[str, bytes]]:
         return await self._call(self._kv_scan, prefix)

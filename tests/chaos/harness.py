@@ -10,8 +10,13 @@ compared with what the actors were acked:
 - `lost`: acked to a stub actor (its own record of acked ids) but not in the store; for real
   actors, whose acks are only counted, `real_acked_over_stored` counts actors whose acked
   total (summed over incarnations, last scrape of each) exceeds their rows in the store;
-- `trained_twice`: rows handed out more often than `max_times_sampled` (the broker commits
-  `times_sampled` before a batch leaves it, and the learner trains only on what it is handed);
+- `trained_twice`: trajectories that appear more than once in the learner's trained log
+  (`trained.jsonl`: what each step of the final weights' lineage trained, see
+  learner/trained_log.py); `sampled_over_cap`: rows handed out more often than
+  `max_times_sampled`;
+- `never_trained_unexplained`: stored rows handed to the learner that are neither in the
+  trained log, nor evicted with a reason, nor in a batch the broker still keeps for the
+  learner (rows never handed out are `unconsumed`: the run ended first);
 - `version_regressions`: a learner summary whose policy versions do not strictly increase with
   the step, an actor incarnation whose engine's policy version went down between scrapes, or
   the broker refusing an older policy ("ignoring policy v...").
@@ -31,10 +36,30 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import msgspec
+
+from broker.batches import BatchRecord
+from learner.trained_log import NAME
+from learner.trained_log import read as read_trained_log
 from tests.helpers import Proc, free_port, metric, wait_for, write_config
 
 REPO = Path(__file__).resolve().parents[2]
 ROLES = ("broker", "learner", "actor")
+
+
+def engine_pids() -> set[int]:
+    """Live vLLM engine processes (they rename themselves `VLLM::EngineCore`, `VLLM::Worker`)."""
+    import psutil
+
+    out = set()
+    for p in psutil.process_iter(["name", "cmdline", "status"]):
+        try:
+            title = " ".join(p.info["cmdline"] or []) or p.info["name"] or ""
+            if title.startswith("VLLM::") and p.info["status"] != psutil.STATUS_ZOMBIE:
+                out.add(p.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return out
 
 
 @dataclass
@@ -46,6 +71,12 @@ class ChaosResult:
     trained_twice: int
     version_regressions: int
     seconds: float
+    never_trained_unexplained: int = 0
+    trained: int = 0
+    unconsumed: int = 0
+    evicted: dict[str, int] = field(default_factory=dict)
+    sampled_over_cap: int = 0
+    orphans: int = 0  # vLLM engine processes started during the run and alive after it
     lost: int = 0
     real_acked: int = 0
     real_acked_over_stored: int = 0
@@ -156,6 +187,7 @@ class Chaos:
         self._lock = threading.Lock()
         self._monitor = threading.Thread(target=self._watch, daemon=True)
         self.t0 = time.monotonic()
+        self.engines_before = engine_pids()
 
     # ------------------------------------------------------------ processes
 
@@ -361,8 +393,16 @@ class Chaos:
         uri = f"file:{self.data_dir / 'broker.db'}?mode=ro"
         with sqlite3.connect(uri, uri=True) as conn:
             rows = conn.execute(
-                "SELECT traj_id, actor_id, times_sampled FROM trajectories"
+                "SELECT traj_id, actor_id, times_sampled, evicted, seq FROM trajectories"
             ).fetchall()
+            kept = {
+                seq
+                for (value,) in conn.execute("SELECT value FROM kv WHERE key LIKE 'batch/%'")
+                for seq in msgspec.msgpack.decode(value, type=BatchRecord).seqs
+            }
+        trained = Counter(
+            t for e in read_trained_log(self.dir / "ckpt" / NAME) for t in e["traj_ids"]
+        )
         stored = {r[0] for r in rows}
         per_actor = Counter(r[1] for r in rows)
         acked = self.acked_ids()
@@ -374,7 +414,17 @@ class Chaos:
             steps_reached=self.steps_done(),
             acked=len(acked) + sum(real_total.values()),
             stored=len(stored),
-            trained_twice=sum(1 for r in rows if r[2] > max_ts),
+            trained_twice=sum(1 for n in trained.values() if n > 1),
+            never_trained_unexplained=sum(
+                1
+                for r in rows
+                if r[2] > 0 and not trained[r[0]] and r[3] is None and r[4] not in kept
+            ),
+            trained=sum(1 for r in rows if trained[r[0]]),
+            unconsumed=sum(1 for r in rows if r[2] == 0 and r[3] is None),
+            evicted=dict(Counter(r[3] for r in rows if r[3] is not None)),
+            sampled_over_cap=sum(1 for r in rows if r[2] > max_ts),
+            orphans=len(engine_pids() - self.engines_before),
             version_regressions=len(self.regressions),
             seconds=round(time.monotonic() - self.t0, 1),
             lost=len(acked - stored),

@@ -40,6 +40,9 @@ def test_random_sigkills_lose_nothing_and_never_go_back(tmp_path: Path, tiny_mod
     assert result.lost == 0, f"{result.lost} acked trajectories missing from the store"
     assert result.real_acked > 0 and result.real_acked_over_stored == 0, result
     assert result.stored >= result.acked > 0, result
-    assert result.trained_twice == 0, result
+    assert result.trained_twice == 0 and result.sampled_over_cap == 0, result
+    assert result.never_trained_unexplained == 0, result
+    assert result.orphans == 0, result
+    assert result.trained >= 20 * 8, result  # every step's batch is in the trained log
     assert result.version_regressions == 0, result.regressions
     assert all(code == 0 for code in result.stub_exits), (result.stub_exits, logs)

@@ -15,7 +15,7 @@ import pytest
 
 from shared import protocol as P
 from shared.transport import Client, PeerUnreachable
-from tests.broker_helpers import make_traj
+from tests.broker_helpers import make_traj, take
 from tests.helpers import free_port, scrape
 
 pytestmark = pytest.mark.integration
@@ -122,7 +122,7 @@ def test_broker_process_end_to_end_with_crash_restart(broker: BrokerProcess) -> 
                 assert ack.traj_ids == [t.traj_id for t in batch.items] and ack.duplicates == 0
             assert broker.metric("headrace_broker_trajectories_acked_total") == 2 * GROUP
 
-            first = await learner.request(P.SampleRequest(batch_size=GROUP), P.Batch)
+            first = await take(learner, P.SampleRequest(batch_size=GROUP), P.Batch)
             assert [t.group_id for t in first.items] == [gids[0]] * GROUP
 
             # bad frames: each answered with an Error and counted, the broker keeps serving
@@ -146,10 +146,10 @@ def test_broker_process_end_to_end_with_crash_restart(broker: BrokerProcess) -> 
             assert info["replay_size"] == GROUP and info["run_id"] == welcome.run_id
             again = P.TrajectoryBatch(items=[make_traj(gids[0], i) for i in range(GROUP)])
             assert (await actor.request(again, P.Ack)).duplicates == GROUP  # outbox resend
-            second = await learner.request(P.SampleRequest(batch_size=GROUP), P.Batch)
+            second = await take(learner, P.SampleRequest(batch_size=GROUP), P.Batch)
             assert [t.group_id for t in second.items] == [gids[1]] * GROUP
             assert not set(second.sample_ids) & set(first.sample_ids)
-            reply = await learner.request(P.SampleRequest(batch_size=1), (P.Batch, P.NotReady))
+            reply = await take(learner, P.SampleRequest(batch_size=1), (P.Batch, P.NotReady))
             assert isinstance(reply, P.NotReady)  # nothing is handed out twice
         finally:
             actor.close()

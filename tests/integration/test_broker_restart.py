@@ -120,16 +120,20 @@ async def wait_ready(client: Client, procs: Processes, timeout: float = 30) -> d
             assert time.monotonic() < deadline, "broker never answered\n" + procs.logs()
 
 
-async def sample(learner: Client, n_batches: int | None) -> list[str]:
-    """Sample whole groups; `None`: until NotReady persists (the replay table stays empty)."""
+async def sample(learner: Client, n_batches: int | None, acked: dict[int, int]) -> list[str]:
+    """Sample whole groups as a learner does: acknowledge each batch, and recognise one the
+    broker hands again (it may have lost the acknowledgement in the crash) by its id.
+    `None`: until NotReady persists (the replay table stays empty)."""
     got: list[str] = []
     not_ready = 0
     while n_batches is None or len(got) < n_batches * GROUP:
-        # one request at a time, no retry: a resent request would be a second hand-out
-        reply = await learner.request(
-            P.SampleRequest(batch_size=GROUP), (P.Batch, P.NotReady), timeout=20, retries=0
-        )
+        req = P.SampleRequest(batch_size=GROUP)
+        reply = await learner.request(req, (P.Batch, P.NotReady), timeout=20, retries=0)
         if isinstance(reply, P.Batch):
+            step = acked.setdefault(reply.batch_id, len(acked) + 1)
+            await learner.send(P.BatchTrained(batch_id=reply.batch_id, step=step))
+            if step != len(acked):
+                continue  # trained already: acknowledged again, not trained twice
             assert len(reply.items) % GROUP == 0
             got += [t.traj_id for t in reply.items]
             not_ready = 0
@@ -173,7 +177,10 @@ async def scenario(procs: Processes) -> None:
             procs.start_actor(i)
         await until(lambda: len(procs.acked()) >= 48, 30, "first acks", procs)
         procs.check_alive()
-        before = await sample(learner, n_batches=4)  # the learner consumes while actors push
+        acked: dict[int, int] = {}  # batch id -> step
+        before = await sample(
+            learner, n_batches=4, acked=acked
+        )  # the learner consumes while actors push
 
         # Crash while the actors are pushing: acks are still arriving right now.
         n = len(procs.acked())
@@ -196,7 +203,7 @@ async def scenario(procs: Processes) -> None:
         for a in procs.actors:
             assert a.wait(30) == 0, procs.logs()
 
-        after = await sample(learner, n_batches=None)
+        after = await sample(learner, n_batches=None, acked=acked)
         handed_out = before + after
         assert len(handed_out) == len(set(handed_out)), "a trajectory was handed out twice"
         assert not set(before) & set(after)

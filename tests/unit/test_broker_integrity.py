@@ -14,7 +14,7 @@ from prometheus_client import REGISTRY
 
 from broker.store import DB_NAME, Store
 from shared import protocol as P
-from tests.broker_helpers import make_traj, running
+from tests.broker_helpers import make_traj, running, take
 from tests.unit.test_broker_server import config, group, status
 
 
@@ -69,7 +69,7 @@ def test_flipped_byte_and_truncated_segment_are_quarantined_and_sampling_goes_on
             handed: list[str] = []
             retries = []
             for _ in range(4):  # 4 groups, 2 damaged: each damaged one costs one NotReady
-                reply = await learner.request(P.SampleRequest(batch_size=2), (P.Batch, P.NotReady))
+                reply = await take(learner, P.SampleRequest(batch_size=2), (P.Batch, P.NotReady))
                 if isinstance(reply, P.Batch):
                     handed += [t.group_id for t in reply.items]
                 else:

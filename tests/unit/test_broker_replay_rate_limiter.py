@@ -21,7 +21,7 @@ from broker.replay import (
 from shared import protocol as P
 from shared.config import Config, ReplayConfig
 from shared.transport import Client
-from tests.broker_helpers import make_traj, running
+from tests.broker_helpers import make_traj, running, take
 
 
 def test_sample_to_insert_ratio_follows_reverbs_rule() -> None:
@@ -149,9 +149,9 @@ def test_broker_learner_ahead_waits_and_actors_ahead_get_fewer_leases(tmp_path: 
             # learner: 4 - 0 - 2 = 2 >= -1, then 4 - 2 - 2 = 0: two batches of one group
             for _ in range(2):
                 req = P.SampleRequest(batch_size=2)
-                assert isinstance(await learner.request(req, (P.Batch, P.NotReady)), P.Batch)
+                assert isinstance(await take(learner, req, (P.Batch, P.NotReady)), P.Batch)
             # learner ahead: 4 - 4 - 2 = -2 < -1, with 4 trajectories in the table it waits
-            nr = await learner.request(P.SampleRequest(batch_size=2), (P.Batch, P.NotReady))
+            nr = await take(learner, P.SampleRequest(batch_size=2), (P.Batch, P.NotReady))
             assert isinstance(nr, P.NotReady) and nr.replay_size == 4
             assert blocked("sample") == smp0 + 1
             info = (await learner.request(P.Status(), P.StatusReply)).info
@@ -167,7 +167,7 @@ def test_broker_learner_ahead_waits_and_actors_ahead_get_fewer_leases(tmp_path: 
             assert len(grant.leases) == 2
             await deliver(actor, grant.leases)
             # 8 - 4 - 2 = 2: the learner may go on
-            got = await learner.request(P.SampleRequest(batch_size=2), (P.Batch, P.NotReady))
+            got = await take(learner, P.SampleRequest(batch_size=2), (P.Batch, P.NotReady))
             assert isinstance(got, P.Batch)
 
     asyncio.run(main())
@@ -186,7 +186,7 @@ def test_liveness_grant_when_evictions_leave_the_ratio_in_debt(tmp_path: Path) -
             await deliver(actor, grant.leases, version=0)
             # the learner is at v10 with a cap of 1: the group is evicted unsampled
             req = P.SampleRequest(batch_size=2, policy_version=10)
-            nr = await learner.request(req, (P.Batch, P.NotReady))
+            nr = await take(learner, req, (P.Batch, P.NotReady))
             assert isinstance(nr, P.NotReady) and nr.replay_size == 0
             # (2 + 2) - 0 = 4 > 3 would block forever: nothing is owed and the learner
             # cannot be served, so one batch's worth of leases (2 / 2 = 1) is granted
@@ -195,7 +195,8 @@ def test_liveness_grant_when_evictions_leave_the_ratio_in_debt(tmp_path: Path) -
             # ... and only that: while it is owed, nothing more
             assert (await actor.request(P.TaskRequest(n=10), P.TaskGrant)).leases == []
             await deliver(actor, grant.leases, version=10)
-            got = await learner.request(
+            got = await take(
+                learner,
                 P.SampleRequest(batch_size=2, policy_version=10),
                 (P.Batch, P.NotReady),
             )
@@ -236,7 +237,7 @@ def test_broker_serves_prioritized_batches_with_weights_and_priority_updates(
             assert info["sampler"]["kind"] == "prioritized" and info["sampler"]["sampleable"] == 2
             seen = set()
             for _ in range(20):
-                b = await learner.request(P.SampleRequest(batch_size=2), P.Batch)
+                b = await take(learner, P.SampleRequest(batch_size=2), P.Batch)
                 gid = b.items[0].group_id
                 seen.add(gid)
                 # N = 3, P = 4/5 or 1/5, beta = 1: weights 1/4 and 1 (the least likely: 1)

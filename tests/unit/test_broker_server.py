@@ -13,7 +13,7 @@ from prometheus_client import REGISTRY
 from shared import protocol as P
 from shared.config import Config
 from shared.transport import Client
-from tests.broker_helpers import make_traj, running
+from tests.broker_helpers import make_traj, running, take
 
 GROUP = 2
 
@@ -69,13 +69,13 @@ def test_hello_leases_ack_dedupe_and_sample(tmp_path: Path) -> None:
             assert info["leases_active"] == 0  # complete groups end their leases
             assert info["actors"][0]["episodes"] == 4
             staleness = REGISTRY.get_sample_value("headrace_trajectory_staleness_count") or 0
-            batch = await learner.request(P.SampleRequest(batch_size=2), (P.Batch, P.NotReady))
+            batch = await take(learner, P.SampleRequest(batch_size=2), (P.Batch, P.NotReady))
             assert isinstance(batch, P.Batch)
             assert [t.group_id for t in batch.items] == [g1, g1]  # FIFO: the first group
             assert len(batch.sample_ids) == 2 and batch.is_weights == [1.0, 1.0]
             assert batch.cursor == max(batch.sample_ids)
             assert REGISTRY.get_sample_value("headrace_trajectory_staleness_count") == staleness + 2
-            nxt = await learner.request(P.SampleRequest(batch_size=4), (P.Batch, P.NotReady))
+            nxt = await take(learner, P.SampleRequest(batch_size=4), (P.Batch, P.NotReady))
             assert isinstance(nxt, P.NotReady) and nxt.replay_size == 2 and nxt.retry_after_s > 0
 
     asyncio.run(main())
@@ -93,9 +93,7 @@ def test_backpressure_grants_fewer_leases(tmp_path: Path) -> None:
             # stored-but-unsampled still counts; sampling frees room
             assert (await actor.request(P.TaskRequest(n=1), P.TaskGrant)).leases == []
             learner = client("learner")
-            assert isinstance(
-                await learner.request(P.SampleRequest(batch_size=2), P.Batch), P.Batch
-            )
+            assert isinstance(await take(learner, P.SampleRequest(batch_size=2), P.Batch), P.Batch)
             assert len((await actor.request(P.TaskRequest(n=1), P.TaskGrant)).leases) == 1
 
     asyncio.run(main())
@@ -130,7 +128,7 @@ def test_staleness_cap_evicts_old_groups(tmp_path: Path) -> None:
             await actor.request(group("old", version=1), P.Ack)
             await actor.request(group("new", version=5), P.Ack)
             req = P.SampleRequest(batch_size=2, policy_version=6)  # the broker's cap of 2
-            batch = await learner.request(req, P.Batch)
+            batch = await take(learner, req, P.Batch)
             assert {t.group_id for t in batch.items} == {"new"}
             info = await status(learner)
             assert info["evicted"] == {"stale": 1} and info["replay_size"] == 0
@@ -204,7 +202,7 @@ def test_bad_messages_get_errors(tmp_path: Path) -> None:
             with pytest.raises(P.ProtocolError, match="unexpected"):
                 await c.request(P.Ack(traj_ids=[]), P.Ack)
             with pytest.raises(P.ProtocolError, match="invalid"):
-                await c.request(P.SampleRequest(batch_size=0), P.Batch)
+                await take(c, P.SampleRequest(batch_size=0), P.Batch)
             assert (await status(c))["stored_trajectories"] == 1
 
     asyncio.run(main())
@@ -218,18 +216,20 @@ def test_restart_rebuilds_replay_and_never_resamples(tmp_path: Path) -> None:
             for gid in ("g1", "g2", "g3"):
                 await actor.request(group(gid), P.Ack)
             await actor.request(P.TrajectoryBatch(items=[make_traj("g4", 0)]), P.Ack)  # partial
-            first = await learner.request(P.SampleRequest(batch_size=2), P.Batch)
+            first = await take(learner, P.SampleRequest(batch_size=2), P.Batch)
             assert {t.group_id for t in first.items} == {"g1"}
+            # messages of one peer are handled in order: the acknowledgement is in
+            assert (await status(learner))["learner_batches"] == {"handed": 0, "trained_unsaved": 1}
         async with running(config(tmp_path)) as (broker, client):
             learner = client("l")
             info = await status(learner)
             assert info["stored_trajectories"] == 7 and info["replay_size"] == 4
             assert info["pending_groups"] == 1 and info["leases_active"] == 1
             assert lease.lease_id in broker.leases
-            batch = await learner.request(P.SampleRequest(batch_size=4), P.Batch)
+            batch = await take(learner, P.SampleRequest(batch_size=4), P.Batch)
             assert [t.group_id for t in batch.items] == ["g2", "g2", "g3", "g3"]
             assert isinstance(
-                await learner.request(P.SampleRequest(batch_size=1), P.NotReady), P.NotReady
+                await take(learner, P.SampleRequest(batch_size=1), P.NotReady), P.NotReady
             )
 
     asyncio.run(main())

@@ -15,6 +15,8 @@ from learner.__main__ import main
 from learner.checkpoint import latest
 from learner.loop import Learner, LearnerExit, Options, run_learner
 from learner.synthetic import synthetic_batch
+from learner.trained_log import TrainedLog
+from learner.trained_log import read as read_trained_log
 from shared import protocol as P
 from shared.config import Config
 from shared.transport import Client, Server
@@ -24,11 +26,13 @@ from shared.weights import fetch_blob as fetch_weights
 class FakeBroker:
     """Answers Hello and SampleRequest (NotReady first, then synthetic batches); records."""
 
-    def __init__(self, group_size: int) -> None:
+    def __init__(self, group_size: int, repeat_first: bool = False) -> None:
         self.server = Server("tcp://127.0.0.1:0")
         self.group_size = group_size
         self.received: list[P.Message] = []
         self.n_batches = 0
+        self.repeat_first = repeat_first  # hand batch 1 again on the next request
+        self.first: P.Batch | None = None
 
     async def serve(self) -> None:
         while True:
@@ -46,21 +50,25 @@ class FakeBroker:
                     self.received.append(P.NotReady(replay_size=0, retry_after_s=0.05))
                     await self.server.send(ident, P.NotReady(replay_size=0, retry_after_s=0.05))
                     continue
+                if self.repeat_first and self.n_batches == 1 and self.first is not None:
+                    self.repeat_first = False
+                    await self.server.send(ident, self.first)
+                    continue
                 n_groups = msg.batch_size // self.group_size
                 items = synthetic_batch(
                     n_groups, self.group_size, 16, seed=self.n_batches, prefix=f"b{self.n_batches}"
                 )
                 base = 100 * self.n_batches
                 self.n_batches += 1
-                await self.server.send(
-                    ident,
-                    P.Batch(
-                        items=items,
-                        sample_ids=[base + i for i in range(len(items))],
-                        is_weights=[1.0] * len(items),
-                        cursor=base + len(items),
-                    ),
+                batch = P.Batch(
+                    items=items,
+                    sample_ids=[base + i for i in range(len(items))],
+                    is_weights=[1.0] * len(items),
+                    cursor=base + len(items),
+                    batch_id=self.n_batches,
                 )
+                self.first = self.first or batch
+                await self.server.send(ident, batch)
 
     def of(self, kind: type) -> list:
         return [m for m in self.received if isinstance(m, kind)]
@@ -108,8 +116,18 @@ def test_train_publish_checkpoint_resume(tmp_path: Path) -> None:
     assert broker.of(P.Hello)[0].role == "learner"
     assert len(broker.of(P.TaskFeedback)) == 3 * 2  # one per task (group) per step
     assert broker.of(P.PriorityUpdate)[0].sample_ids == [0, 1, 2, 3]
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step_000002", "step_000003"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        "step_000002",
+        "step_000003",
+        "trained.jsonl",
+    ]
     assert (tmp_path / "model" / "config.json").is_file()  # built because it was missing
+    # each batch acknowledged by the step that trained it; each checkpoint announced
+    assert [(m.batch_id, m.step) for m in broker.of(P.BatchTrained)] == [(1, 1), (2, 2), (3, 3)]
+    assert [m.step for m in broker.of(P.Checkpointed)] == [2, 3]
+    log = list(read_trained_log(tmp_path / "ckpt" / "trained.jsonl"))
+    assert [(e["step"], e["batch_id"]) for e in log] == [(1, 1), (2, 2), (3, 3)]
+    assert log[0]["traj_ids"] == [t.traj_id for t in broker.first.items]  # type: ignore[union-attr]
 
     # Resume: continues at step 3 / v3 and trains one more step.
     broker2 = FakeBroker(group_size=2)
@@ -118,10 +136,39 @@ def test_train_publish_checkpoint_resume(tmp_path: Path) -> None:
     code, _ = asyncio.run(_run(cfg, opts, broker2))
     assert code == 0
     assert broker2.of(P.Hello)[0].capabilities["policy_version"] == "3"
+    assert broker2.of(P.Hello)[0].capabilities["step"] == "3"  # what the broker re-offers after
     assert [m.version for m in broker2.of(P.PolicyPublished)] == [3, 4]
     steps = json.loads(opts.summary_json.read_text())["steps"]
     assert [s["step"] for s in steps] == [1, 2, 3, 4]
     assert latest(tmp_path / "ckpt").name == "step_000004"
+
+
+def test_a_batch_handed_again_is_acknowledged_again_not_retrained(tmp_path: Path) -> None:
+    cfg = _config(tmp_path)
+    broker = FakeBroker(group_size=2, repeat_first=True)
+    opts = Options(
+        broker=broker.server.endpoint, steps=2, checkpoint_dir=tmp_path / "c", weights_port=0
+    )
+    code, _ = asyncio.run(_run(cfg, opts, broker))
+    assert code == 0
+    acks = [(m.batch_id, m.step) for m in broker.of(P.BatchTrained)]
+    assert acks == [(1, 1), (1, 1), (2, 2)]
+    log = list(read_trained_log(tmp_path / "c" / "trained.jsonl"))
+    assert [(e["step"], e["batch_id"]) for e in log] == [(1, 1), (2, 2)]
+
+
+def test_trained_log_is_cut_back_to_the_step_a_learner_resumes_from(tmp_path: Path) -> None:
+    log = TrainedLog(tmp_path, resume_step=0)
+    for step in range(1, 6):
+        log.append(step, step + 10, [f"t{step}"])
+    log.close()
+    with open(tmp_path / "trained.jsonl", "a") as f:
+        f.write('{"step": 6, "batch')  # torn by a crash
+    log = TrainedLog(tmp_path, resume_step=3)  # the checkpoint it resumed from
+    log.append(4, 20, ["t4b"])
+    log.close()
+    got = [(e["step"], e["batch_id"]) for e in read_trained_log(tmp_path / "trained.jsonl")]
+    assert got == [(1, 11), (2, 12), (3, 13), (4, 20)]
 
 
 async def _fetch_during_run(tmp_path: Path) -> None:
