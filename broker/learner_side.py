@@ -20,11 +20,16 @@ from broker.replay.table import Table
 from broker.store import CORRUPT, Claimed, CorruptRecords, Store, StoreError
 from shared import protocol as P
 from shared.config import Config
-from shared.metrics import TRAJECTORY_STALENESS
+from shared.metrics import REJECTED_FRAMES, TRAJECTORY_STALENESS
 
 log = logging.getLogger("broker.server")
 
 NOT_READY_RETRY_S = 0.2  # what the learner is told to wait when no batch can be formed
+# A policy version more than this beyond both the newest one and the version the learner's
+# Hello announced is implausible (a learner moves by `publish_every` per publish): refused,
+# so a forged huge version cannot lock the real learner out. Versions are int32 on the wire.
+MAX_POLICY_JUMP = 1000
+MAX_POLICY_VERSION = 2**31 - 1
 
 
 class LearnerSide:
@@ -36,6 +41,7 @@ class LearnerSide:
     policy: P.PolicyPublished | None
     peers: dict[bytes, Peer]
     learner_batch: int
+    learner_announced: int  # the policy version the learner's Hello announced
     clock: Callable[[], float]
 
     async def _send(self, ident: bytes, msg: P.Base) -> None:
@@ -66,7 +72,11 @@ class LearnerSide:
             if problem:
                 log.warning("%s", problem)
         self.learner_batch = msg.batch_size
-        self._retire(self.table.evict_stale(msg.policy_version, self.cfg.broker.max_staleness))
+        # The learner's version as it says, but never beyond the newest published one plus
+        # a publish interval: a forged huge version would evict the whole replay as stale.
+        current = self.policy.version if self.policy else 0
+        version = min(msg.policy_version, current + max(1, self.cfg.learner.publish_every))
+        self._retire(self.table.evict_stale(version, self.cfg.broker.max_staleness))
         items = self.table.sample(msg.batch_size)
         self._update_gauges()
         if items is None:
@@ -147,8 +157,9 @@ class LearnerSide:
             self._spawn(self.store.kv_write([(key(i), None) for i in done]))
         M.BATCHES_KEPT.set(len(self.batches.records))
 
-    def learner_resumed(self, peer_id: str, step: int) -> None:
+    def learner_resumed(self, peer_id: str, step: int, version: int) -> None:
         """A learner's Hello: batches trained after the step it resumed from go out again."""
+        self.learner_announced = min(version, MAX_POLICY_VERSION)
         lost = self.batches.learner_resumed(step)
         if lost:
             log.info(
@@ -162,6 +173,14 @@ class LearnerSide:
     # ------------------------------------------------------------ policies, priorities
 
     async def _on_policy(self, ident: bytes, peer: Peer, msg: P.PolicyPublished) -> None:
+        current = self.policy.version if self.policy else 0
+        bound = min(MAX_POLICY_VERSION, max(current, self.learner_announced) + MAX_POLICY_JUMP)
+        if not 0 <= msg.version <= bound:
+            detail = f"policy v{msg.version} is implausible (newest v{current}, at most v{bound})"
+            REJECTED_FRAMES.labels(reason="implausible_version").inc()
+            log.warning("refused from %s: %s", peer.peer_id, detail)
+            await self._send(ident, P.Error(reason="invalid", detail=detail))
+            return
         if self.policy is not None and msg.version < self.policy.version:
             log.warning("ignoring policy v%d: v%d is newer", msg.version, self.policy.version)
             return

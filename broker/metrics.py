@@ -146,6 +146,8 @@ def init_label_values() -> None:
         "unexpected",
         "invalid_trajectory",
         "oversize_stats",
+        "forbidden",
+        "implausible_version",
     ):
         REJECTED_FRAMES.labels(reason=reason)
     for reason in REASONS:

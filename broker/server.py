@@ -27,7 +27,7 @@ from broker.groups import GroupAssembler
 from broker.intake import model_vocab_size, screen
 from broker.learner_side import LearnerSide
 from broker.leases import LeaseBook, LeaseRecord
-from broker.peers import INFERRED_ROLE, Peer
+from broker.peers import INFERRED_ROLE, Peer, forbidden
 from broker.replay import GroupItem, build_table
 from broker.retention import Retention
 from broker.store import Incoming, Store, StoreError, TrajMeta
@@ -74,6 +74,7 @@ class Broker(LearnerSide):
         self.policy: P.PolicyPublished | None = None
         self.run_id = ""
         self.learner_batch = 0  # last SampleRequest.batch_size seen (backpressure bound)
+        self.learner_announced = 0  # policy version of the learner's Hello (learner_side)
         self.ingest_bytes = 0  # received, not yet committed (bounded by max_ingest_bytes)
         self.evicted: Counter[str] = Counter()
         self.server: Server | None = None
@@ -191,8 +192,19 @@ class Broker(LearnerSide):
             if peer is None:  # unknown peers are fine: after a broker restart nobody re-Hellos
                 peer = self.peers[ident] = Peer(ident, ident.decode(errors="replace"))
             peer.last_seen = self.clock()
-            if peer.role == "unknown":
+            key_role = self.server.roles is not None
+            if key_role:
+                peer.role = self.server.role_of(ident) or "unknown"
+            elif peer.role == "unknown":
                 peer.role = INFERRED_ROLE.get(type(msg), "unknown")
+            # Plaintext: a peer is held to the role its Hello claimed (no claim, no check).
+            checked = key_role or peer.said_hello
+            why = forbidden(peer.role if peer.role != "unknown" else None, msg, key_role)
+            if why is not None and checked and type(msg) in self._handlers:
+                REJECTED_FRAMES.labels(reason="forbidden").inc()
+                log.warning("refused %s from %s: %s", type(msg).__name__, peer.peer_id, why)
+                await self.server.send(ident, P.Error(reason="forbidden", detail=why))
+                continue
             handler = self._handlers.get(type(msg))
             if handler is None:
                 if not isinstance(msg, P.Error):  # never answer an Error with an Error
@@ -264,7 +276,7 @@ class Broker(LearnerSide):
     # ------------------------------------------------------------ actors
 
     async def _on_hello(self, ident: bytes, peer: Peer, msg: P.Hello) -> None:
-        peer.role, peer.peer_id = msg.role, msg.peer_id
+        peer.role, peer.peer_id, peer.said_hello = msg.role, msg.peer_id, True
         log.info("hello from %s %s", msg.role, msg.peer_id)
         # A Hello starts a process; a restarted actor keeps its routing id, so without this its
         # heartbeats would keep renewing leases whose episodes died with the old process.
@@ -273,8 +285,12 @@ class Broker(LearnerSide):
             log.info("requeued %d leases of restarted %s", len(released), msg.peer_id)
             self._spawn(self.store.kv_write([(f"lease/{a.lease_id}", None) for a in released]))
         if msg.role == "learner":
-            step = msg.capabilities.get("step", "0")
-            self.learner_resumed(msg.peer_id, int(step) if step.isdigit() else 0)
+            step, version = (msg.capabilities.get(k, "0") for k in ("step", "policy_version"))
+            self.learner_resumed(
+                msg.peer_id,
+                int(step) if step.isdigit() else 0,
+                int(version) if version.isdigit() else 0,
+            )
         p = self.policy
         welcome = P.Welcome(
             run_id=self.run_id,

@@ -321,7 +321,7 @@ class Learner:
         port = self.opts.weights_port
         self.publisher = WeightPublisher(
             f"tcp://{bind_host_for(self.lc.weights_host)}:{port if port else '*'}",
-            curve=server_keys(self.cfg.security, "learner"),
+            curve=server_keys(self.cfg.security, "learner", admit=("actor",)),  # actors only
         )
         self.weights_endpoint = f"tcp://{self.lc.weights_host}:{self.publisher.port}"
         self.publisher.start()

@@ -76,8 +76,8 @@ class WeightPublisher:
         max_frame_bytes: int = P.DEFAULT_MAX_FRAME_BYTES,
         curve: CurveServer | None = None,
     ) -> None:
-        """`curve`: `shared.security.server_keys(cfg.security, "learner")` serves only
-        listed actors over CurveZMQ (None: plaintext)."""
+        """`curve`: `shared.security.server_keys(cfg.security, "learner", admit=("actor",))`
+        serves only listed actor keys over CurveZMQ (None: plaintext)."""
         if chunk_bytes <= 0 or chunk_bytes > max_frame_bytes // 2:
             raise ValueError(f"chunk_bytes must be in (0, {max_frame_bytes // 2}]")
         self.chunk_bytes = chunk_bytes

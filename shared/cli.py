@@ -212,6 +212,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
     from shared.security import CLIENTS_SUBDIR, generate_keys
 
     clients = [c for c in args.clients.split(",") if c]
+    if args.actors:  # one key per actor instead of one shared by all
+        clients = [c for c in clients if c != "actor"] + [f"actor-{i}" for i in range(args.actors)]
     written = generate_keys(args.dir, clients=clients, force=args.force)
     for path in written:
         print(f"{oct(path.stat().st_mode & 0o777)[2:]}  {path}")
@@ -302,6 +304,13 @@ def main(argv: list[str] | None = None) -> None:
         "--clients",
         default="learner,actor,cli",
         help="comma-separated client names admitted by the servers (default: %(default)s)",
+    )
+    g.add_argument(
+        "--actors",
+        type=int,
+        default=0,
+        help="write actor-0 .. actor-N-1 keys (one per actor; point each actor's [security]"
+        " secret_key at its own) instead of one shared actor key",
     )
     g.add_argument("--force", action="store_true", help="replace existing keys")
     _add_replay_parser(sub)

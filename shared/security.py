@@ -45,6 +45,29 @@ CLIENT_ROLES = ("learner", "actor", "cli")  # roles that connect to one
 CLIENTS_SUBDIR = "clients"  # the allow-list: public keys only, safe to copy to servers
 
 
+def role_of_key_name(name: str) -> str | None:
+    """The role a client key stands for, from its file name in the allow-list: `learner`,
+    `cli`, `actor`, or one of them followed by `-` and anything (`actor-3`). Keys of other
+    names are admitted by the handshake but may send nothing (the broker refuses them)."""
+    base = name.split("-", 1)[0]
+    return base if base in CLIENT_ROLES else None
+
+
+def client_roles(allowed_dir: str | Path) -> dict[str, str]:
+    """Public key (z85 text, as ZAP reports it in `User-Id`) -> role, for the allow-list."""
+    out: dict[str, str] = {}
+    for path in sorted(Path(allowed_dir).glob("*.key")):
+        role = role_of_key_name(path.stem)
+        if role is None:
+            continue
+        try:
+            public, _ = zmq.auth.load_certificate(path)
+        except (OSError, ValueError) as e:
+            raise SecurityError(f"[security] client key {path}: {e}") from None
+        out[public.decode()] = role
+    return out
+
+
 class SecurityError(RuntimeError):
     """Keys are configured but missing or unreadable."""
 
@@ -84,6 +107,7 @@ class CurveServer:
     secret: bytes
     allowed_dir: str
     domain: str
+    admit: tuple[str, ...] = CLIENT_ROLES  # roles whose keys pass the handshake
 
 
 @dataclass(frozen=True)
@@ -112,8 +136,11 @@ def _load(path: Path, need_secret: bool) -> tuple[bytes, bytes | None]:
     return public, secret
 
 
-def server_keys(sec: SecurityConfig, role: str) -> CurveServer | None:
-    """Keys for `role`'s ROUTER ("broker" or "learner"); None when curve is off."""
+def server_keys(
+    sec: SecurityConfig, role: str, admit: tuple[str, ...] = CLIENT_ROLES
+) -> CurveServer | None:
+    """Keys for `role`'s ROUTER ("broker" or "learner") admitting clients of the roles
+    `admit`; None when curve is off."""
     if not sec.curve:
         return None
     public, secret = _load(_key_path(sec, sec.secret_key, f"{role}.key_secret"), True)
@@ -121,7 +148,7 @@ def server_keys(sec: SecurityConfig, role: str) -> CurveServer | None:
     if not allowed.is_dir():
         raise SecurityError(f"[security] allowed clients directory {allowed} does not exist")
     assert secret is not None
-    return CurveServer(public, secret, str(allowed), domain=role)
+    return CurveServer(public, secret, str(allowed), domain=role, admit=admit)
 
 
 def client_keys(sec: SecurityConfig, role: str, server: str) -> CurveClient | None:
@@ -295,6 +322,10 @@ def secure_server(sock: zmq.Socket, keys: CurveServer) -> HandshakeWatch:
     auth.configure_curve(domain=keys.domain, location=keys.allowed_dir)
     if keys.domain not in auth.certs:
         raise SecurityError(f"[security] cannot read client keys in {keys.allowed_dir}")
+    roles = client_roles(keys.allowed_dir)
+    auth.certs[keys.domain] = {
+        k: v for k, v in auth.certs[keys.domain].items() if roles.get(k.decode()) in keys.admit
+    }
     try:  # refuse everyone if the ZAP handler is missing (a draft option: best effort)
         sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
     except (zmq.ZMQError, AttributeError):

@@ -6,7 +6,9 @@
 reconnects); a background task routes incoming messages to per-type queues and callbacks.
 ZeroMQ reconnects by itself; the client layers request retries and a retry budget on top.
 Given `curve` keys (shared/security.py) either side speaks CurveZMQ: a server then admits only
-listed client keys, and a refused peer's frames never reach `recv`.
+listed client keys, and a refused peer's frames never reach `recv`. A CURVE server also knows
+each sender's key, hence its role (`role_of`), and binds a routing id to the key that first
+used it: a frame from a bound routing id under another key is refused (`forbidden`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,14 @@ import zmq.asyncio
 
 from shared import protocol as P
 from shared.metrics import REJECTED_FRAMES
-from shared.security import CurveClient, CurveServer, HandshakeWatch, secure_client, secure_server
+from shared.security import (
+    CurveClient,
+    CurveServer,
+    HandshakeWatch,
+    client_roles,
+    secure_client,
+    secure_server,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -58,7 +67,13 @@ class Server:
         self._decoder = P.decoder_for(accepts)
         self.sock = _ctx().socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        # A restarted (or reconnecting) peer takes its routing id back at once. Under CURVE
+        # the id stays bound to the key that first used it (`_bound`), so another key holder
+        # that takes the id over gets its frames refused; it can still divert replies meant
+        # for that id until the owner reconnects.
         self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.roles: dict[str, str] | None = client_roles(curve.allowed_dir) if curve else None
+        self._key_of: dict[bytes, str] = {}  # routing id -> the key (z85) that first used it
         self.sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes * _HARD_CAP_FACTOR)
         self.sock.setsockopt(zmq.SNDHWM, sndhwm)  # before bind: connections copy it
         self.sock.setsockopt(zmq.RCVHWM, 10_000)
@@ -81,12 +96,27 @@ class Server:
                     await self._reply_error(parts[0].bytes, "multipart", f"{len(parts) - 1} parts")
                 continue
             ident, frame = parts[0].bytes, parts[1].buffer
+            if self.roles is not None and not self._bound(ident, parts[1]):
+                REJECTED_FRAMES.labels(reason="forbidden").inc()
+                await self._reply_error(ident, "forbidden", "routing id bound to another key")
+                continue
             try:
                 return ident, P.decode(frame, self.max_frame_bytes, self._decoder)
             except P.ProtocolError as e:
                 REJECTED_FRAMES.labels(reason=e.reason).inc()
                 log.warning("rejected frame from %r: %s", ident, e)
                 await self._reply_error(ident, e.reason, e.detail[:500])
+
+    def _bound(self, ident: bytes, frame: zmq.Frame) -> bool:
+        key = frame.get("User-Id")
+        return self._key_of.setdefault(ident, key) == key
+
+    def role_of(self, ident: bytes) -> str | None:
+        """The role of the key behind `ident` (CURVE); None without CURVE or for a key whose
+        name names no role."""
+        if self.roles is None:
+            return None
+        return self.roles.get(self._key_of.get(ident, ""))
 
     async def _reply_error(self, ident: bytes, reason: str, detail: str) -> None:
         await self.send(ident, P.Error(reason=reason, detail=detail))

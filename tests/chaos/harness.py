@@ -47,15 +47,19 @@ REPO = Path(__file__).resolve().parents[2]
 ROLES = ("broker", "learner", "actor")
 
 
-def engine_pids() -> set[int]:
-    """Live vLLM engine processes (they rename themselves `VLLM::EngineCore`, `VLLM::Worker`)."""
+def orphan_engines() -> set[int]:
+    """Live vLLM engine processes (they rename themselves `VLLM::EngineCore`, `VLLM::Worker`)
+    that no actor process owns any more (no `-m actor` among their ancestors)."""
     import psutil
 
     out = set()
-    for p in psutil.process_iter(["name", "cmdline", "status"]):
+    for p in psutil.process_iter(["cmdline", "status"]):
         try:
-            title = " ".join(p.info["cmdline"] or []) or p.info["name"] or ""
-            if title.startswith("VLLM::") and p.info["status"] != psutil.STATUS_ZOMBIE:
+            title = " ".join(p.info["cmdline"] or [])
+            if not title.startswith("VLLM::") or p.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            owners = [" ".join(a.cmdline()) for a in p.parents()]
+            if not any(" -m actor " in f"{o} " for o in owners):
                 out.add(p.pid)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
@@ -76,7 +80,7 @@ class ChaosResult:
     unconsumed: int = 0
     evicted: dict[str, int] = field(default_factory=dict)
     sampled_over_cap: int = 0
-    orphans: int = 0  # vLLM engine processes started during the run and alive after it
+    orphans: int = 0  # vLLM engine processes left without their actor after the run
     lost: int = 0
     real_acked: int = 0
     real_acked_over_stored: int = 0
@@ -187,7 +191,7 @@ class Chaos:
         self._lock = threading.Lock()
         self._monitor = threading.Thread(target=self._watch, daemon=True)
         self.t0 = time.monotonic()
-        self.engines_before = engine_pids()
+        self.engines_before = orphan_engines()  # another job's, not this run's
 
     # ------------------------------------------------------------ processes
 
@@ -424,7 +428,7 @@ class Chaos:
             unconsumed=sum(1 for r in rows if r[2] == 0 and r[3] is None),
             evicted=dict(Counter(r[3] for r in rows if r[3] is not None)),
             sampled_over_cap=sum(1 for r in rows if r[2] > max_ts),
-            orphans=len(engine_pids() - self.engines_before),
+            orphans=len(orphan_engines() - self.engines_before),
             version_regressions=len(self.regressions),
             seconds=round(time.monotonic() - self.t0, 1),
             lost=len(acked - stored),

@@ -127,6 +127,8 @@ def test_staleness_cap_evicts_old_groups(tmp_path: Path) -> None:
             actor, learner = client("a"), client("l")
             await actor.request(group("old", version=1), P.Ack)
             await actor.request(group("new", version=5), P.Ack)
+            manifest = P.WeightManifest(1, 1, 1, ["d"], [], "d")
+            await learner.send(P.PolicyPublished(6, "tcp://h:1", manifest))  # the learner's v6
             req = P.SampleRequest(batch_size=2, policy_version=6)  # the broker's cap of 2
             batch = await take(learner, req, P.Batch)
             assert {t.group_id for t in batch.items} == {"new"}
