@@ -76,8 +76,14 @@ class Engine:
             worker_extension_cls=WORKER_EXTENSION,
             disable_log_stats=True,
         )
-        self.llm = AsyncLLM.from_engine_args(args)
-        self._reaper = Reaper()  # the engine's processes go when the actor does, however
+        # Before the engine: its processes go when the actor does, however, and also when
+        # the actor dies while the engine is still starting (a minute on a CPU).
+        self._reaper = Reaper()
+        try:
+            self.llm = AsyncLLM.from_engine_args(args)
+        except BaseException:
+            self._reaper.close()  # reaps what the failed start left behind
+            raise
         self._reaper.track_children()
         self.version = 0
         self._ids = itertools.count()

@@ -6,16 +6,18 @@ preempted node, `kill -9`) gives the actor no chance to, and the children keep r
 holding their memory (a GPU, on a GPU machine) with nobody left to use it.
 
 A reaper is a small process of its own session (so a signal to the actor's process group
-does not take it first) that watches the actor and, once the actor is gone, kills the
-processes the actor registered with it, their descendants included. It checks every
-`POLL_S`; it exits when it has reaped, or when the actor closes its stdin after a clean
-shutdown (whatever is left over is reaped then too).
+does not take it first), started before the engine, that watches the actor: every `POLL_S`
+it notes the actor's descendants (so an engine still starting up, which takes a minute on a
+CPU, is covered too) and, once the actor is gone, kills them and their descendants. The
+actor may also register processes on its stdin. It exits when it has reaped, or when the
+actor closes its stdin after a clean shutdown (whatever is left over is reaped then too).
 
     python -m actor.reaper PID     # reads "pid create_time" lines on stdin
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -36,8 +38,14 @@ class Reaper:
         )
 
     def track_children(self) -> list[int]:
-        """Register every descendant of this process (but the reaper): the engine's."""
-        mine = [p for p in psutil.Process().children(recursive=True) if not _is_reaper(p)]
+        """Register every descendant of this process started since the reaper (but the
+        reaper): the engine's."""
+        since = psutil.Process(self.proc.pid).create_time() - 1.0
+        mine = [
+            p
+            for p in psutil.Process().children(recursive=True)
+            if not _is_reaper(p) and _created(p) >= since
+        ]
         stdin = self.proc.stdin
         assert stdin is not None
         tracked = []
@@ -59,6 +67,13 @@ class Reaper:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+def _created(p: psutil.Process) -> float:
+    try:
+        return p.create_time()
+    except psutil.Error:
+        return 0.0
 
 
 def _is_reaper(p: psutil.Process) -> bool:
@@ -110,10 +125,31 @@ def main(argv: list[str]) -> int:
         closed.set()
 
     threading.Thread(target=read, daemon=True).start()
+    seen: dict[int, psutil.Process] = {}
+    since = psutil.Process().create_time() - 1.0  # create_time has a 10 ms granularity
     while _alive(actor) and not closed.wait(POLL_S):  # a clean close ends it at once
-        pass
-    _reap(tracked)
+        _observe(actor, seen, since)
+    _reap([*tracked, *seen.values()])
     return 0
+
+
+def _observe(actor: psutil.Process, seen: dict[int, psutil.Process], since: float) -> None:
+    """Note the actor's vLLM engine processes started since the reaper (they rename
+    themselves `VLLM::...`; other children of the actor are not the engine's). A Process
+    remembers its create_time, so a reused pid is never taken for ours."""
+    try:
+        children = actor.children(recursive=True)
+    except psutil.Error:
+        return
+    me = os.getpid()
+    for p in children:
+        if p.pid == me or p.pid in seen:
+            continue
+        try:
+            if p.create_time() >= since and " ".join(p.cmdline()).startswith("VLLM::"):
+                seen[p.pid] = p
+        except psutil.Error:
+            continue
 
 
 if __name__ == "__main__":

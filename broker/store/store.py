@@ -43,6 +43,7 @@ import msgspec
 
 from broker.metrics import COMMIT_BATCHES, COMMIT_SECONDS, STORE_ERRORS, STORE_FAILING, STORED
 from broker.store import integrity
+from broker.store.kv import KeyValue
 from broker.store.maintenance import Maintenance
 from broker.store.records import (
     Claimed,
@@ -74,7 +75,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class Store(Maintenance):
+class Store(KeyValue, Maintenance):
     def __init__(
         self,
         data_dir: str | Path | None,
@@ -451,7 +452,7 @@ class Store(Maintenance):
             "UPDATE trajectories SET times_sampled = times_sampled + 1 WHERE seq = ?",
             [(s,) for s in seqs],
         )
-        self._kv_apply(conn, kv)
+        self._kv_apply(conn, kv)  # KeyValue's
         conn.execute("COMMIT")
         return out
 
@@ -513,43 +514,3 @@ class Store(Maintenance):
             (max_times_sampled,),
         )
         return [TrajMeta(*r) for r in rows]
-
-    # ------------------------------------------------------------ key-value state
-
-    async def kv_get(self, key: str) -> bytes | None:
-        return await self._call(self._kv_get, key)
-
-    def _kv_get(self, key: str) -> bytes | None:
-        row = self._conn_or_raise().execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
-        return None if row is None else bytes(row[0])
-
-    async def kv_set(self, key: str, value: bytes) -> None:
-        await self.kv_write([(key, value)])
-
-    async def kv_write(self, items: Sequence[tuple[str, bytes | None]]) -> None:
-        """Set (or delete, for a None value) several keys in one transaction."""
-        await self._call(self._kv_write, list(items))
-
-    def _kv_write(self, items: list[tuple[str, bytes | None]]) -> None:
-        conn = self._conn_or_raise()
-        conn.execute("BEGIN IMMEDIATE")
-        self._kv_apply(conn, items)
-        conn.execute("COMMIT")
-
-    @staticmethod
-    def _kv_apply(conn: sqlite3.Connection, items: list[tuple[str, bytes | None]]) -> None:
-        for key, value in items:
-            if value is None:
-                conn.execute("DELETE FROM kv WHERE key = ?", (key,))
-            else:
-                conn.execute("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", (key, value))
-
-    async def kv_scan(self, prefix: str) -> list[tuple[str, bytes]]:
-        return await self._call(self._kv_scan, prefix)
-
-    def _kv_scan(self, prefix: str) -> list[tuple[str, bytes]]:
-        rows = self._conn_or_raise().execute(
-            "SELECT key, value FROM kv WHERE substr(key, 1, ?) = ? ORDER BY key",
-            (len(prefix), prefix),
-        )
-        return [(k, bytes(v)) for k, v in rows]

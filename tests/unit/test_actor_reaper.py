@@ -66,3 +66,40 @@ def test_a_clean_close_stops_the_reaper() -> None:
     finally:
         owner.kill()
         owner.wait(10)
+
+
+STARTING = """
+import subprocess, sys, time
+from actor.reaper import Reaper
+
+reaper = Reaper()  # as Engine does: before the engine exists
+# an engine still starting (never registered) and an unrelated child of the owner
+engine = subprocess.Popen(["bash", "-c", "exec -a VLLM::EngineCore sleep 600"])
+other = subprocess.Popen(["sleep", "600"])
+print(engine.pid, other.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_an_engine_still_starting_dies_with_its_sigkilled_owner() -> None:
+    owner = subprocess.Popen([sys.executable, "-c", STARTING], stdout=subprocess.PIPE, text=True)
+    assert owner.stdout is not None
+    engine, other = (psutil.Process(int(x)) for x in owner.stdout.readline().split())
+    try:
+        deadline = time.monotonic() + 10
+        while not " ".join(engine.cmdline()).startswith("VLLM::"):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(1.2)  # two reaper polls: it has seen the engine
+        owner.kill()
+        owner.wait(10)
+        _, alive = psutil.wait_procs([engine], timeout=10)
+        assert not alive, "an unregistered starting engine outlived its SIGKILLed owner"
+        assert other.is_running()  # not an engine process: not the reaper's to kill
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait(10)
+        for p in (engine, other):
+            if p.is_running():
+                p.kill()

@@ -185,6 +185,8 @@ def test_liveness_grant_when_evictions_leave_the_ratio_in_debt(tmp_path: Path) -
             assert len(grant.leases) == 1  # (0 + 2) - 0 = 2 <= 3 ; (0 + 4) = 4 > 3
             await deliver(actor, grant.leases, version=0)
             # the learner is at v10 with a cap of 1: the group is evicted unsampled
+            manifest = P.WeightManifest(10, 1, 1, ["d"], [], "d")
+            await learner.send(P.PolicyPublished(10, "tcp://h:1", manifest))
             req = P.SampleRequest(batch_size=2, policy_version=10)
             nr = await take(learner, req, (P.Batch, P.NotReady))
             assert isinstance(nr, P.NotReady) and nr.replay_size == 0
