@@ -9,6 +9,7 @@ whole life of a batch).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -30,6 +31,15 @@ NOT_READY_RETRY_S = 0.2  # what the learner is told to wait when no batch can be
 # so a forged huge version cannot lock the real learner out. Versions are int32 on the wire.
 MAX_POLICY_JUMP = 1000
 MAX_POLICY_VERSION = 2**31 - 1
+# What only the active learner may send (one learner per run: see `fenced`).
+LEARNER_MESSAGES = (
+    P.SampleRequest,
+    P.BatchTrained,
+    P.Checkpointed,
+    P.PolicyPublished,
+    P.PriorityUpdate,
+    P.TaskFeedback,
+)
 
 
 class LearnerSide:
@@ -42,6 +52,8 @@ class LearnerSide:
     peers: dict[bytes, Peer]
     learner_batch: int
     learner_announced: int  # the policy version the learner's Hello announced
+    learner_ident: bytes | None  # the active learner's routing id
+    learner_epoch: int  # how many learners have been active (a fencing token)
     clock: Callable[[], float]
 
     async def _send(self, ident: bytes, msg: P.Base) -> None:
@@ -55,6 +67,39 @@ class LearnerSide:
 
     def _update_gauges(self) -> None:
         raise NotImplementedError
+
+    # ------------------------------------------------------------ one learner
+
+    def fenced(self, ident: bytes, msg: P.Base) -> str | None:
+        """Why a learner's message is refused: another learner is the active one.
+
+        The first learner to speak becomes the active one. A second learner's Hello is
+        refused while the active one is alive (heard from within `heartbeat_timeout_s`; the
+        learner heartbeats while it trains); once it is silent that long, a new learner's
+        Hello takes over and the old one is fenced off: everything it sends is refused, so
+        the policy lineage never alternates between two learners."""
+        learnerish = isinstance(msg, P.Hello) and msg.role == "learner"
+        if not learnerish and not isinstance(msg, LEARNER_MESSAGES):
+            return None
+        holder = self.learner_ident
+        if holder is None or holder == ident:
+            self._activate(ident)
+            return None
+        if not learnerish:
+            return "fenced: another learner is the active one (this one was replaced)"
+        active = self.peers.get(holder)
+        silent = self.clock() - active.last_seen if active is not None else math.inf
+        if silent <= self.cfg.broker.heartbeat_timeout_s:
+            name = active.peer_id if active is not None else "?"
+            return f"learner {name} is active (heard {silent:.0f}s ago): one learner per run"
+        self._activate(ident)
+        return None
+
+    def _activate(self, ident: bytes) -> None:
+        if self.learner_ident != ident:
+            self.learner_ident = ident
+            self.learner_epoch += 1
+            log.info("learner %r is the active learner (epoch %d)", ident, self.learner_epoch)
 
     # ------------------------------------------------------------ batches
 

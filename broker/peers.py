@@ -31,6 +31,7 @@ ALLOWED: dict[str, frozenset[type]] = {
     "learner": frozenset(
         {
             P.Hello,
+            P.Heartbeat,
             P.SampleRequest,
             P.BatchTrained,
             P.Checkpointed,

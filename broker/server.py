@@ -75,6 +75,8 @@ class Broker(LearnerSide):
         self.run_id = ""
         self.learner_batch = 0  # last SampleRequest.batch_size seen (backpressure bound)
         self.learner_announced = 0  # policy version of the learner's Hello (learner_side)
+        self.learner_ident: bytes | None = None  # the active learner (learner_side.fenced)
+        self.learner_epoch = 0
         self.ingest_bytes = 0  # received, not yet committed (bounded by max_ingest_bytes)
         self.evicted: Counter[str] = Counter()
         self.server: Server | None = None
@@ -198,9 +200,11 @@ class Broker(LearnerSide):
             elif peer.role == "unknown":
                 peer.role = INFERRED_ROLE.get(type(msg), "unknown")
             # Plaintext: a peer is held to the role its Hello claimed (no claim, no check).
-            checked = key_role or peer.said_hello
-            why = forbidden(peer.role if peer.role != "unknown" else None, msg, key_role)
-            if why is not None and checked and type(msg) in self._handlers:
+            why = None
+            if key_role or peer.said_hello:
+                why = forbidden(peer.role if peer.role != "unknown" else None, msg, key_role)
+            why = why or self.fenced(ident, msg)  # one learner per run
+            if why is not None and type(msg) in self._handlers:
                 REJECTED_FRAMES.labels(reason="forbidden").inc()
                 log.warning("refused %s from %s: %s", type(msg).__name__, peer.peer_id, why)
                 await self.server.send(ident, P.Error(reason="forbidden", detail=why))

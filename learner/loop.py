@@ -42,6 +42,9 @@ log = logging.getLogger("learner")
 T = TypeVar("T")
 
 
+FENCED = 5  # exit code of a learner the broker replaced by another
+
+
 class LearnerExit(Exception):
     """A condition that ends the run with a one-line reason and a non-zero exit code."""
 
@@ -162,6 +165,21 @@ class Learner:
 
     # ------------------------------------------------------------ per step
 
+    async def _heartbeats(self) -> None:
+        """Tell the broker this learner is alive while a long step trains (it refuses a
+        second learner only while the active one is heard from)."""
+        assert self.client is not None
+        every = max(0.5, self.cfg.broker.heartbeat_timeout_s / 4)
+        while True:
+            stats = {"step": float(self.step), "policy_version": float(self.version)}
+            try:
+                await asyncio.wait_for(
+                    self.client.send(P.Heartbeat(peer_id=self.peer_id, stats=stats)), every
+                )
+            except TimeoutError:
+                pass  # the broker is away; the request path notices and decides
+            await asyncio.sleep(every)
+
     async def _publish(self) -> None:
         assert self.publisher is not None and self.client is not None
         model = self.trainer.model
@@ -201,6 +219,9 @@ class Learner:
                 log.warning("broker not answering SampleRequest; retrying")
                 continue
             except P.ProtocolError as e:
+                if e.reason == "forbidden":  # another learner took over: this one must stop
+                    msg = f"broker {self.opts.broker} refused this learner: {e}"
+                    raise LearnerExit(msg, FENCED) from None
                 log.warning("broker refused SampleRequest: %s", e)
                 reply = P.NotReady(replay_size=-1, retry_after_s=1.0)
             if reply is None:
@@ -334,8 +355,12 @@ class Learner:
         try:
             if not await self._connect():
                 return 0  # stopped while connecting: nothing trained, nothing to save
-            await self._publish()
-            return await self._train_loop()
+            heartbeats = asyncio.get_running_loop().create_task(self._heartbeats())
+            try:
+                await self._publish()
+                return await self._train_loop()
+            finally:
+                heartbeats.cancel()
         finally:
             self.client.close()
             await self.publisher.aclose()
@@ -368,9 +393,11 @@ class Learner:
                 if self.step % max(1, self.lc.checkpoint_every) == 0:
                     await self._checkpoint()
                 self._report(bar, entry)
-        except LearnerExit:
-            if self.step != self.last_ckpt_step:
-                await self._checkpoint()  # the broker is gone; keep what was trained
+        except LearnerExit as e:
+            # The broker is gone: keep what was trained. Not when fenced: another learner
+            # owns the run (and maybe this checkpoint dir) now.
+            if e.code != FENCED and self.step != self.last_ckpt_step:
+                await self._checkpoint()
             raise
         finally:
             bar.close()

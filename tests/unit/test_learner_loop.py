@@ -26,12 +26,15 @@ from shared.weights import fetch_blob as fetch_weights
 class FakeBroker:
     """Answers Hello and SampleRequest (NotReady first, then synthetic batches); records."""
 
-    def __init__(self, group_size: int, repeat_first: bool = False) -> None:
+    def __init__(
+        self, group_size: int, repeat_first: bool = False, fence_after: int | None = None
+    ) -> None:
         self.server = Server("tcp://127.0.0.1:0")
         self.group_size = group_size
         self.received: list[P.Message] = []
         self.n_batches = 0
         self.repeat_first = repeat_first  # hand batch 1 again on the next request
+        self.fence_after = fence_after  # refuse as "forbidden" after this many batches
         self.first: P.Batch | None = None
 
     async def serve(self) -> None:
@@ -43,6 +46,8 @@ class FakeBroker:
                     ident,
                     P.Welcome(run_id="r", policy_version=0, weights_endpoint="", config_digest=""),
                 )
+            elif isinstance(msg, P.SampleRequest) and self.n_batches == self.fence_after:
+                await self.server.send(ident, P.Error(reason="forbidden", detail="fenced"))
             elif isinstance(msg, P.SampleRequest):
                 if self.n_batches == 0 and not any(
                     isinstance(m, P.NotReady) for m in self.received
@@ -155,6 +160,21 @@ def test_a_batch_handed_again_is_acknowledged_again_not_retrained(tmp_path: Path
     assert acks == [(1, 1), (1, 1), (2, 2)]
     log = list(read_trained_log(tmp_path / "c" / "trained.jsonl"))
     assert [(e["step"], e["batch_id"]) for e in log] == [(1, 1), (2, 2)]
+
+
+def test_a_fenced_learner_exits_without_checkpointing(tmp_path: Path) -> None:
+    cfg = _config(tmp_path)
+    cfg.broker.heartbeat_timeout_s = 0.4  # heartbeats every 0.5 s
+    cfg.learner.checkpoint_every = 100
+    broker = FakeBroker(group_size=2, fence_after=2)
+    opts = Options(
+        broker=broker.server.endpoint, steps=10, checkpoint_dir=tmp_path / "c", weights_port=0
+    )
+    with pytest.raises(LearnerExit) as e:
+        asyncio.run(_run(cfg, opts, broker))
+    assert e.value.code == 5 and "refused this learner" in str(e.value)
+    assert latest(tmp_path / "c") is None  # another learner owns the run now
+    assert broker.of(P.Heartbeat) and broker.of(P.Heartbeat)[0].peer_id.startswith("learner")
 
 
 def test_trained_log_is_cut_back_to_the_step_a_learner_resumes_from(tmp_path: Path) -> None:

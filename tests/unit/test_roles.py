@@ -20,6 +20,7 @@ from shared.security import client_keys, client_roles, generate_keys, server_key
 from shared.transport import Client
 from shared.weights import fetch_blob
 from tests.broker_helpers import make_traj, running
+from tests.unit.test_broker_server import FakeClock
 from tests.unit.test_protocol import MANIFEST
 from tests.unit.test_security import _state_dict, refused, secured
 
@@ -156,5 +157,42 @@ def test_forged_versions_neither_lock_out_the_learner_nor_evict_replay(tmp_path:
                 P.SampleRequest(batch_size=2, policy_version=2**62), P.Batch
             )
             assert len(batch.items) == 2 and "stale" not in broker.evicted
+
+    asyncio.run(main())
+
+
+def test_one_learner_per_run_a_second_is_refused_and_a_replaced_one_fenced(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock()
+    cfg = Config()
+    cfg = msgspec.structs.replace(
+        cfg, broker=msgspec.structs.replace(cfg.broker, durability="none", group_size=2)
+    )
+    timeout = cfg.broker.heartbeat_timeout_s
+
+    async def main() -> None:
+        async with running(cfg, clock=clock) as (broker, client):
+            first, second = client("learner-a"), client("learner-b")
+            await first.request(hello("learner", "a"), P.Welcome)
+            detail = await expect_error(second, hello("learner", "b"), "forbidden")
+            assert "learner a is active" in detail
+            await expect_error(second, P.SampleRequest(batch_size=2), "forbidden")
+            with pytest.raises(P.ProtocolError):
+                await second.request(FORGED, P.Welcome, timeout=5, retries=0)
+            assert broker.policy is None
+            # the first learner heartbeats while it trains: still the active one
+            clock.t += timeout - 1
+            await first.send(P.Heartbeat(peer_id="a"))
+            await first.request(P.SampleRequest(batch_size=2), P.NotReady)
+            clock.t += timeout - 1
+            await expect_error(second, hello("learner", "b"), "forbidden")
+            # silent for longer than the heartbeat timeout: the second takes over ...
+            clock.t += timeout + 1
+            await second.request(hello("learner", "b"), P.Welcome)
+            assert broker.learner_epoch == 2
+            await second.request(P.SampleRequest(batch_size=2), P.NotReady)
+            # ... and the first, back from a long stall, is fenced off
+            assert "fenced" in await expect_error(first, P.SampleRequest(batch_size=2), "forbidden")
 
     asyncio.run(main())
