@@ -139,16 +139,28 @@ class Learner:
             },
         )
         retries = max(0, math.ceil(timeout / per_try) - 1)
-        try:
-            welcome = await self._until_stop(
-                self.client.request(hello, P.Welcome, timeout=per_try, retries=retries)
-            )
-        except PeerUnreachable:
-            raise LearnerExit(
-                f"broker {self.opts.broker} did not answer Hello within {timeout:.0f}s", 3
-            ) from None
-        except P.ProtocolError as e:
-            raise LearnerExit(f"broker {self.opts.broker} refused the learner: {e}", 3) from None
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                welcome = await self._until_stop(
+                    self.client.request(hello, P.Welcome, timeout=per_try, retries=retries)
+                )
+                break
+            except PeerUnreachable:
+                raise LearnerExit(
+                    f"broker {self.opts.broker} did not answer Hello within {timeout:.0f}s", 3
+                ) from None
+            except P.ProtocolError as e:
+                # Another learner is active. A restarted learner may come back before the
+                # broker has given up on its dead predecessor: wait for that, within the
+                # connect budget; a second learner next to a live one is refused for good.
+                if e.reason != "forbidden" or time.monotonic() > deadline:
+                    msg = f"broker {self.opts.broker} refused the learner: {e}"
+                    raise LearnerExit(msg, 3) from None
+                log.warning("%s; waiting for it to go silent", e.detail)
+                await self._until_stop(asyncio.sleep(1.0))
+                if self.stop.is_set():
+                    return False
         if welcome is None:
             return False
         log.info("connected to %s (run %s)", self.opts.broker, welcome.run_id)

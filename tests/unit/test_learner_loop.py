@@ -35,13 +35,18 @@ class FakeBroker:
         self.n_batches = 0
         self.repeat_first = repeat_first  # hand batch 1 again on the next request
         self.fence_after = fence_after  # refuse as "forbidden" after this many batches
+        self.refuse_hellos = 0  # answer this many Hellos "another learner is active"
         self.first: P.Batch | None = None
 
     async def serve(self) -> None:
         while True:
             ident, msg = await self.server.recv()
             self.received.append(msg)
-            if isinstance(msg, P.Hello):
+            if isinstance(msg, P.Hello) and self.refuse_hellos > 0:
+                self.refuse_hellos -= 1
+                detail = "learner x is active (heard 1s ago): one learner per run"
+                await self.server.send(ident, P.Error(reason="forbidden", detail=detail))
+            elif isinstance(msg, P.Hello):
                 await self.server.send(
                     ident,
                     P.Welcome(run_id="r", policy_version=0, weights_endpoint="", config_digest=""),
@@ -295,3 +300,21 @@ def test_warmup_entropy_and_monitor_across_a_restart(
     h = REGISTRY.get_sample_value("headrace_learner_entropy", {"role": "action"})
     assert h == pytest.approx(steps[-1]["entropy_action"])
     assert any(" H act " in r.getMessage() for r in caplog.records)
+
+
+def test_a_restarted_learner_waits_for_its_dead_predecessor_to_go_silent(tmp_path: Path) -> None:
+    cfg = _config(tmp_path)
+    broker = FakeBroker(group_size=2)
+    broker.refuse_hellos = 2  # the broker still hears the dead learner for 2 s
+    opts = Options(
+        broker=broker.server.endpoint, steps=1, checkpoint_dir=tmp_path / "c", weights_port=0
+    )
+    code, _ = asyncio.run(_run(cfg, opts, broker))
+    assert code == 0 and len(broker.of(P.Hello)) == 3
+    cfg.learner.connect_timeout_s = 1.0  # a live learner next to it: refused for good
+    broker = FakeBroker(group_size=2)
+    broker.refuse_hellos = 100
+    opts.broker = broker.server.endpoint
+    with pytest.raises(LearnerExit) as e:
+        asyncio.run(_run(cfg, opts, broker))
+    assert e.value.code == 3 and "is active" in str(e.value)
