@@ -1,0 +1,101 @@
+"""Fuzzing of meaning: well-formed messages with hostile values, of every type, from peers of
+every role (and from a second would-be learner). The broker must keep its invariants, not just
+stay up: the legitimate learner's policy stays the newest, nothing is evicted as stale, the
+legitimate actor is still acked and its group still handed out, priorities and the curator
+stay finite."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from pathlib import Path
+
+import msgspec
+
+from shared import protocol as P
+from tests.broker_helpers import make_traj, running
+from tests.unit.test_broker_server import config, status
+from tests.unit.test_protocol import MANIFEST
+
+BIG = 2**62
+NAN, INF = math.nan, math.inf
+
+
+def hello(role: str, peer_id: str) -> P.Hello:
+    return P.Hello(role=role, peer_id=peer_id, protocol_version=P.PROTOCOL_VERSION)
+
+
+def hostile_messages() -> list[P.Base]:
+    bad_traj = msgspec.structs.replace(
+        make_traj("evil", 0),
+        token_ids=P.pack([2**31 - 1] * 8, "token_ids"),
+        outcome_reward=NAN,
+        sample_prob=0.0,
+    )
+    return [
+        P.Hello(role="learner", peer_id="x", protocol_version=BIG),
+        hello("learner", "x" * 10_000),
+        P.Heartbeat(
+            peer_id="x", stats={"nan": NAN, "inf": INF, **{f"k{i}": 1.0 for i in range(500)}}
+        ),
+        P.TaskRequest(n=BIG),
+        P.TaskRequest(n=-5),
+        P.TrajectoryBatch(items=[bad_traj]),
+        P.SampleRequest(batch_size=BIG, policy_version=BIG),
+        P.SampleRequest(batch_size=-1, policy_version=-BIG),
+        P.BatchTrained(batch_id=BIG, step=-1),
+        P.Checkpointed(step=BIG),
+        P.PolicyPublished(version=BIG, weights_endpoint="tcp://evil:1", manifest=MANIFEST),
+        P.PolicyPublished(version=-1, weights_endpoint="tcp://evil:1", manifest=MANIFEST),
+        P.PriorityUpdate(sample_ids=[1, 2, BIG], priorities=[NAN, INF, -1.0]),
+        P.TaskFeedback(task_id="symbols-L1-0", mean_abs_advantage=NAN, pass_rate=INF),
+        P.TaskFeedback(task_id="no-such-task", pass_rate=0.5),
+        P.Status(),
+    ]
+
+
+def test_hostile_values_from_every_role_keep_the_invariants(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with running(config(tmp_path, max_staleness=4)) as (broker, client):
+            actor, learner = client("actor-1"), client("learner")
+            await actor.request(hello("actor", "actor-1"), P.Welcome)
+            await learner.request(hello("learner", "learner"), P.Welcome)
+            legit = P.PolicyPublished(version=1, weights_endpoint="tcp://h:1", manifest=MANIFEST)
+            await learner.send(legit)
+            grant = await actor.request(P.TaskRequest(n=1), P.TaskGrant)
+            gid = grant.leases[0].lease_id
+            items = [make_traj(gid, i, version=1) for i in range(2)]
+            assert len((await actor.request(P.TrajectoryBatch(items=items), P.Ack)).traj_ids) == 2
+
+            # every role's peer, plus a second would-be learner, sends every hostile message
+            peers = [client(f"evil-{role}") for role in ("actor", "learner", "cli")]
+            for peer, role in zip(peers, ("actor", "learner", "cli"), strict=True):
+                try:
+                    await peer.request(hello(role, f"evil-{role}"), P.Welcome)
+                except P.ProtocolError as e:
+                    assert role == "learner" and e.reason == "forbidden"  # one learner per run
+            for peer in [*peers, actor]:
+                for msg in hostile_messages():
+                    await peer.send(msg)
+            # the legitimate learner's own messages with hostile values
+            for msg in hostile_messages()[6:14]:
+                if not isinstance(msg, P.SampleRequest | P.Checkpointed):
+                    await learner.send(msg)
+            info = await status(learner)  # handled in order: everything above is in
+
+            assert broker.policy_version == 1  # no forged version took over
+            assert "stale" not in broker.evicted and info["replay_size"] == 2
+            assert broker.learner_ident == b"learner"
+            for key in ("pass_rate", "mean_abs_advantage"):
+                assert all(
+                    math.isfinite(v) for v in broker.curriculum.summary().get(key, {}).values()
+                )
+            # the legitimate pipeline goes on: a group acked, the learner served and its
+            # batch handed out whole
+            grant = await actor.request(P.TaskRequest(n=1), P.TaskGrant)
+            assert grant.leases, "no lease granted after the flood"
+            batch = await learner.request(P.SampleRequest(batch_size=2, policy_version=1), P.Batch)
+            assert [t.group_id for t in batch.items] == [gid, gid]
+            assert all(math.isfinite(w) for w in batch.is_weights)
+
+    asyncio.run(main())
