@@ -6,12 +6,16 @@ vLLM actors (`--real-actors`, default 1) and stub actors (`tests.chaos.stub_acto
 each again at once with the same arguments; between kills the learner must take a step. Then
 the run must reach `--steps`. See `tests/chaos/harness.py` for what is checked.
 
-Last line: one JSON object with `kills` by role, `steps_reached`, `acked`, `stored`, `lost`,
-`trained_twice`, `never_trained_unexplained`, `orphans`, `version_regressions`, `seconds`
-(and `trained`, `unconsumed`, `evicted` by reason, `real_acked`, ...). Exit 1 if an
-invariant broke.
+`--aimed P` arms the broker's crash points (shared/crashpoints.py: between fdatasync and
+commit, during compaction, between claim and send) with probability P per pass; the harness
+restarts it at once and counts `aimed_kills`.
 
-    python benchmarks/chaos.py [--kills 12] [--steps 40] [--seed 0] [--real-actors 1]
+Last line: one JSON object with `kills` by role, `aimed_kills`, `steps_reached`, `acked`,
+`stored`, `lost`, `trained_twice`, `never_trained_unexplained`, `orphans`,
+`version_regressions`, `seconds` (and `trained`, `unconsumed`, `evicted` by reason,
+`real_acked`, ...). Exit 1 if an invariant broke.
+
+    python benchmarks/chaos.py [--kills 12] [--steps 40] [--seed 0] [--real-actors 1] [--aimed P]
 """
 
 from __future__ import annotations
@@ -38,6 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stub-actors", type=int, default=2)
     ap.add_argument("--between-s", type=float, default=2.0, help="random pause before a kill")
     ap.add_argument("--keep", type=Path, help="run in this dir and keep it (default: temp)")
+    ap.add_argument(
+        "--aimed",
+        type=float,
+        default=0.0,
+        help="the broker also kills itself at each crash point (between fdatasync and commit,"
+        " during compaction, between claim and send) with this probability per pass",
+    )
     args = ap.parse_args(argv)
     steps = args.steps or 10 + 6 * args.kills
     kills = {role: args.kills // len(ROLES) for role in ROLES}
@@ -53,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             real_actors=args.real_actors,
             stub_actors=args.stub_actors,
             seed=args.seed,
+            aimed=args.aimed,
         )
         try:
             result = chaos.run(kills, between_s=args.between_s)

@@ -21,6 +21,7 @@ from broker.replay.table import Table
 from broker.store import CORRUPT, Claimed, CorruptRecords, Store, StoreError
 from shared import protocol as P
 from shared.config import Config
+from shared.crashpoints import crash
 from shared.metrics import REJECTED_FRAMES, TRAJECTORY_STALENESS
 
 log = logging.getLogger("broker.server")
@@ -157,6 +158,7 @@ class LearnerSide:
             await self._send(ident, P.NotReady(self.table.size, NOT_READY_RETRY_S))
             return
         self.batches.add(rec)
+        crash("broker.after_claim")
         for c in claimed:
             TRAJECTORY_STALENESS.observe(max(0, version - c.min_version))
         M.TRAJ_SAMPLED.inc(len(claimed))

@@ -15,6 +15,7 @@ from broker.metrics import STORE_BYTES, STORED
 from broker.store.records import Claimed, StoreUsage
 from broker.store.schema import COMPACT_LIVE_FRACTION
 from broker.store.segments import SegmentLog
+from shared.crashpoints import crash
 
 T = TypeVar("T")
 
@@ -231,6 +232,7 @@ class Maintenance:
         try:
             locs = segs.append([segs.read(seg, off, n) for _, off, n in rows])
             segs.sync()
+            crash("store.compact")
             conn.execute("BEGIN IMMEDIATE")
             conn.executemany(
                 "UPDATE trajectories SET seg_id = ?, seg_offset = ? WHERE seq = ?",

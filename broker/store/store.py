@@ -70,6 +70,7 @@ from broker.store.schema import (
 )
 from broker.store.segments import SegmentLog
 from shared import protocol as P
+from shared.crashpoints import crash
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -414,6 +415,7 @@ class Store(KeyValue, Maintenance):
                 for row, (seg, off, _) in zip(rows, segs.append(frames), strict=True):
                     row[SEG_COLUMN], row[SEG_COLUMN + 1] = seg, off
                 segs.sync()
+                crash("store.after_sync")
             # sqlite3 releases the GIL around each statement step and must win it back from
             # the event loop thread afterwards: one step per INSERT_ROWS rows, not per row.
             for i in range(0, len(rows), INSERT_ROWS):

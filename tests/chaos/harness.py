@@ -41,6 +41,7 @@ import msgspec
 from broker.batches import BatchRecord
 from learner.trained_log import NAME
 from learner.trained_log import read as read_trained_log
+from shared.crashpoints import POINTS
 from tests.helpers import Proc, free_port, metric, wait_for, write_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -81,6 +82,7 @@ class ChaosResult:
     evicted: dict[str, int] = field(default_factory=dict)
     sampled_over_cap: int = 0
     orphans: int = 0  # vLLM engine processes left without their actor after the run
+    aimed_kills: int = 0  # the broker's own SIGKILLs at crash points (`aimed`)
     lost: int = 0
     real_acked: int = 0
     real_acked_over_stored: int = 0
@@ -99,6 +101,7 @@ class Role:
     kind: str  # broker | learner | actor | stub
     argv: list[str]
     metrics_port: int = 0
+    env: dict[str, str] = field(default_factory=dict)
     proc: Proc | None = None
     incarnation: int = 0
 
@@ -115,7 +118,11 @@ class Chaos:
         seed: int = 0,
         checkpoint_every: int = 3,
         stub_delay_s: float = 0.3,
+        aimed: float = 0.0,
     ) -> None:
+        """`aimed`: the broker also SIGKILLs itself at each crash point of
+        `shared.crashpoints` with this probability per pass (restarted at once, counted as
+        `broker_aimed` kills)."""
         self.dir = workdir
         self.steps = steps
         self.rng = random.Random(seed)
@@ -153,8 +160,14 @@ class Chaos:
         }
         cfg = ["--config", str(self.config)]
         self.roles: dict[str, Role] = {}
+        self.aimed = aimed
+        crashpoints = ",".join(f"{p}:{aimed}" for p in POINTS) if aimed else ""
         self.roles["broker"] = Role(
-            "broker", "broker", ["broker", *cfg, "--data-dir", str(self.data_dir)], free_port()
+            "broker",
+            "broker",
+            ["broker", *cfg, "--data-dir", str(self.data_dir)],
+            free_port(),
+            env={"HEADRACE_CRASHPOINTS": crashpoints, "HEADRACE_CRASHPOINTS_SEED": str(seed)},
         )
         self.roles["learner"] = Role(
             "learner",
@@ -206,15 +219,20 @@ class Chaos:
             argv += ["--metrics-port", str(role.metrics_port)]
         if role.kind == "broker":
             argv += ["--port", str(self.port)]
-        role.proc = Proc(name, argv, self.dir, env=self.env)
+        role.proc = Proc(name, argv, self.dir, env={**self.env, **role.env})
 
     def kill(self, name: str) -> None:
         role = self.roles[name]
         assert role.proc is not None
         if role.kind == "actor":
             self._scrape_actor(role)  # its last acked count before it dies
-        role.proc.kill9()
-        self.kills["actor" if role.kind in ("actor", "stub") else role.kind] += 1
+        with self._lock:
+            role.proc.kill9()
+            self.kills["actor" if role.kind in ("actor", "stub") else role.kind] += 1
+
+    def restart(self, name: str) -> None:
+        with self._lock:
+            self.start(name)
 
     def alive(self, name: str) -> bool:
         proc = self.roles[name].proc
@@ -279,6 +297,11 @@ class Chaos:
     def _watch(self) -> None:
         while not self._stop_monitor.wait(0.5):
             self._check_summary()
+            if self.aimed:
+                with self._lock:  # a broker that killed itself at a crash point: again
+                    if self.roles["broker"].proc is not None and not self.alive("broker"):
+                        self.kills["broker_aimed"] += 1
+                        self.start("broker")
             for role in list(self.roles.values()):
                 if role.kind == "actor" and role.proc is not None and role.proc.alive():
                     self._scrape_actor(role)
@@ -329,7 +352,7 @@ class Chaos:
             if name == "learner" and not self.alive("learner"):
                 break
             self.kill(name)
-            self.start(name)
+            self.restart(name)
             # the run goes on after every kill: the learner trains at least one more step
             self._progress(self.steps_done() + 1, 240, f"a learner step after killing {name}")
         self._progress(self.steps, 600, f"the learner to reach step {self.steps}")
@@ -382,6 +405,8 @@ class Chaos:
                     stub_exits.append(role.proc.p.wait(60))
                 except Exception:
                     stub_exits.append(None)
+        with self._lock:
+            self.aimed = 0.0  # no more restarts: the run is over
         broker = self.roles["broker"].proc
         assert broker is not None
         broker.stop(timeout=30)
@@ -415,6 +440,7 @@ class Chaos:
             real_total[name] += int(n)
         return ChaosResult(
             kills={r: self.kills.get(r, 0) for r in ROLES},
+            aimed_kills=self.kills.get("broker_aimed", 0),
             steps_reached=self.steps_done(),
             acked=len(acked) + sum(real_total.values()),
             stored=len(stored),
