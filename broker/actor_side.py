@@ -24,7 +24,7 @@ from broker.store import Incoming, Store, StoreError, TrajMeta
 from shared import protocol as P
 from shared.config import Config
 from shared.metrics import REJECTED_FRAMES
-from shared.validation import Limits
+from shared.validation import Invalid, Limits
 
 log = logging.getLogger("broker.server")
 
@@ -151,7 +151,7 @@ class ActorSide:
             # Backpressure by shedding: no ack, so the outbox keeps the batch and resends it.
             M.INGEST_SHED.inc(len(msg.items))
             return
-        got = screen(msg.items, self._limits(), peer.peer_id)
+        got = screen(msg.items, self._limits(), peer.peer_id, self._lease_check(ident))
         for error in got.errors:
             await self._send(ident, error)
         if got.items:
@@ -160,6 +160,26 @@ class ActorSide:
             self._spawn(self._ingest(ident, peer, got.items, got.rejected, nbytes))
         elif got.rejected:
             await self._send(ident, P.Ack(traj_ids=[], rejected=got.rejected))
+
+    def _lease_check(self, ident: bytes) -> Callable[[P.TrajectoryView], Invalid | None]:
+        """A trajectory belongs to its lease's group, and a live lease to the actor it was
+        granted to, for the task it was granted for: no actor can put episodes into another's
+        group (and skew its baseline). A lease the book no longer has (expired, completed,
+        or granted before a restart without durability) is taken as it comes."""
+
+        def check(t: P.TrajectoryView) -> Invalid | None:
+            if t.group_id != t.lease_id:
+                return Invalid("lease", f"{t.traj_id}: group {t.group_id!r} is not its lease")
+            held = self.leases.get(t.lease_id)
+            if held is None:
+                return None
+            if held.peer != ident:
+                return Invalid("lease", f"{t.traj_id}: lease {t.lease_id} is another actor's")
+            if t.task_id != held.lease.task.task_id:
+                return Invalid("lease", f"{t.traj_id}: task {t.task_id!r} is not the lease's")
+            return None
+
+        return check
 
     def _limits(self) -> Limits:
         """What a trajectory is checked against: the model's vocabulary, [actor]

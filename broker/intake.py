@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +32,13 @@ class Screened:
     errors: list[P.Error] = field(default_factory=list)  # undecodable, not even a traj_id
 
 
-def screen(frames: list[msgspec.Raw], limits: Limits, sender: str) -> Screened:
+def screen(
+    frames: list[msgspec.Raw],
+    limits: Limits,
+    sender: str,
+    lease_check: Callable[[P.TrajectoryView], Invalid | None] | None = None,
+) -> Screened:
+    """`lease_check`: what the broker's lease book says of a trajectory's lease."""
     out = Screened()
     for frame in frames:
         try:
@@ -45,6 +52,8 @@ def screen(frames: list[msgspec.Raw], limits: Limits, sender: str) -> Screened:
             bad: Invalid | None = Invalid(e.reason, f"{tid}: {e.detail}")
         else:
             tid, bad = view.traj_id, check_trajectory(view, limits)
+            if bad is None and lease_check is not None:
+                bad = lease_check(view)
         if bad is None:
             out.items.append(Incoming(view, frame))
             continue

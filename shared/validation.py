@@ -35,6 +35,7 @@ REASONS = (
     "reward",
     "sample_prob",
     "feedback",
+    "lease",  # the broker's lease book: another actor's lease, or not the lease's task
 )
 
 

@@ -14,7 +14,12 @@ from shared.transport import Client
 
 
 def make_traj(
-    group_id: str, i: int, version: int = 0, n_tokens: int = 8, n_prompt: int = 2
+    group_id: str,
+    i: int,
+    version: int = 0,
+    n_tokens: int = 8,
+    n_prompt: int = 2,
+    task_id: str = "symbols-L1-0",
 ) -> P.Trajectory:
     """Trajectory `i` of group `group_id`: a prompt, then loss-masked action tokens sampled by
     policy `version`. Deterministic, so a resend is byte-identical (as an outbox's would be)."""
@@ -22,7 +27,7 @@ def make_traj(
     return P.Trajectory(
         traj_id=f"{group_id}-{i}",
         group_id=group_id,
-        task_id="symbols-L1-0",
+        task_id=task_id,
         env="symbols",
         actor_id="actor-1",
         lease_id=group_id,

@@ -116,8 +116,9 @@ def test_broker_process_end_to_end_with_crash_restart(broker: BrokerProcess) -> 
             grant = await actor.request(P.TaskRequest(n=2), P.TaskGrant)
             assert len(grant.leases) == 2 and all(x.group_size == GROUP for x in grant.leases)
             gids = [x.lease_id for x in grant.leases]
-            for gid in gids:
-                batch = P.TrajectoryBatch(items=[make_traj(gid, i) for i in range(GROUP)])
+            for x in grant.leases:
+                items = [make_traj(x.lease_id, i, task_id=x.task.task_id) for i in range(GROUP)]
+                batch = P.TrajectoryBatch(items=items)
                 ack = await actor.request(batch, P.Ack)
                 assert ack.traj_ids == [t.traj_id for t in batch.items] and ack.duplicates == 0
             assert broker.metric("headrace_broker_trajectories_acked_total") == 2 * GROUP

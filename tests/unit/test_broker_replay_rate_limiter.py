@@ -123,7 +123,9 @@ def blocked(side: str) -> float:
 
 async def deliver(actor: Client, leases: list[P.Lease], version: int = 0) -> None:
     for lease in leases:
-        items = [make_traj(lease.lease_id, i, version) for i in range(GROUP)]
+        items = [
+            make_traj(lease.lease_id, i, version, task_id=lease.task.task_id) for i in range(GROUP)
+        ]
         await actor.request(P.TrajectoryBatch(items=items), P.Ack)
 
 

@@ -18,9 +18,16 @@ from tests.broker_helpers import make_traj, running, take
 GROUP = 2
 
 
-def group(group_id: str, version: int = 0, n_tokens: int = 6) -> P.TrajectoryBatch:
-    items = [make_traj(group_id, i, version, n_tokens) for i in range(GROUP)]
+def group(
+    group_id: str, version: int = 0, n_tokens: int = 6, task_id: str = "symbols-L1-0"
+) -> P.TrajectoryBatch:
+    items = [make_traj(group_id, i, version, n_tokens, task_id=task_id) for i in range(GROUP)]
     return P.TrajectoryBatch(items=items)
+
+
+def leased(lease: P.Lease) -> P.TrajectoryBatch:
+    """A lease's whole group, as its actor sends it."""
+    return group(lease.lease_id, task_id=lease.task.task_id)
 
 
 def config(data_dir: Path, max_model_len: int = 512, **broker: object) -> Config:
@@ -58,12 +65,13 @@ def test_hello_leases_ack_dedupe_and_sample(tmp_path: Path) -> None:
             assert len(grant.leases) == 2 and grant.retry_after_s == 0
             assert all(lease.group_size == GROUP for lease in grant.leases)
             assert grant.leases[0].task.task_id.startswith("symbols-L")
-            g1, g2 = (lease.lease_id for lease in grant.leases)
-            ack = await actor.request(group(g1), P.Ack)
+            l1, l2 = grant.leases
+            g1 = l1.lease_id
+            ack = await actor.request(leased(l1), P.Ack)
             assert ack.traj_ids == [f"{g1}-0", f"{g1}-1"] and ack.duplicates == 0
             assert broker.store.stored == 2  # acked => committed
-            assert (await actor.request(group(g1), P.Ack)).duplicates == 2
-            await actor.request(group(g2), P.Ack)
+            assert (await actor.request(leased(l1), P.Ack)).duplicates == 2
+            await actor.request(leased(l2), P.Ack)
             info = await status(actor)
             assert info["stored_trajectories"] == 4 and info["replay_size"] == 4
             assert info["leases_active"] == 0  # complete groups end their leases
@@ -89,7 +97,7 @@ def test_backpressure_grants_fewer_leases(tmp_path: Path) -> None:
             assert len(grant.leases) == 2 and grant.retry_after_s > 0
             grant2 = await actor.request(P.TaskRequest(n=1), P.TaskGrant)
             assert grant2.leases == [] and grant2.retry_after_s > 0
-            await actor.request(group(grant.leases[0].lease_id), P.Ack)
+            await actor.request(leased(grant.leases[0]), P.Ack)
             # stored-but-unsampled still counts; sampling frees room
             assert (await actor.request(P.TaskRequest(n=1), P.TaskGrant)).leases == []
             learner = client("learner")

@@ -64,7 +64,11 @@ def test_hostile_values_from_every_role_keep_the_invariants(tmp_path: Path) -> N
             await learner.send(legit)
             grant = await actor.request(P.TaskRequest(n=1), P.TaskGrant)
             gid = grant.leases[0].lease_id
-            items = [make_traj(gid, i, version=1) for i in range(2)]
+            task = grant.leases[0].task.task_id
+            items = [
+                msgspec.structs.replace(make_traj(gid, i, version=1), task_id=task)
+                for i in range(2)
+            ]
             assert len((await actor.request(P.TrajectoryBatch(items=items), P.Ack)).traj_ids) == 2
 
             # every role's peer, plus a second would-be learner, sends every hostile message
@@ -97,5 +101,30 @@ def test_hostile_values_from_every_role_keep_the_invariants(tmp_path: Path) -> N
             batch = await learner.request(P.SampleRequest(batch_size=2, policy_version=1), P.Batch)
             assert [t.group_id for t in batch.items] == [gid, gid]
             assert all(math.isfinite(w) for w in batch.is_weights)
+
+    asyncio.run(main())
+
+
+def test_no_actor_puts_episodes_into_another_actors_group(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with running(config(tmp_path)) as (broker, client):
+            owner, intruder = client("actor-1"), client("actor-2")
+            lease = (await owner.request(P.TaskRequest(n=1), P.TaskGrant)).leases[0]
+            gid, task = lease.lease_id, lease.task.task_id
+
+            def traj(i: int, **kw: object) -> P.Trajectory:
+                return msgspec.structs.replace(make_traj(gid, i), **{"task_id": task, **kw})
+
+            # the intruder's episodes for the owner's live lease, and a mislabelled one
+            ack = await intruder.request(P.TrajectoryBatch(items=[traj(0)]), P.Ack)
+            assert [r.reason for r in ack.rejected] == ["lease"] and not ack.traj_ids
+            bad = [traj(1, task_id="symbols-L1-999"), traj(1, group_id="other")]
+            ack = await owner.request(P.TrajectoryBatch(items=bad), P.Ack)
+            assert [r.reason for r in ack.rejected] == ["lease", "lease"]
+            assert broker.store.stored == 0
+            # the owner's own group goes in whole
+            ack = await owner.request(P.TrajectoryBatch(items=[traj(0), traj(1)]), P.Ack)
+            assert len(ack.traj_ids) == 2 and not ack.rejected
+            assert (await status(owner))["replay_size"] == 2
 
     asyncio.run(main())
