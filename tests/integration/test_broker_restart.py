@@ -130,9 +130,10 @@ async def sample(learner: Client, n_batches: int | None, acked: dict[int, int]) 
         req = P.SampleRequest(batch_size=GROUP)
         reply = await learner.request(req, (P.Batch, P.NotReady), timeout=20, retries=0)
         if isinstance(reply, P.Batch):
+            repeat = reply.batch_id in acked
             step = acked.setdefault(reply.batch_id, len(acked) + 1)
             await learner.send(P.BatchTrained(batch_id=reply.batch_id, step=step))
-            if step != len(acked):
+            if repeat:
                 continue  # trained already: acknowledged again, not trained twice
             assert len(reply.items) % GROUP == 0
             got += [t.traj_id for t in reply.items]
