@@ -30,7 +30,7 @@ from learner.build import ModelMissing, build_trainer
 from learner.checkpoint import latest, load_checkpoint, save_checkpoint
 from learner.distributed import full_state_dict
 from learner.publish import WeightPublisher
-from learner.trained_log import TrainedLog
+from learner.trained_log import MAX_REMEMBERED, TrainedLog
 from learner.util import json_safe, write_json_atomic
 from shared import protocol as P
 from shared.config import Config
@@ -102,6 +102,7 @@ class Learner:
             self._load_summary()
         self.last_ckpt_step = self.step  # a fresh run has nothing worth saving at step 0
         self.trained_log = TrainedLog(self.opts.checkpoint_dir, self.step)
+        self.acked = dict(self.trained_log.batches)
 
     def _load_summary(self) -> None:
         p = self.opts.summary_json
@@ -315,7 +316,7 @@ class Learner:
         if batch.batch_id:
             assert self.client is not None
             self.acked[batch.batch_id] = self.step
-            if len(self.acked) > 1024:
+            if len(self.acked) > MAX_REMEMBERED:
                 del self.acked[next(iter(self.acked))]
             await self.client.send(P.BatchTrained(batch.batch_id, self.step))
 

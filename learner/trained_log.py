@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 NAME = "trained.jsonl"
+MAX_REMEMBERED = 100_000  # batch ids a resumed learner recognises (the newest steps')
 
 
 class TrainedLog:
@@ -23,6 +24,11 @@ class TrainedLog:
         self.path = directory / NAME
         directory.mkdir(parents=True, exist_ok=True)
         kept = [e for e in read(self.path) if e["step"] <= resume_step]
+        # What the current weights hold, by batch: a batch the broker offers again because
+        # a crash took its acknowledgement must be acknowledged, not trained a second time.
+        self.batches: dict[int, int] = {
+            e["batch_id"]: e["step"] for e in kept[-MAX_REMEMBERED:] if e.get("batch_id")
+        }
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(e) + "\n" for e in kept))
         os.replace(tmp, self.path)

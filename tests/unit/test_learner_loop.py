@@ -7,6 +7,7 @@ import json
 import logging
 from pathlib import Path
 
+import msgspec
 import pytest
 import torch
 from safetensors.torch import load as st_load
@@ -36,6 +37,7 @@ class FakeBroker:
         self.repeat_first = repeat_first  # hand batch 1 again on the next request
         self.fence_after = fence_after  # refuse as "forbidden" after this many batches
         self.refuse_hellos = 0  # answer this many Hellos "another learner is active"
+        self.offer_first: P.Batch | None = None  # sent for the first SampleRequest
         self.first: P.Batch | None = None
 
     async def serve(self) -> None:
@@ -59,6 +61,10 @@ class FakeBroker:
                 ):
                     self.received.append(P.NotReady(replay_size=0, retry_after_s=0.05))
                     await self.server.send(ident, P.NotReady(replay_size=0, retry_after_s=0.05))
+                    continue
+                if self.offer_first is not None:  # e.g. a batch a crash kept unacknowledged
+                    batch, self.offer_first = self.offer_first, None
+                    await self.server.send(ident, batch)
                     continue
                 if self.repeat_first and self.n_batches == 1 and self.first is not None:
                     self.repeat_first = False
@@ -139,8 +145,12 @@ def test_train_publish_checkpoint_resume(tmp_path: Path) -> None:
     assert [(e["step"], e["batch_id"]) for e in log] == [(1, 1), (2, 2), (3, 3)]
     assert log[0]["traj_ids"] == [t.traj_id for t in broker.first.items]  # type: ignore[union-attr]
 
-    # Resume: continues at step 3 / v3 and trains one more step.
+    # Resume: continues at step 3 / v3 and trains one more step. The new broker first offers
+    # batch 3 again (a broker crash took its acknowledgement): the checkpoint holds it, so it
+    # is acknowledged with the step that trained it, not trained a second time.
     broker2 = FakeBroker(group_size=2)
+    broker2.n_batches = 3  # its next new batch is id 4
+    broker2.offer_first = broker.first and msgspec.structs.replace(broker.first, batch_id=3)
     opts.broker = broker2.server.endpoint
     opts.steps = 4
     code, _ = asyncio.run(_run(cfg, opts, broker2))
@@ -151,6 +161,9 @@ def test_train_publish_checkpoint_resume(tmp_path: Path) -> None:
     steps = json.loads(opts.summary_json.read_text())["steps"]
     assert [s["step"] for s in steps] == [1, 2, 3, 4]
     assert latest(tmp_path / "ckpt").name == "step_000004"
+    assert [(m.batch_id, m.step) for m in broker2.of(P.BatchTrained)] == [(3, 3), (4, 4)]
+    log = list(read_trained_log(tmp_path / "ckpt" / "trained.jsonl"))
+    assert [(e["step"], e["batch_id"]) for e in log] == [(1, 1), (2, 2), (3, 3), (4, 4)]
 
 
 def test_a_batch_handed_again_is_acknowledged_again_not_retrained(tmp_path: Path) -> None:
