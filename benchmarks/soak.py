@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 
 import psutil
+import zmq
+import zmq.asyncio
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -118,8 +120,12 @@ async def hostile(broker: str, weights: str, n_chunks: int, stop: asyncio.Event)
     rng = random.Random(0)
     flood = Client(broker, "soak-flood")
     flood.start()
-    greedy = Client(weights, "soak-greedy")
-    greedy.start()
+    # A raw DEALER that never reads: what it is sent piles up in ZeroMQ's queues (bounded by
+    # the endpoint's per-peer credit), not in this process's Python objects.
+    greedy = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    greedy.setsockopt(zmq.LINGER, 0)
+    greedy.setsockopt(zmq.RCVHWM, 16)
+    greedy.connect(weights)
     try:
         while not stop.is_set():
             stats = {f"k{j}": float(j) for j in range(100_000)}
@@ -128,11 +134,15 @@ async def hostile(broker: str, weights: str, n_chunks: int, stop: asyncio.Event)
                 task = f"nope-{rng.getrandbits(64):016x}"
                 await flood.send(P.TaskFeedback(task_id=task, pass_rate=0.5))
             for _ in range(256):  # pipelined, never read
-                await greedy.send(P.WeightRequest(version=1, chunk=rng.randrange(n_chunks)))
+                req = P.WeightRequest(version=1, chunk=rng.randrange(n_chunks))
+                try:
+                    await asyncio.wait_for(greedy.send(P.encode(req)), 0.05)
+                except TimeoutError:
+                    break  # its send queue is full: the endpoint stopped reading from it
             await asyncio.sleep(0.2)
     finally:
         flood.close()
-        greedy.close()
+        greedy.close(linger=0)
 
 
 def rss_mb(p: psutil.Process) -> float:
