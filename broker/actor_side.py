@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Callable
 
 import msgspec
 
@@ -17,8 +16,8 @@ from broker.curriculum.service import Curriculum
 from broker.groups import GroupAssembler
 from broker.intake import screen
 from broker.leases import LeaseBook
+from broker.parts import BrokerParts
 from broker.peers import Peer
-from broker.replay import GroupItem
 from broker.replay.table import Table
 from broker.store import Incoming, Store, StoreError, TrajMeta
 from shared import protocol as P
@@ -33,7 +32,7 @@ MAX_HEARTBEAT_STATS = 64  # an actor sends ~10; each peer's are kept (Status) fo
 BACKPRESSURE_RETRY_S = 0.5  # what an actor is told to wait when it gets fewer leases
 
 
-class ActorSide:
+class ActorSide(BrokerParts):
     # provided by Broker
     cfg: Config
     store: Store
@@ -47,18 +46,6 @@ class ActorSide:
     ingest_bytes: int
     learner_batch: int
     clock: Callable[[], float]
-
-    async def _send(self, ident: bytes, msg: P.Base) -> None:
-        raise NotImplementedError
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        raise NotImplementedError
-
-    def _retire(self, removals: list[tuple[GroupItem, str]]) -> None:
-        raise NotImplementedError
-
-    def _update_gauges(self) -> None:
-        raise NotImplementedError
 
     async def _on_heartbeat(self, ident: bytes, peer: Peer, msg: P.Heartbeat) -> None:
         peer.last_heartbeat = peer.last_seen

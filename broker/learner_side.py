@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Callable
 
 from broker import metrics as M
 from broker.batches import BatchBook, BatchRecord, encode, key
-from broker.peers import Peer
+from broker.parts import BrokerParts
+from broker.peers import ALLOWED, Peer
 from broker.replay import GroupItem
 from broker.replay.table import Table
 from broker.store import CORRUPT, Claimed, CorruptRecords, Store, StoreError
@@ -32,18 +32,12 @@ NOT_READY_RETRY_S = 0.2  # what the learner is told to wait when no batch can be
 # so a forged huge version cannot lock the real learner out. Versions are int32 on the wire.
 MAX_POLICY_JUMP = 1000
 MAX_POLICY_VERSION = 2**31 - 1
-# What only the active learner may send (one learner per run: see `fenced`).
-LEARNER_MESSAGES = (
-    P.SampleRequest,
-    P.BatchTrained,
-    P.Checkpointed,
-    P.PolicyPublished,
-    P.PriorityUpdate,
-    P.TaskFeedback,
-)
+# What only the active learner may send (one learner per run: see `fenced`): the learner's
+# messages that other roles may not send either.
+LEARNER_MESSAGES = tuple(ALLOWED["learner"] - ALLOWED["actor"] - ALLOWED["cli"])
 
 
-class LearnerSide:
+class LearnerSide(BrokerParts):
     # provided by Broker
     cfg: Config
     store: Store
@@ -56,18 +50,6 @@ class LearnerSide:
     learner_ident: bytes | None  # the active learner's routing id
     learner_epoch: int  # how many learners have been active (a fencing token)
     clock: Callable[[], float]
-
-    async def _send(self, ident: bytes, msg: P.Base) -> None:
-        raise NotImplementedError
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        raise NotImplementedError
-
-    def _retire(self, removals: list[tuple[GroupItem, str]]) -> None:
-        raise NotImplementedError
-
-    def _update_gauges(self) -> None:
-        raise NotImplementedError
 
     # ------------------------------------------------------------ one learner
 
