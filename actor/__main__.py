@@ -13,6 +13,7 @@ from pathlib import Path
 from shared.config import ConfigError, load_config
 from shared.logs import setup_logging
 from shared.metrics import serve_metrics
+from shared.models import resolve_model
 from shared.transport import PeerUnreachable
 
 
@@ -41,6 +42,7 @@ async def _amain(args: argparse.Namespace) -> int:
         cfg.model.path = args.model
     if args.max_concurrent_episodes:
         cfg.actor.max_concurrent_episodes = args.max_concurrent_episodes
+    cfg.model.path = resolve_model(cfg.model)  # ModelNotFound: one line, exit code 2
     if not (Path(cfg.model.path) / "config.json").exists():
         raise ConfigError(
             f"no model at {cfg.model.path}; build the tiny one with "

@@ -53,6 +53,10 @@ class Engine:
         max_model_len: int = 512,
         max_num_seqs: int = 256,
         kv_cache_gib: int = 1,
+        dtype: str = "float32",
+        enforce_eager: bool = True,
+        gpu_memory_utilization: float = 0.3,
+        tensor_parallel_size: int = 1,
     ) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
         # vLLM-CPU pins its worker to one core by default; actors share machines with other
@@ -64,12 +68,13 @@ class Engine:
 
         args = AsyncEngineArgs(
             model=model,
-            dtype="float32",
+            dtype=dtype,
             seed=seed,
-            enforce_eager=True,
+            enforce_eager=enforce_eager,
             max_model_len=max_model_len,
             max_num_seqs=max_num_seqs,
-            gpu_memory_utilization=0.3,
+            gpu_memory_utilization=gpu_memory_utilization,
+            tensor_parallel_size=tensor_parallel_size,
             # Behaviour logprobs must come from the distribution actually sampled
             # (after temperature / top-p / top-k), or the importance ratio is biased.
             logprobs_mode="processed_logprobs",

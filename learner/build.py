@@ -13,6 +13,7 @@ from learner.tiny_model import build_tiny_model
 from learner.train import stability_settings
 from learner.util import seed_everything
 from shared.config import Config
+from shared.models import model_dtype
 
 log = logging.getLogger("learner")
 
@@ -23,7 +24,8 @@ class ModelMissing(RuntimeError):
 
 def build_trainer(cfg: Config) -> ShardedTrainer:
     """Seed every RNG from `[learner] seed`, load `[model] path` (building the tiny model
-    there if missing and allowed) in float32 on CUDA if there is one, shard it under torchrun,
+    there if missing and allowed) in float32 on CUDA if there is one (forward passes autocast to
+    `[model] dtype`), shard it under torchrun,
     and wrap it with AdamW in the trainer `[learner]` configures (stability settings and lr
     schedule included). The model, optimiser and schedule are `trainer.model`,
     `trainer.optimizer` and `trainer.scheduler`."""
@@ -39,7 +41,12 @@ def build_trainer(cfg: Config) -> ShardedTrainer:
         log.info("building the tiny model at %s", path)
         build_tiny_model(path, cfg.model.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    # Weights and optimiser state stay float32; `[model] dtype` is the forward's autocast.
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    if lc.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    dtype = model_dtype(cfg.model, path)
+    log.info("model %s: forward in %s", path, dtype)
     model = shard_model(model)  # FSDP2 under torchrun (learner.distributed), else as is
     opt = torch.optim.AdamW(model.parameters(), lr=lc.lr, weight_decay=lc.weight_decay)
     pad_id = model.config.pad_token_id
@@ -52,6 +59,8 @@ def build_trainer(cfg: Config) -> ShardedTrainer:
         top_k=cfg.actor.top_k,
         top_p=cfg.actor.top_p,
         pad_id=0 if pad_id is None else int(pad_id),
+        micro_batch_tokens=lc.micro_batch_tokens,
+        autocast_dtype=None if dtype == "float32" else getattr(torch, dtype),
         ppo_epochs=lc.ppo_epochs,
         minibatches=lc.minibatches,
         correction=lc.correction,

@@ -224,8 +224,10 @@ class Trainer:
         correction: CorrectionConfig | None = None,
         advantage: AdvantageConfig | None = None,
         weighting: WeightingConfig | None = None,
+        autocast_dtype: torch.dtype | None = None,  # None: the weights' own dtype
     ) -> None:
         self.model = model
+        self.autocast_dtype = autocast_dtype
         self.optimizer = optimizer
         self.clip_eps, self.grad_clip = clip_eps, grad_clip
         self.clip_low = clip_eps if clip_low is None else clip_low
@@ -253,11 +255,19 @@ class Trainer:
         m = self.model
         decoder = m.model if hasattr(m, "model") else m.get_decoder()
         dev = self.device
-        hidden = decoder(
-            input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev), use_cache=False
-        ).last_hidden_state
+        # The decoder in `[model] dtype` like the actors' engines; the LM head and the
+        # logprobs (the kernel) in float32, whatever the decoder ran in.
+        with torch.autocast(
+            dev.type,
+            dtype=self.autocast_dtype or torch.float32,
+            enabled=self.autocast_dtype is not None,
+        ):
+            hidden = decoder(
+                input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev), use_cache=False
+            ).last_hidden_state
         h = hidden[row.to(dev), pos.to(dev) - 1]  # only the trained tokens reach the LM head
         head = self.model.get_output_embeddings().weight
+        h = h.to(head.dtype)
         targets = input_ids[row, pos].to(dev)
         return token_logprobs_and_entropy(
             h,

