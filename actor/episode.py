@@ -166,7 +166,7 @@ async def run_episode(
                 roles[i] = Role.ACTION
             buf.extend_generated(out.token_ids, out.logprobs, out.versions, roles, turn)
             if _cut_short(out, limits, room):
-                turns.append(P.TurnInfo(reward=0.0, done=False, truncated=True))
+                turns.append(P.TurnInfo(reward=0.0, done=False, truncated=True, action_valid=False))
                 termination = P.Termination.MAX_TOKENS
                 break
             result = await env.step(action)
@@ -183,6 +183,8 @@ async def run_episode(
             if result.done or result.truncated:
                 termination = P.Termination.DONE if result.done else P.Termination.MAX_TURNS
                 break
+            if turn + 1 == env.max_turns:
+                break  # no turn would read the observation: it stays out of the episode
             nxt = _follow_up(result, out.token_ids, tokenizer, chat)
             buf.extend_context(nxt, turn + 1, engine.version)
             if len(buf.token_ids) >= max_model_len:

@@ -93,6 +93,7 @@ class FakeBroker:
 def _config(tmp: Path) -> Config:
     cfg = Config()
     cfg.model.path = str(tmp / "model")
+    cfg.model.build_tiny_if_missing = True
     cfg.broker.group_size = 2
     cfg.learner.batch_groups = 2
     cfg.learner.checkpoint_every = 2
@@ -272,7 +273,10 @@ def test_stop_request_checkpoints_and_exits_zero(tmp_path: Path) -> None:
 
 def test_cli_no_broker_one_line_reason(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     cfg = tmp_path / "cfg.toml"
-    cfg.write_text(f'[model]\npath = "{tmp_path / "m"}"\n[learner]\nconnect_timeout_s = 0.5\n')
+    cfg.write_text(
+        f'[model]\npath = "{tmp_path / "m"}"\nbuild_tiny_if_missing = true\n'
+        "[learner]\nconnect_timeout_s = 0.5\n"
+    )
     argv = ["--config", str(cfg), "--broker", "tcp://127.0.0.1:1", "--metrics-port", "0"]
     argv += ["--weights-port", "0", "--checkpoint-dir", str(tmp_path / "c")]
     assert main(argv) == 3

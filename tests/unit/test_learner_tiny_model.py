@@ -47,10 +47,10 @@ def test_existing_dir_is_kept(tmp_path: Path, capsys) -> None:
 def test_a_tiny_model_built_with_another_seed_is_refused(tmp_path: Path) -> None:
     # A seed sweep that keeps [model] path would otherwise train seed 0's weights every time.
     out = build_tiny_model(tmp_path / "m", seed=0)
-    ModelConfig(path=str(out), seed=0).check_tiny_seed()  # same seed: fine
+    ModelConfig(path=str(out), seed=0, build_tiny_if_missing=True).check_tiny_seed()
     with pytest.raises(ConfigError, match="built with seed 0, but \\[model\\] seed is 1"):
-        ModelConfig(path=str(out), seed=1).check_tiny_seed()
+        ModelConfig(path=str(out), seed=1, build_tiny_if_missing=True).check_tiny_seed()
     # A model that is not the tiny one (no marker), or one not to be built, is not checked.
     ModelConfig(path=str(out), seed=1, build_tiny_if_missing=False).check_tiny_seed()
     (out / TINY_MARKER).unlink()
-    ModelConfig(path=str(out), seed=1).check_tiny_seed()
+    ModelConfig(path=str(out), seed=1, build_tiny_if_missing=True).check_tiny_seed()
