@@ -8,6 +8,10 @@ with no such marker, the last non-empty line. That span (and only it) is the act
 dataset's own `score_answer` is the reward (in [0, 1]; some datasets give partial credit, e.g.
 for an answer that merely contains the right one).
 
+With `answer` = "first_number" (and an instruction such as "Reply with just the number.") the
+answer is instead the first number the model writes: a reply that restates the question first
+scores 0, so the model is rewarded for the format (the answer first) and the answer both.
+
 With `max_turns` > 1 a wrong answer is met with "Wrong, try again." and another attempt, until
 the answer is right or the attempts run out. Only the final attempt is rewarded (its score),
 so earlier turns carry 0 and success means the last answer scored 1.
@@ -35,6 +39,8 @@ from actor.envs.base import (
 INSTRUCTION = "\n\nThink step by step, then give your final answer on its own line as:\nAnswer: "
 RETRY = "\nWrong, try again.\n"
 _MARKER = re.compile(r"answer\s*:", re.IGNORECASE)
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+ANSWER_MODES = ("marker", "first_number")
 # Special tokens a tokenizer may decode into the text (EOS and friends): never part of an answer.
 _SPECIAL = r"<\|[^|>]*\|>|</?s>|<eos>|<pad>|<unk>"
 _TRIM = re.compile(rf"(?:\s|{_SPECIAL})*(.*?)(?:\s|{_SPECIAL})*\Z", re.DOTALL)
@@ -77,6 +83,8 @@ class ReasoningGymEnv(Env):
             self.size = max(int(payload.get("size", 1)), self.index + 1)
             self.max_turns = max(1, int(payload.get("max_turns", 1)))
             self.max_tokens = int(payload.get("max_tokens", 512))
+            self.instruction = str(payload.get("instruction") or INSTRUCTION)
+            self.answer_mode = str(payload.get("answer", "marker"))
         except (KeyError, TypeError, ValueError) as e:
             raise EnvError(f"{self.name}: bad task payload: {e!r}") from None
         self.turn = 0
@@ -95,7 +103,7 @@ class ReasoningGymEnv(Env):
         question = str(self.entry["question"]).rstrip()
         # GiGPO anchor state: the question plus how many attempts have been used.
         self.key = hashlib.blake2b(question.encode(), digest_size=8).hexdigest()
-        return question + INSTRUCTION
+        return question + self.instruction
 
     def limits(self) -> GenerationLimits:
         return GenerationLimits(max_tokens=self.max_tokens)
@@ -103,7 +111,11 @@ class ReasoningGymEnv(Env):
     def parse_action(self, gen: Generation) -> ParsedAction:
         n = len(gen.token_ids)
         text = "".join(gen.text_pieces)
-        span = find_answer(text)
+        if self.answer_mode == "first_number":
+            m = _NUMBER.search(text)
+            span = m.span() if m else None
+        else:
+            span = find_answer(text)
         if span is None:
             return ParsedAction(action="", span=(n, n), valid=False)
         return ParsedAction(

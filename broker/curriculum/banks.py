@@ -357,6 +357,8 @@ class ReasoningGymBank(ProceduralBank):
             "size": fam.size,
             "max_turns": self.env.rg_max_turns,
             "max_tokens": self.env.rg_max_tokens,
+            "instruction": self.env.rg_instruction,
+            "answer": self.env.rg_answer,
         }
         return _spec("rg", fam, index, "reasoning_gym", payload)
 

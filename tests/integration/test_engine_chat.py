@@ -93,8 +93,10 @@ def _episodes(model: Path, envs: list[TwoTurns]):
 def test_chat_episodes_on_smollm2(smollm2) -> None:
     envs = [TwoTurns("Say hello in one short sentence.", 64) for _ in range(3)]
     envs.append(TwoTurns("Count from 1 to 100, separated by commas.", 6))
+    envs.append(TwoTurns("Repeat after me: " + "la " * 600, 16))  # over max_model_len
     tok, chat, prompts, trajs = _episodes(smollm2, envs)
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    overflow = trajs.pop()
     for traj in trajs:
         ids = traj.array("token_ids").tolist()
         roles = traj.array("role").tolist()
@@ -124,3 +126,6 @@ def test_chat_episodes_on_smollm2(smollm2) -> None:
     assert cut.termination == P.Termination.MAX_TOKENS
     assert cut.n_turns == 1 and cut.turns[0].truncated and cut.turns[0].reward == 0.0
     assert sum(cut.array("loss_mask")) == 6
+    # a prompt longer than max_model_len is a clean end, not an engine error
+    assert overflow.termination == P.Termination.MAX_TOKENS and overflow.n_turns == 0
+    assert len(overflow.array("token_ids")) == 512
