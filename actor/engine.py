@@ -5,6 +5,14 @@ the engine in "keep" mode (in-flight requests freeze in the scheduler), asks the
 tokens each in-flight request has sampled so far, reloads the weights in place, invalidates the
 KV cache (running requests are recomputed under the new weights), and resumes. Tokens before
 the recorded offset carry the old version, tokens after it the new one.
+
+With `[learner.lora]` rank > 0 the engine serves one LoRA slot ("policy", id 1) and every
+request runs through it from the first one on, starting with an all-zero adapter: version 0,
+the base model exactly (actor/lora.py). A policy update then replaces the adapter in place
+(`add_lora(..., load_inplace=True)`) inside the same pause / count / reset / resume window, and
+the requests in flight, which already hold the slot, continue on the new adapter from the
+recorded offset. Were version 0 served without an adapter instead, requests started before the
+first adapter would keep running without one after it, stamped with the new version.
 """
 
 from __future__ import annotations
@@ -13,19 +21,31 @@ import asyncio
 import itertools
 import logging
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+from actor.lora import write_adapter, write_zero_adapter
 from actor.reaper import Reaper
+from shared.lora_config import LoraConfig
 from shared.metrics import WEIGHTS_SYNC_SECONDS
 
 log = logging.getLogger(__name__)
 
 WORKER_EXTENSION = "actor.worker_ext.WeightSyncExtension"
+LORA_NAME, LORA_ID = "policy", 1  # the one LoRA slot (ids must be > 0)
 
 
 class EngineDead(RuntimeError):
     """The vLLM engine process is gone; the actor must exit."""
+
+
+class PolicyRejected(ValueError):
+    """A policy this engine cannot load (wrong kind, or an adapter vLLM refused); the engine
+    keeps running the policy it had."""
 
 
 @dataclass
@@ -57,6 +77,7 @@ class Engine:
         enforce_eager: bool = True,
         gpu_memory_utilization: float = 0.3,
         tensor_parallel_size: int = 1,
+        lora: LoraConfig | None = None,  # rank > 0: serve LoRA adapters, not full weights
     ) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
         # vLLM-CPU pins its worker to one core by default; actors share machines with other
@@ -66,6 +87,9 @@ class Engine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        self._lora_root: Path | None = None  # adapter dirs, under LoRA
+        self._lora_request: Any = None  # the slot's vLLM LoRARequest, under LoRA
+        lora_args = self._start_lora(model, lora) if lora is not None and lora.enabled else {}
         args = AsyncEngineArgs(
             model=model,
             dtype=dtype,
@@ -80,6 +104,7 @@ class Engine:
             logprobs_mode="processed_logprobs",
             worker_extension_cls=WORKER_EXTENSION,
             disable_log_stats=True,
+            **lora_args,
         )
         # Before the engine: its processes go when the actor does, however, and also when
         # the actor dies while the engine is still starting (a minute on a CPU).
@@ -88,14 +113,39 @@ class Engine:
             self.llm = AsyncLLM.from_engine_args(args)
         except BaseException:
             self._reaper.close()  # reaps what the failed start left behind
+            self._remove_lora_root()
             raise
         self._reaper.track_children()
-        self.version = 0
+        self.version = 0  # with LoRA, the zero adapter `_start_lora` wrote
         self._ids = itertools.count()
         self._inflight: dict[str, _Inflight] = {}
         self._ready = asyncio.Event()  # cleared while weights are being swapped
         self._ready.set()
         self._update_lock = asyncio.Lock()
+
+    def _start_lora(self, model: str, lora: LoraConfig) -> dict[str, Any]:
+        """Engine arguments for one LoRA slot, holding version 0: the zero adapter."""
+        from vllm.lora.request import LoRARequest
+
+        self._lora_root = Path(tempfile.mkdtemp(prefix="headrace-lora-"))
+        try:
+            v0 = write_zero_adapter(model, lora, self._lora_root / "v0")
+        except BaseException:
+            self._remove_lora_root()
+            raise
+        # vLLM loads it from there when it schedules the first request that names the slot.
+        self._lora_request = LoRARequest(
+            lora_name=LORA_NAME, lora_int_id=LORA_ID, lora_path=str(v0)
+        )
+        return {"enable_lora": True, "max_lora_rank": lora.vllm_max_rank(), "max_loras": 1}
+
+    @property
+    def lora_enabled(self) -> bool:
+        return self._lora_root is not None
+
+    def _remove_lora_root(self) -> None:
+        if self._lora_root is not None:
+            shutil.rmtree(self._lora_root, ignore_errors=True)
 
     # ------------------------------------------------------------------ generation
 
@@ -138,7 +188,10 @@ class Engine:
         finish: str | None = None
         try:
             async for out in self.llm.generate(
-                TokensPrompt(prompt_token_ids=prompt_ids), params, request_id=rid
+                TokensPrompt(prompt_token_ids=prompt_ids),
+                params,
+                request_id=rid,
+                lora_request=self._lora_request,  # None without LoRA
             ):
                 c = out.outputs[0]
                 tokens.extend(c.token_ids)
@@ -165,12 +218,26 @@ class Engine:
 
     # ------------------------------------------------------------------ weights
 
-    async def update_weights(self, path: str, version: int) -> dict[str, float]:
-        """Swap in the safetensors file at `path` as policy `version`; returns phase seconds."""
+    async def update_weights(
+        self, path: str, version: int, adapter_config: dict[str, Any] | None = None
+    ) -> dict[str, float]:
+        """Swap in the safetensors file at `path` as policy `version`; returns phase seconds.
+
+        Under LoRA, `path` holds a PEFT adapter's tensors and `adapter_config` is its
+        adapter_config.json; otherwise every weight, and no config. Raises PolicyRejected
+        (the engine keeps its policy) for the other kind or an adapter vLLM refuses.
+        """
         async with self._update_lock:
             if version <= self.version:
                 return {}
             self._check_alive()
+            if (adapter_config is None) == self.lora_enabled:
+                want = "a LoRA adapter" if self.lora_enabled else "full weights"
+                raise PolicyRejected(f"v{version}: this engine loads {want} only")
+            adapter = None
+            if adapter_config is not None and self._lora_root is not None:
+                # file work before the pause: generation stops only for the load itself
+                adapter = write_adapter(self._lora_root / f"v{version}", path, adapter_config)
             phases: dict[str, float] = {}
             self._ready.clear()
             try:
@@ -180,8 +247,12 @@ class Engine:
 
                 t = time.perf_counter()
                 (sampled,) = await self.llm.collective_rpc("sampled_counts")
-                await self._stamp_switch(sampled, version)
-                await self.llm.collective_rpc("load_safetensors", args=(path,))
+                if adapter is None:
+                    await self._stamp_switch(sampled, version)
+                    await self.llm.collective_rpc("load_safetensors", args=(path,))
+                else:  # stamped only once the adapter is in: a refused one changes nothing
+                    await self._swap_adapter(adapter)
+                    await self._stamp_switch(sampled, version)
                 # Cached blocks (and running requests' KV) were computed by the old weights.
                 await self.llm.reset_prefix_cache(reset_running_requests=True)
                 self.version = version
@@ -195,6 +266,35 @@ class Engine:
             for phase, secs in phases.items():
                 WEIGHTS_SYNC_SECONDS.labels(phase=phase).observe(secs)
             return phases
+
+    async def _swap_adapter(self, adapter: Path) -> None:
+        """Replace the slot's adapter by the one in `adapter` (engine paused)."""
+        from vllm.lora.request import LoRARequest
+
+        request = LoRARequest(
+            lora_name=LORA_NAME, lora_int_id=LORA_ID, lora_path=str(adapter), load_inplace=True
+        )
+        try:
+            loaded = await self.llm.add_lora(request)
+            error = None if loaded else "not loaded"
+        except Exception as e:
+            if self.dead:
+                raise EngineDead(str(e)) from e
+            error = str(e)
+        if error is not None:
+            shutil.rmtree(adapter, ignore_errors=True)
+            # vLLM reads and checks a new adapter before it evicts the old one: the slot still
+            # holds the previous policy, so generation goes on under it, stamps unchanged.
+            await self.llm.resume_generation()
+            raise PolicyRejected(f"vLLM refused the adapter {adapter.name}: {error}")
+        previous = Path(self._lora_request.lora_path)
+        self._lora_request = LoRARequest(
+            lora_name=LORA_NAME, lora_int_id=LORA_ID, lora_path=str(adapter)
+        )
+        # Requests in flight still name the old dir; vLLM never reads it again, since the slot
+        # stays loaded. Should it ever, a missing dir fails loudly where the old adapter would
+        # have been served silently under the new version.
+        shutil.rmtree(previous, ignore_errors=True)
 
     async def _stamp_switch(self, sampled: dict[str, int], version: int) -> None:
         """Record, for every in-flight request, the offset where `version` begins.
@@ -235,3 +335,4 @@ class Engine:
         except Exception:  # already dead
             log.debug("engine shutdown failed", exc_info=True)
         self._reaper.close()
+        self._remove_lora_root()

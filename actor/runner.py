@@ -18,7 +18,7 @@ import msgspec
 from prometheus_client import Counter, Gauge
 
 from actor.chat import ChatFormat, chat_format
-from actor.engine import Engine, EngineDead
+from actor.engine import Engine, EngineDead, PolicyRejected
 from actor.envs import make_env
 from actor.episode import run_episode, special_prefix
 from actor.outbox import Outbox
@@ -94,6 +94,8 @@ class Actor:
             enforce_eager=self.acfg.enforce_eager,
             gpu_memory_utilization=self.acfg.gpu_memory_utilization,
             tensor_parallel_size=self.acfg.tensor_parallel_size,
+            # the learner's [learner.lora] (same TOML): rank > 0 serves its adapters
+            lora=self.cfg.learner.lora,
         )
         ENGINE_UP.set(1)
         # Starting the engine blocks for a while and the broker may have given up on us
@@ -302,6 +304,16 @@ class Actor:
             pub = self._latest
             if pub is None or pub.version <= self.engine.version:
                 continue
+            if (pub.manifest.kind == "lora") != self.engine.lora_enabled:
+                # [learner.lora] differs between the learner's config and ours: no use fetching
+                WEIGHTS_REJECTED.labels(reason="kind").inc()
+                log.error(
+                    "refused policy v%d: a %s policy, but this actor has LoRA %s",
+                    pub.version,
+                    pub.manifest.kind,
+                    "on" if self.engine.lora_enabled else "off",
+                )
+                continue
             t0 = time.perf_counter()
             try:
                 path = await fetch_weights(
@@ -319,7 +331,13 @@ class Actor:
                 continue
             fetched = time.perf_counter() - t0
             try:
-                phases = await self.engine.update_weights(path, pub.version)
+                phases = await self.engine.update_weights(
+                    path, pub.version, pub.manifest.adapter_config
+                )
+            except PolicyRejected as e:
+                WEIGHTS_REJECTED.labels(reason="adapter").inc()
+                log.error("refused policy v%d: %s", pub.version, e)
+                continue
             finally:
                 os.unlink(path)
             VERSION.set(self.engine.version)

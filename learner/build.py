@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from learner.distributed import ShardedTrainer, shard_model
+from learner.lora import apply_lora, trainable_parameters
 from learner.tiny_model import build_tiny_model
 from learner.train import stability_settings
 from learner.util import seed_everything
@@ -27,7 +28,8 @@ def build_trainer(cfg: Config) -> ShardedTrainer:
     there if missing and allowed) in float32 on CUDA if there is one (forward passes autocast to
     `[model] dtype`), shard it under torchrun,
     and wrap it with AdamW in the trainer `[learner]` configures (stability settings and lr
-    schedule included). The model, optimiser and schedule are `trainer.model`,
+    schedule included). With `[learner.lora]` rank > 0 the model is a peft wrapper whose
+    adapters alone train. The model, optimiser and schedule are `trainer.model`,
     `trainer.optimizer` and `trainer.scheduler`."""
     from transformers import AutoModelForCausalLM
 
@@ -47,8 +49,15 @@ def build_trainer(cfg: Config) -> ShardedTrainer:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     dtype = model_dtype(cfg.model, path)
     log.info("model %s: forward in %s", path, dtype)
+    if lc.lora.enabled:
+        # Adapters before sharding: FSDP must see the final parameters (and which train).
+        model = apply_lora(model, lc.lora)
+        n_train = sum(p.numel() for p in trainable_parameters(model))
+        log.info("LoRA rank %d: %d trainable parameters", lc.lora.rank, n_train)
     model = shard_model(model)  # FSDP2 under torchrun (learner.distributed), else as is
-    opt = torch.optim.AdamW(model.parameters(), lr=lc.lr, weight_decay=lc.weight_decay)
+    # Only what trains: frozen base weights get no optimiser state (nor a checkpoint of it).
+    params = trainable_parameters(model)
+    opt = torch.optim.AdamW(params, lr=lc.lr, weight_decay=lc.weight_decay)
     pad_id = model.config.pad_token_id
     trainer = ShardedTrainer(
         model,

@@ -3,6 +3,8 @@
 Layout of `<root>/step_000123/`:
 
     config.json, model.safetensors, ...   # a plain HF model dir (vLLM / transformers load it)
+                                          # or, under [learner.lora], a PEFT adapter dir
+                                          # (adapter_config.json, adapter_model.safetensors)
     tokenizer files                       # copied from the base model when given
     trainer/optimizer.safetensors         # every tensor of the optimizer state, flattened
     trainer/optimizer.json                # the rest of that dict, tensors replaced by refs
@@ -43,6 +45,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from learner import distributed as D
+from learner.lora import adapter_keys, is_lora
 
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 _TOKENIZER_FILES = (
@@ -279,19 +282,19 @@ def _load_model_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_checkpoint(
-    path: str | Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
-    restore_rng: bool = True,
-    scheduler: Any | None = None,
-) -> TrainerState:
-    """Load weights (and optimizer, scheduler, RNG) from a checkpoint dir into existing objects.
-
-    With an FSDP-sharded model, call it on every rank (each reads the files)."""
-    path = Path(path)
-    state = json.loads((path / "state.json").read_text())
+def _checked_model_tensors(path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights keyed like `model.state_dict()`; every one must belong to the
+    model and every weight the checkpoint should hold must be there."""
     tensors = _load_model_tensors(path)
+    if is_lora(model):
+        # A LoRA checkpoint is a PEFT adapter dir: the adapter alone, under its file names;
+        # the frozen base weights come from `[model] path` as they did at the start.
+        names = adapter_keys(model)
+        unexpected = sorted(set(tensors) - set(names))
+        missing = sorted(set(names) - set(tensors))
+        if unexpected or missing:
+            raise ValueError(f"{path}: adapter unexpected {unexpected[:5]} missing {missing[:5]}")
+        return {names[k]: v for k, v in tensors.items()}
     expected = set(model.state_dict())
     unexpected = sorted(set(tensors) - expected)
     if unexpected:
@@ -304,6 +307,22 @@ def load_checkpoint(
     ]
     if really_missing:
         raise ValueError(f"{path}: missing tensors {really_missing[:5]}")
+    return tensors
+
+
+def load_checkpoint(
+    path: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    restore_rng: bool = True,
+    scheduler: Any | None = None,
+) -> TrainerState:
+    """Load weights (and optimizer, scheduler, RNG) from a checkpoint dir into existing objects.
+
+    With an FSDP-sharded model, call it on every rank (each reads the files)."""
+    path = Path(path)
+    state = json.loads((path / "state.json").read_text())
+    tensors = _checked_model_tensors(path, model)
     opt_state = None
     if optimizer is not None:
         opt_tensors = load_file(str(path / "trainer" / "optimizer.safetensors"))

@@ -29,6 +29,7 @@ from learner import metrics as M
 from learner.build import ModelMissing, build_trainer
 from learner.checkpoint import latest, load_checkpoint, save_checkpoint
 from learner.distributed import full_state_dict
+from learner.lora import publishable
 from learner.publish import WeightPublisher
 from learner.trained_log import MAX_REMEMBERED, TrainedLog
 from learner.util import json_safe, write_json_atomic
@@ -197,7 +198,11 @@ class Learner:
         assert self.publisher is not None and self.client is not None
         model = self.trainer.model
         state = await asyncio.to_thread(full_state_dict, model)  # an FSDP gather: off the loop
-        manifest = await asyncio.to_thread(self.publisher.publish, self.version, state)
+        # Under LoRA the actors keep the base weights and get the adapter alone.
+        tensors, kind, adapter_cfg = publishable(model, state)
+        manifest = await asyncio.to_thread(
+            self.publisher.publish, self.version, tensors, kind, adapter_cfg
+        )
         await self.client.send(
             P.PolicyPublished(
                 version=self.version, weights_endpoint=self.weights_endpoint, manifest=manifest

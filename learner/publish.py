@@ -1,7 +1,8 @@
 """The learner's weight endpoint: versioned safetensors blobs served in digest-checked chunks.
 
 `publish(version, state_dict)` serialises the state dict (HF parameter names, safetensors
-layout, so the actor hands it straight to vLLM's loader) into one blob, cuts it into
+layout, so the actor hands it straight to vLLM's loader; under LoRA only the adapter, named
+as in `adapter_model.safetensors`) into one blob, cuts it into
 `chunk_bytes` pieces and records a blake2b-128 digest per chunk and for the whole blob in a
 `WeightManifest`, which the learner broadcasts via the broker as `PolicyPublished`.
 
@@ -21,6 +22,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from safetensors.torch import save as st_save
@@ -100,8 +102,17 @@ class WeightPublisher:
     def latest(self) -> P.WeightManifest | None:
         return next(reversed(self._versions.values())).manifest if self._versions else None
 
-    def publish(self, version: int, state_dict: Mapping[str, torch.Tensor]) -> P.WeightManifest:
+    def publish(
+        self,
+        version: int,
+        state_dict: Mapping[str, torch.Tensor],
+        kind: str = "full",
+        adapter_config: dict[str, Any] | None = None,
+    ) -> P.WeightManifest:
         """Serialise and make `version` servable; returns its manifest.
+
+        `kind` "lora": `state_dict` is a PEFT adapter (learner/lora.py `publishable`) and
+        `adapter_config` its adapter_config.json, which the manifest carries to the actors.
 
         Thread-safe with respect to the serving task: the heavy work happens before a single
         dict update, so this may run in a worker thread (`asyncio.to_thread`) while the event
@@ -124,6 +135,8 @@ class WeightPublisher:
                 for k, v in state_dict.items()
             ],
             digest=blake2b_128(blob),
+            kind=kind,
+            adapter_config=adapter_config,
         )
         versions = OrderedDict(self._versions)
         versions.pop(version, None)  # re-publishing a version (after resume) replaces it
@@ -132,7 +145,9 @@ class WeightPublisher:
             versions.popitem(last=False)
         self._versions = versions  # one atomic swap; the server reads whichever it sees
         WEIGHTS_SYNC_SECONDS.labels(phase="publish").observe(time.perf_counter() - t0)
-        log.info("published policy v%d: %d bytes, %d chunks", version, len(blob), len(digests))
+        log.info(
+            "published policy v%d (%s): %d bytes, %d chunks", version, kind, len(blob), len(digests)
+        )
         return manifest
 
     def start(self) -> asyncio.Task[None]:

@@ -31,6 +31,7 @@ from learner import correction as C
 from learner import weighting as W
 from learner.advantages import compute_advantages
 from learner.diagnostics import per_trajectory_advantage, step_diagnostics
+from learner.lora import unwrap
 from learner.losses import clipped_pg_loss
 from shared.config import AdvantageConfig, CorrectionConfig, LearnerConfig, WeightingConfig
 from shared.protocol import Role, Trajectory
@@ -252,7 +253,9 @@ class Trainer:
     ) -> tuple[Tensor, Tensor]:
         """(logp, entropy) of input_ids[row, pos] under the current weights, via the kernel."""
         # The bare decoder returns final (post-norm) hidden states without the [B, L, V] logits.
-        m = self.model
+        # Under LoRA, peft's wrapper would answer `.model` with the whole causal LM; its LoRA
+        # layers live inside the HF model, so its decoder runs with the adapters.
+        m = unwrap(self.model)
         decoder = m.model if hasattr(m, "model") else m.get_decoder()
         dev = self.device
         # The decoder in `[model] dtype` like the actors' engines; the LM head and the
@@ -266,7 +269,7 @@ class Trainer:
                 input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev), use_cache=False
             ).last_hidden_state
         h = hidden[row.to(dev), pos.to(dev) - 1]  # only the trained tokens reach the LM head
-        head = self.model.get_output_embeddings().weight
+        head = m.get_output_embeddings().weight
         h = h.to(head.dtype)
         targets = input_ids[row, pos].to(dev)
         return token_logprobs_and_entropy(

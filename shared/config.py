@@ -14,6 +14,7 @@ from pathlib import Path
 import msgspec
 
 from shared.curriculum_config import CuratorConfig
+from shared.lora_config import LoraConfig
 
 
 class ConfigError(ValueError):
@@ -114,6 +115,11 @@ class EnvConfig(_Section):
     rg_tasks_per_family: int = 10000
     rg_max_turns: int = 1  # answers per task; > 1: "Wrong, try again." after a wrong answer
     rg_max_tokens: int = 512  # generation budget per answer (reasoning + answer)
+    # text after each question ("": think step by step, then "Answer: ..." on its own line)
+    rg_instruction: str = ""
+    # "marker": the answer follows the last "Answer:" (else the last line); "first_number":
+    # the first number written (for instructions such as "Reply with just the number.")
+    rg_answer: str = "marker"
     # textarena: families are game presets (banks.TA_PRESETS)
     ta_games: list[str] = msgspec.field(
         default_factory=lambda: ["guess_the_number.easy", "guess_the_number.medium"]
@@ -129,6 +135,7 @@ class EnvConfig(_Section):
 
     def __post_init__(self) -> None:
         _check_choice(self, "reward", ("turn", "pass"))
+        _check_choice(self, "rg_answer", ("marker", "first_number"))
         if self.action_tokens < 1:
             raise ValueError("action_tokens must be >= 1")
 
@@ -388,6 +395,8 @@ class LearnerConfig(_Section):
     correction: CorrectionConfig = msgspec.field(default_factory=CorrectionConfig)
     advantage: AdvantageConfig = msgspec.field(default_factory=AdvantageConfig)
     weighting: WeightingConfig = msgspec.field(default_factory=WeightingConfig)
+    # LoRA adapters instead of full fine-tuning; actors then load only the adapter
+    lora: LoraConfig = msgspec.field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
         if self.ppo_epochs < 1 or self.minibatches < 1:

@@ -292,6 +292,11 @@ class WeightManifest(Base):
     chunk_digests: list[str]  # blake2b-128 hex of each chunk of the safetensors blob
     tensors: list[TensorInfo]
     digest: str  # blake2b-128 hex of the whole blob
+    # "full": every weight, HF names; "lora": only a PEFT adapter (adapter_model.safetensors
+    # names), loaded by vLLM's LoRA support. Defaults are omitted on the wire, so peers that
+    # predate LoRA still decode full-weight manifests.
+    kind: str = "full"
+    adapter_config: dict[str, typing.Any] | None = None  # "lora": adapter_config.json
 
 
 class PolicyPublished(Base):
