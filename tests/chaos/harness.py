@@ -315,8 +315,8 @@ class Chaos:
         actor kill each, while `kills` has some), start again and be acked again before the
         learner and the stubs start - an engine takes up to minutes to start on a loaded CPU,
         and with the learner running the stubs would finish the run meanwhile. Then the learner
-        and the stubs start, every real actor must load a policy from the learner, and the
-        remaining kills (broker, learner, stub actors) come in a seeded random order.
+        and the stubs start, the remaining kills (broker, learner, stub actors) come in a
+        seeded random order, and every real actor must have loaded a policy from the learner.
         """
         self._monitor.start()
         self.start("broker")
@@ -336,10 +336,6 @@ class Chaos:
         for name in stubs:
             self.start(name)
         self._progress(1, 240, "the first learner step")
-        for name in reals:
-            self._wait(
-                lambda n=name: self._version(n) >= 1, 240, f"{name} to load a learner policy"
-            )
         schedule = [role for role, n in kills.items() if role != "actor" for _ in range(n)]
         schedule += ["actor"] * actor_kills
         self.rng.shuffle(schedule)
@@ -355,6 +351,12 @@ class Chaos:
             self.restart(name)
             # the run goes on after every kill: the learner trains at least one more step
             self._progress(self.steps_done() + 1, 240, f"a learner step after killing {name}")
+        # Checked after the schedule: an engine can take minutes to load its first policy on a
+        # loaded CPU, and waiting for it first let the learner run out of steps before the kills.
+        for name in reals:
+            self._wait(
+                lambda n=name: self._version(n) >= 1, 240, f"{name} to load a learner policy"
+            )
         self._progress(self.steps, 600, f"the learner to reach step {self.steps}")
         learner = self.roles["learner"].proc
         assert learner is not None
