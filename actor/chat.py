@@ -97,12 +97,16 @@ class ChatFormat:
     def _tokens(self, text: str, content: str, role: Role) -> Tokens:
         """`text` tokenized; tokens overlapping `content` (its last occurrence) get `role`,
         the rest `template`."""
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         start = text.rfind(content) if content else -1
-        end = start + len(content)
+        return self._tokens_in(text, [(start, start + len(content))] if start >= 0 else [], role)
+
+    def _tokens_in(self, text: str, spans: list[tuple[int, int]], role: Role) -> Tokens:
+        """`text` tokenized; tokens overlapping any character span get `role`, the rest
+        `template`."""
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         roles = []
         for a, b in enc["offset_mapping"]:
-            inside = start >= 0 and a < end and b > start
+            inside = any(a < end and b > start for start, end in spans)
             roles.append(int(role if inside else Role.TEMPLATE))
         return Tokens(list(enc["input_ids"]), roles)
 
@@ -126,10 +130,24 @@ class ChatFormat:
 
     # ------------------------------------------------------------------ the episode's pieces
 
-    def opening(self, observation: str) -> Tokens:
-        """System prompt, the first observation as a user message, the generation prompt."""
-        msgs = [*self._system, {"role": "user", "content": observation}]
-        return self._tokens(self.render(msgs, True), observation, Role.PROMPT)
+    def opening(self, observation: str | list[dict[str, str]]) -> Tokens:
+        """System prompt, the first observation as a user message, the generation prompt.
+        An observation given as chat messages (a dataset row's `messages`) is rendered as
+        that conversation, after `system_prompt` unless it has a system message of its own;
+        the messages' contents are the prompt, everything else the template's."""
+        if isinstance(observation, str):
+            msgs = [*self._system, {"role": "user", "content": observation}]
+            return self._tokens(self.render(msgs, True), observation, Role.PROMPT)
+        given = [{"role": m["role"], "content": m["content"]} for m in observation]
+        has_system = any(m["role"] == "system" for m in given)
+        text = self.render([*([] if has_system else self._system), *given], True)
+        spans, pos = [], 0
+        for m in given:  # each content where the template put it, in order
+            at = text.find(m["content"], pos) if m["content"] else -1
+            if at >= 0:
+                spans.append((at, at + len(m["content"])))
+                pos = at + len(m["content"])
+        return self._tokens_in(text, spans, Role.PROMPT)
 
     def follow_up(self, generated: list[int], observation: str, role: str = "user") -> Tokens:
         """After a generation that ended at a stop token: the rest of the assistant's closing,

@@ -21,7 +21,15 @@ from dataclasses import dataclass, field
 
 from actor.chat import ChatFormat, Tokens
 from actor.engine import Engine, GenResult
-from actor.envs.base import Env, EnvError, Generation, GenerationLimits, StepResult, Tokenizer
+from actor.envs.base import (
+    Env,
+    EnvError,
+    Generation,
+    GenerationLimits,
+    Opening,
+    StepResult,
+    Tokenizer,
+)
 from shared import protocol as P
 from shared.protocol import Role
 
@@ -86,9 +94,11 @@ def special_prefix(tokenizer: Tokenizer) -> list[int]:
     return []
 
 
-def _opening(obs: str, tokenizer: Tokenizer, chat: ChatFormat | None, prefix: Sequence[int]):
+def _opening(obs: Opening, tokenizer: Tokenizer, chat: ChatFormat | None, prefix: Sequence[int]):
     if chat is not None:
         return chat.opening(obs)
+    if not isinstance(obs, str):  # chat messages without a template: their texts, in order
+        obs = "\n\n".join(m["content"] for m in obs)
     ids = [*prefix, *tokenizer.encode(obs, add_special_tokens=False)]
     return Tokens(ids, [int(Role.PROMPT)] * len(ids))
 

@@ -56,6 +56,10 @@ class TaskBank(Protocol):
 
     def feedback(self, fb: P.TaskFeedback) -> None: ...
 
+    def heldout(self, n: int) -> dict[str, list[P.TaskSpec]]:
+        """Up to `n` tasks per family that training never leases (for evaluation)."""
+        ...
+
 
 def _task_seed(base: int, level: int, index: int) -> int:
     # SeedSequence spreads (base, level, index) into well-mixed 32-bit seeds that stay stable
@@ -183,6 +187,16 @@ class ProceduralBank:
     def feedback(self, fb: P.TaskFeedback) -> None:
         # Kept (latest per task) for the curator and for `Status`; uniform picking ignores it.
         self.feedback_by_task[fb.task_id] = fb
+
+    def heldout(self, n: int) -> dict[str, list[P.TaskSpec]]:
+        """`n` held-out tasks per family: indices `size .. size+n-1`, which the family's own
+        generator builds (same rules and seed) but `task()` and training never reach."""
+        out: dict[str, list[P.TaskSpec]] = {}
+        for p in self.parts:
+            out.setdefault(p.family.name, []).extend(
+                p.make(p.family.size + j) for j in range(max(0, n))
+            )
+        return out
 
 
 def _spec(
@@ -425,6 +439,13 @@ class MixedBank(ProceduralBank):
         self.banks = banks
         super().__init__([p for b in banks for p in b.parts], seed)
 
+    def heldout(self, n: int) -> dict[str, list[P.TaskSpec]]:
+        out: dict[str, list[P.TaskSpec]] = {}
+        for b in self.banks:  # each bank's own held-out rule (datasets: their eval split)
+            for family, tasks in b.heldout(n).items():
+                out.setdefault(family, []).extend(tasks)
+        return out
+
 
 _BANKS: dict[str, Callable[[EnvConfig], ProceduralBank]] = {
     "symbols": SymbolsBank,
@@ -433,13 +454,22 @@ _BANKS: dict[str, Callable[[EnvConfig], ProceduralBank]] = {
 }
 
 
+def _bank(name: str, env: EnvConfig) -> ProceduralBank:
+    if name in _BANKS:
+        return _BANKS[name](env)
+    # Datasets, verifiers and users' environments (modules that import this one)
+    from broker.curriculum.user_banks import user_bank
+
+    bank = user_bank(name, env)
+    if bank is None:
+        known = ", ".join([*_BANKS, "mixed", "dataset", "verifiers", "pkg.module:Name"])
+        raise ConfigError(f"env.name: no task bank for environment {name!r} (known: {known})")
+    return bank
+
+
 def make_bank(env: EnvConfig) -> TaskBank:
-    if env.name in _BANKS:
-        return _BANKS[env.name](env)
     if env.name == "mixed":
-        unknown = [b for b in env.mixed if b not in _BANKS]
-        if unknown:
-            raise ConfigError(f"env.mixed: unknown banks {unknown} (known: {sorted(_BANKS)})")
-        return MixedBank([_BANKS[b](env) for b in env.mixed], env.seed)
-    known = ", ".join([*_BANKS, "mixed"])
-    raise ConfigError(f"env.name: no task bank for environment {env.name!r} (known: {known})")
+        if "mixed" in env.mixed:
+            raise ConfigError("env.mixed: a mixed bank cannot contain itself")
+        return MixedBank([_bank(b, env) for b in env.mixed], env.seed)
+    return _bank(env.name, env)
