@@ -17,10 +17,9 @@ import time
 import msgspec
 from prometheus_client import Counter, Gauge
 
-from actor.chat import ChatFormat, chat_format
+from actor.build import TextFormat, play_episode, start_engine, text_format
 from actor.engine import Engine, EngineDead, PolicyRejected
 from actor.envs import make_env
-from actor.episode import run_episode, special_prefix
 from actor.outbox import Outbox
 from actor.weights import WEIGHTS_REJECTED, WeightDigestMismatch, fetch_weights
 from shared import protocol as P
@@ -57,9 +56,7 @@ class Actor:
         self._weights_curve = client_keys(cfg.security, "actor", "learner")
         self.outbox = Outbox(self.client, self.acfg.outbox_batch, self.acfg.outbox_flush_s)
         self.engine: Engine | None = None
-        self.tokenizer = None
-        self.prefix_ids: list[int] = []
-        self.chat: ChatFormat | None = None
+        self.text: TextFormat | None = None  # tokenizer and chat template, with the engine
         self._latest: P.PolicyPublished | None = None
         self._new_policy = asyncio.Event()
         self._slots = asyncio.Semaphore(self.acfg.max_concurrent_episodes)
@@ -68,34 +65,22 @@ class Actor:
         self._stop = asyncio.Event()
         self._recent_rewards: list[float] = []
         self._fatal: EngineDead | None = None
+        # eval lease id -> episode k -> (reward, success, policy version): reported together
+        self._eval_scores: dict[str, dict[int, tuple[float, bool, int]]] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self) -> None:
-        from transformers import AutoTokenizer
-
         self.client.start()
         self.client.on(P.PolicyPublished, self._on_policy)
         welcome = await self._hello()
         mc = self.cfg.model
         path = resolve_model(mc)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.prefix_ids = special_prefix(self.tokenizer)
-        self.chat = chat_format(self.tokenizer, mc.chat_template, mc.system_prompt)
-        dtype = model_dtype(mc, path)
-        log.info("starting vLLM engine for %s (%s)", path, dtype)
-        self.engine = Engine(
-            path,
-            seed=self.acfg.seed,
-            max_model_len=self.acfg.max_model_len,
-            max_num_seqs=max(self.acfg.max_concurrent_episodes, 8),
-            kv_cache_gib=self.acfg.kv_cache_gib,
-            dtype=dtype,
-            enforce_eager=self.acfg.enforce_eager,
-            gpu_memory_utilization=self.acfg.gpu_memory_utilization,
-            tensor_parallel_size=self.acfg.tensor_parallel_size,
-            # the learner's [learner.lora] (same TOML): rank > 0 serves its adapters
-            lora=self.cfg.learner.lora,
+        self.text = text_format(mc, path)
+        log.info("starting vLLM engine for %s (%s)", path, model_dtype(mc, path))
+        # [learner.lora] of the same TOML: rank > 0 serves the learner's adapters
+        self.engine = start_engine(
+            self.cfg, path, max_num_seqs=max(self.acfg.max_concurrent_episodes, 8)
         )
         ENGINE_UP.set(1)
         # Starting the engine blocks for a while and the broker may have given up on us
@@ -218,7 +203,7 @@ class Actor:
             if not grant.leases:
                 await asyncio.sleep(grant.retry_after_s or 0.2)
                 continue
-            sync_groups += len(grant.leases)
+            sync_groups += sum(lease.purpose != "eval" for lease in grant.leases)
             for lease in grant.leases:
                 for k in range(lease.group_size):
                     self._free -= 1
@@ -232,21 +217,9 @@ class Actor:
             if self.cfg.env.step_delay_s > 0 and task.env == "symbols":
                 payload = {**task.payload, "step_delay_s": self.cfg.env.step_delay_s}
                 task = msgspec.structs.replace(task, payload=payload)
-            env = make_env(task, episode_seed=k)
-            episode = run_episode(
-                self.engine,
-                env,
-                self.tokenizer,
-                lease,
-                self.actor_id,
-                temperature=self.acfg.temperature,
-                top_p=self.acfg.top_p,
-                top_k=self.acfg.top_k,
-                max_model_len=self.acfg.max_model_len,
-                prefix_ids=self.prefix_ids,
-                chat=self.chat,
-                needs_text=getattr(env, "needs_text", False),
-            )
+            env = make_env(task, episode_seed=k, options=self.cfg.env.options)
+            assert self.text is not None
+            episode = play_episode(self.engine, self.text, self.acfg, env, lease, self.actor_id)
             # The broker expires the lease at timeout_s after its grant, heartbeats or not;
             # an episode still running then would be refused anyway (its group is gone).
             traj = await asyncio.wait_for(episode, lease.timeout_s or None)
@@ -266,16 +239,43 @@ class Actor:
             return
         except Exception:
             log.exception("episode of %s failed", lease.task.task_id)
+            if lease.purpose == "eval":  # scored as a failure: the round still completes
+                await self._eval_scored(lease, k, 0.0, False, self.engine.version)
             return
         finally:
             self._free += 1
             RUNNING.dec()
+        if lease.purpose == "eval":  # scored, never sent: evaluation stays out of replay
+            await self._eval_scored(
+                lease, k, traj.outcome_reward, bool(traj.success), traj.min_policy_version()
+            )
+            return
         self._episodes_done += 1
         EPISODES.labels(termination=traj.termination).inc()
         TOKENS.inc(int(sum(traj.array("loss_mask"))))
         self._recent_rewards = (self._recent_rewards + [traj.outcome_reward])[-256:]
         REWARD.set(sum(self._recent_rewards) / len(self._recent_rewards))
         self.outbox.put(traj)
+
+    async def _eval_scored(
+        self, lease: P.Lease, k: int, reward: float, success: bool, version: int
+    ) -> None:
+        scores = self._eval_scores.setdefault(lease.lease_id, {})
+        scores[k] = (reward, success, version)
+        if len(scores) < lease.group_size:
+            return
+        del self._eval_scores[lease.lease_id]
+        ks = sorted(scores)
+        # Not acked: if it is lost, the broker's eval lease expires and is played again.
+        await self.client.send(
+            P.EvalOutcome(
+                lease_id=lease.lease_id,
+                task_id=lease.task.task_id,
+                rewards=[scores[i][0] for i in ks],
+                successes=[scores[i][1] for i in ks],
+                policy_versions=[scores[i][2] for i in ks],
+            )
+        )
 
     # ------------------------------------------------------------------ weights
 

@@ -59,43 +59,30 @@ def blind_ceilings(tasks: dict[str, list[Any]]) -> dict[str, float]:
 
 
 async def _evaluate(ckpt: str, tasks: dict[str, list[Any]], spec: dict[str, Any]) -> dict:
+    """Family -> success rate (pass@1) of `spec["samples"]` episodes per task, played by
+    `actor.evaluate` (as `headrace eval` plays them) on raw-text prompts."""
     from transformers import AutoTokenizer
 
+    from actor.build import TextFormat
     from actor.engine import Engine
-    from actor.envs import make_env
-    from actor.episode import run_episode, special_prefix
-    from shared import protocol as P
+    from actor.episode import special_prefix
+    from actor.evaluate import play_tasks
+    from shared import passk
+    from shared.config import ActorConfig
 
     max_len = int(spec["max_model_len"])
+    sampling = {k: spec[k] for k in ("temperature", "top_p", "top_k")}  # top_k 0: off
+    ac = ActorConfig(max_model_len=max_len, **sampling)
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    text = TextFormat(tokenizer, special_prefix(tokenizer), None)
     engine = Engine(ckpt, seed=int(spec["seed"]), max_model_len=max_len, max_num_seqs=EVAL_SEQS)
-    slots = asyncio.Semaphore(EVAL_SEQS)
-    prefix = special_prefix(tokenizer)  # once, not per episode
-
-    async def one(task: P.TaskSpec, k: int) -> bool:
-        async with slots:
-            lease = P.Lease(lease_id=f"eval-{task.task_id}", task=task, group_size=1, deadline_s=0)
-            traj = await run_episode(
-                engine,
-                make_env(task, episode_seed=k),
-                tokenizer,
-                lease,
-                "eval",
-                temperature=float(spec["temperature"]),
-                top_p=float(spec["top_p"]),
-                top_k=int(spec["top_k"]),  # 0: off, as in [actor]
-                max_model_len=max_len,
-                prefix_ids=prefix,
-            )
-            return bool(traj.success)
-
     try:  # every family at once: full batches
-        keys = [(f, t, k) for f, ts in tasks.items() for t in ts for k in range(spec["samples"])]
-        results = await asyncio.gather(*(one(t, k) for _, t, k in keys))
-        wins: dict[str, list[bool]] = {f: [] for f in tasks}
-        for (f, _, _), w in zip(keys, results, strict=True):
-            wins[f].append(w)
-        return {f: sum(w) / len(w) for f, w in wins.items()}
+        flat = [t for ts in tasks.values() for t in ts]
+        results = await play_tasks(
+            engine, text, ac, flat, int(spec["samples"]), concurrency=EVAL_SEQS
+        )
+        _, by_family = passk.score_by_family(results)
+        return {f: by_family[f].pass_at_1 for f in tasks}
     finally:
         engine.shutdown()
 

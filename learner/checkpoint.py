@@ -33,7 +33,6 @@ import base64
 import json
 import os
 import random
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -46,8 +45,10 @@ from safetensors.torch import load_file, save_file
 
 from learner import distributed as D
 from learner.lora import adapter_keys, is_lora
+from shared.checkpoint_dirs import complete_checkpoints as _complete_checkpoints
+from shared.checkpoint_dirs import latest as latest  # the loop's and tools' way in
+from shared.checkpoint_dirs import step_dir_name
 
-_STEP_DIR = re.compile(r"^step_(\d{6,})$")
 _TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -175,23 +176,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # ---------------------------------------------------------------- save / find / load
 
 
-def _complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = _STEP_DIR.match(p.name)
-        if m and (p / "state.json").is_file():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
-def latest(root: str | Path) -> Path | None:
-    """The newest complete checkpoint under `root`, or None."""
-    found = _complete_checkpoints(Path(root))
-    return found[-1][1] if found else None
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -223,7 +207,7 @@ def save_checkpoint(
         opt_state = None if optimizer is None else optimizer_state_by_name(model, optimizer)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:06d}"
+    final = root / step_dir_name(step)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
     try:
         model.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
