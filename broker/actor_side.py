@@ -13,6 +13,7 @@ import msgspec
 from broker import metrics as M
 from broker.curriculum.banks import TaskBank
 from broker.curriculum.service import Curriculum
+from broker.evaluation import EvalRounds
 from broker.groups import GroupAssembler
 from broker.intake import screen
 from broker.leases import LeaseBook
@@ -40,6 +41,7 @@ class ActorSide(BrokerParts):
     leases: LeaseBook
     groups: GroupAssembler
     curriculum: Curriculum
+    evals: EvalRounds
     bank: TaskBank
     vocab_size: int | None
     policy: P.PolicyPublished | None
@@ -57,6 +59,7 @@ class ActorSide(BrokerParts):
         if msg.peer_id:
             peer.peer_id = msg.peer_id
         self.leases.renew(ident)
+        self.evals.book.renew(ident)
 
     def outstanding(self) -> int:
         """Trajectories stored-but-unsampled plus episodes still owed by active leases."""
@@ -84,6 +87,10 @@ class ActorSide(BrokerParts):
         b = self.cfg.broker
         want = max(0, min(msg.n, MAX_LEASES_PER_REQUEST))
         room = self.backpressure_bound() - self.outstanding()
+        # Evaluation first: its leases bypass backpressure and the rate limiter, since their
+        # episodes never reach replay (broker/evaluation.py).
+        evals = self.evals.grant(ident, want)
+        want -= len(evals)
         n = self._rate_limited(min(want, max(0, room // b.group_size)))
         tasks = [(t, 1.0 / len(self.bank)) for t in self.leases.take_requeued(n)]
         tasks += [(p.task, p.prob) for p in self.curriculum.pick(n - len(tasks))]
@@ -96,11 +103,18 @@ class ActorSide(BrokerParts):
             rows = [(f"lease/{a.lease_id}", msgspec.msgpack.encode(a.record())) for a in granted]
             self._spawn(self.store.kv_write(rows))
         retry = 0.0
-        if n < msg.n:
+        if n + len(evals) < msg.n:
             M.BACKPRESSURE.inc()
             retry = BACKPRESSURE_RETRY_S
         self._update_gauges()
-        await self._send(ident, P.TaskGrant(leases=[a.lease for a in granted], retry_after_s=retry))
+        leases = evals + [a.lease for a in granted]
+        await self._send(ident, P.TaskGrant(leases=leases, retry_after_s=retry))
+
+    async def _on_eval_outcome(self, ident: bytes, peer: Peer, msg: P.EvalOutcome) -> None:
+        why = self.evals.outcome(ident, msg)
+        if why is not None:  # nothing to answer: the actor does not wait for it
+            M.EVAL_REFUSED.inc()
+            log.info("eval outcome from %s not recorded: %s", peer.peer_id, why)
 
     def _rate_limited(self, n: int) -> int:
         """How many of `n` leases the rate limiter lets be granted now (actors ahead: fewer).

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from broker import metrics as M
 from broker.batches import BatchBook, BatchRecord, encode, key
+from broker.evaluation import EvalRounds
 from broker.parts import BrokerParts
 from broker.peers import ALLOWED, Peer
 from broker.replay import GroupItem
@@ -32,6 +33,8 @@ NOT_READY_RETRY_S = 0.2  # what the learner is told to wait when no batch can be
 # so a forged huge version cannot lock the real learner out. Versions are int32 on the wire.
 MAX_POLICY_JUMP = 1000
 MAX_POLICY_VERSION = 2**31 - 1
+MAX_EVAL_TASKS = 4096  # held-out tasks per family in one evaluation round
+MAX_EVAL_SAMPLES = 256  # episodes per held-out task
 # What only the active learner may send (one learner per run: see `fenced`): the learner's
 # messages that other roles may not send either.
 LEARNER_MESSAGES = tuple(ALLOWED["learner"] - ALLOWED["actor"] - ALLOWED["cli"])
@@ -50,6 +53,7 @@ class LearnerSide(BrokerParts):
     learner_ident: bytes | None  # the active learner's routing id
     learner_epoch: int  # how many learners have been active (a fencing token)
     clock: Callable[[], float]
+    evals: EvalRounds
 
     # ------------------------------------------------------------ one learner
 
@@ -227,6 +231,17 @@ class LearnerSide(BrokerParts):
         for p in actors:
             await self._send(p.ident, msg)
         log.info("policy v%d published; relayed to %d actors", msg.version, len(actors))
+
+    async def _on_eval_request(self, ident: bytes, peer: Peer, msg: P.EvalRequest) -> None:
+        if not (0 <= msg.version <= MAX_POLICY_VERSION and 0 <= msg.tasks <= MAX_EVAL_TASKS):
+            detail = f"eval request v{msg.version} for {msg.tasks} tasks per family"
+        elif not 1 <= msg.samples <= MAX_EVAL_SAMPLES:
+            detail = f"eval request with {msg.samples} samples per task"
+        else:
+            await self._send(ident, self.evals.request(msg))
+            return
+        REJECTED_FRAMES.labels(reason="invalid").inc()
+        await self._send(ident, P.Error(reason="invalid", detail=detail))
 
     async def _on_priorities(self, ident: bytes, peer: Peer, msg: P.PriorityUpdate) -> None:
         M.PRIORITY_UPDATES.inc(self.table.update_priorities(msg.sample_ids, msg.priorities))

@@ -131,6 +131,11 @@ CURRICULUM_PASS_RATE = Gauge(
 CURRICULUM_SHARE = Gauge(
     "headrace_broker_curriculum_pick_share", "Running share of picks by task family", ["family"]
 )
+DATASET_BAD_ROWS = Counter(
+    "headrace_broker_dataset_bad_rows_total",
+    "Dataset rows skipped when the task bank was built ([env] name = dataset), by reason",
+    ["reason"],
+)
 
 
 def init_label_values() -> None:
@@ -160,3 +165,28 @@ def init_label_values() -> None:
         STORE_ERRORS.labels(kind=kind)
     for side in ("sample", "insert"):
         RATE_LIMITER_BLOCKED.labels(side=side)
+
+
+# Evaluation rounds (broker/evaluation.py): held-out tasks, scored, never stored
+EVAL_ROUNDS = Counter(
+    "headrace_eval_rounds_total", "Evaluation rounds by state (started, done)", ["state"]
+)
+EVAL_LEASES = Counter("headrace_eval_leases_total", "Eval leases handed to actors")
+EVAL_EPISODES = Counter("headrace_eval_episodes_total", "Evaluation episodes scored")
+EVAL_POLICY_VERSION = Gauge(
+    "headrace_eval_policy_version", "Policy version of the last finished evaluation round"
+)
+EVAL_PASS_AT_1 = Gauge(
+    "headrace_eval_pass_at_1", "Held-out pass@1 of the last round (family=all: overall)", ["family"]
+)
+EVAL_PASS_AT_K = Gauge(
+    "headrace_eval_pass_at_k",
+    "Held-out pass@k (k = samples per task) of the last round (family=all: overall)",
+    ["family"],
+)
+EVAL_MEAN_REWARD = Gauge(
+    "headrace_eval_mean_reward", "Held-out mean episode reward of the last round", ["family"]
+)
+EVAL_REFUSED = Counter(
+    "headrace_eval_outcomes_refused_total", "Eval outcomes not recorded (unknown or foreign lease)"
+)

@@ -17,6 +17,8 @@ INFERRED_ROLE: dict[type, str] = {
     P.PolicyPublished: "learner",
     P.PriorityUpdate: "learner",
     P.TaskFeedback: "learner",
+    P.EvalRequest: "learner",
+    P.EvalOutcome: "actor",
     P.Status: "cli",
 }
 
@@ -26,7 +28,15 @@ INFERRED_ROLE: dict[type, str] = {
 # (or INFERRED_ROLE): that only guards against mistakes, a plaintext peer can claim any role.
 ALLOWED: dict[str, frozenset[type]] = {
     "actor": frozenset(
-        {P.Hello, P.Heartbeat, P.TaskRequest, P.TrajectoryBatchFrames, P.Status, P.Error}
+        {
+            P.Hello,
+            P.Heartbeat,
+            P.TaskRequest,
+            P.TrajectoryBatchFrames,
+            P.EvalOutcome,
+            P.Status,
+            P.Error,
+        }
     ),
     "learner": frozenset(
         {
@@ -38,6 +48,7 @@ ALLOWED: dict[str, frozenset[type]] = {
             P.PolicyPublished,
             P.PriorityUpdate,
             P.TaskFeedback,
+            P.EvalRequest,
             P.Status,
             P.Error,
         }

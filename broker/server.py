@@ -24,6 +24,7 @@ from broker.batches import NEXT_ID_KEY, PREFIX, BatchBook
 from broker.curriculum.banks import make_bank
 from broker.curriculum.service import STATE_KEY as CURRICULUM_STATE_KEY
 from broker.curriculum.service import Curriculum
+from broker.evaluation import EvalRounds
 from broker.groups import GroupAssembler
 from broker.intake import model_vocab_size
 from broker.learner_side import LearnerSide
@@ -65,6 +66,9 @@ class Broker(ActorSide, LearnerSide):
             b.lease_deadline_s, b.heartbeat_timeout_s, clock, timeout_s=b.episode_timeout_s
         )
         self.bank = make_bank(cfg.env)
+        self.evals = EvalRounds(
+            self.bank, LeaseBook(b.lease_deadline_s, b.heartbeat_timeout_s, clock)
+        )
         self.vocab_size = model_vocab_size(cfg.model.path)
         self.curriculum = Curriculum(self.bank, b.curriculum)
         self.peers: dict[bytes, Peer] = {}
@@ -91,6 +95,8 @@ class Broker(ActorSide, LearnerSide):
             P.PolicyPublished: self._on_policy,
             P.PriorityUpdate: self._on_priorities,
             P.TaskFeedback: self._on_feedback,
+            P.EvalRequest: self._on_eval_request,
+            P.EvalOutcome: self._on_eval_outcome,
             P.Status: self._on_status,
         }
 
@@ -243,9 +249,12 @@ class Broker(ActorSide, LearnerSide):
         b = self.cfg.broker
         self._save_curriculum()
         self.curriculum.refresh_metrics()
-        expired = self.leases.expire(
-            lambda ident: self.peers[ident].last_seen if ident in self.peers else None
-        )
+
+        def last_seen(ident: bytes) -> float | None:
+            return self.peers[ident].last_seen if ident in self.peers else None
+
+        expired = self.leases.expire(last_seen)
+        self.evals.requeue(self.evals.book.expire(last_seen))
         if expired:
             M.LEASES_EXPIRED.inc(len(expired))
             log.info("expired %d leases; their tasks are requeued", len(expired))
@@ -258,7 +267,7 @@ class Broker(ActorSide, LearnerSide):
         # Forget long-gone peers (every `headrace status` call is a new one); keep lease holders.
         forget = now - PEER_FORGET_AFTER_S
         for ident in [i for i, p in self.peers.items() if p.last_seen < forget]:
-            if not self.leases.count_for(ident):
+            if not self.leases.count_for(ident) and not self.evals.book.count_for(ident):
                 del self.peers[ident]
         self._update_gauges()
 
@@ -283,6 +292,7 @@ class Broker(ActorSide, LearnerSide):
         # A Hello starts a process; a restarted actor keeps its routing id, so without this its
         # heartbeats would keep renewing leases whose episodes died with the old process.
         released = self.leases.release(ident)
+        self.evals.requeue(self.evals.book.release(ident))
         if released:
             log.info("requeued %d leases of restarted %s", len(released), msg.peer_id)
             self._spawn(self.store.kv_write([(f"lease/{a.lease_id}", None) for a in released]))
@@ -381,6 +391,7 @@ class Broker(ActorSide, LearnerSide):
             "evicted": dict(self.evicted),
             "learner_batches": self.batches.state(),
             "curriculum": self.curriculum.summary(),
+            "evaluations": self.evals.status(),  # policy version -> tasks done / in the round
             "actors": [describe(p) for p in peers if p.role == "actor"],
             "learners": [describe(p) for p in peers if p.role == "learner"],
         }

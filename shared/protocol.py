@@ -102,6 +102,9 @@ class Lease(Base):
     sample_prob: float = 1.0
     curator_version: int = 0
     timeout_s: float = 0.0  # seconds from grant, never renewed: episodes still running stop
+    # "eval": a held-out task of an evaluation round; its episodes are scored and reported
+    # (EvalOutcome), never sent as trajectories, so they cannot enter replay
+    purpose: str = "train"
 
 
 class TaskRequest(Base):
@@ -316,6 +319,39 @@ class WeightChunk(Base):
     data: bytes
 
 
+# ---------------------------------------------------------------- evaluation
+
+
+class EvalRequest(Base):
+    """Learner -> broker: evaluate policy `version` on `tasks` held-out tasks per family,
+    `samples` episodes each. Idempotent: sent again to ask how the round stands (and to
+    start it again on a broker that restarted and forgot it). Answered by EvalReport."""
+
+    version: int
+    tasks: int
+    samples: int
+
+
+class EvalReport(Base):
+    version: int
+    state: str  # "running" | "done"
+    done_tasks: int = 0
+    total_tasks: int = 0
+    seconds: float = 0.0
+    # when done: shared.passk.as_dict of the round, plus the policy versions that played it
+    scores: dict[str, typing.Any] = {}
+
+
+class EvalOutcome(Base):
+    """Actor -> broker: every episode of an eval lease, scored (no trajectory is sent)."""
+
+    lease_id: str
+    task_id: str
+    rewards: list[float]
+    successes: list[bool]
+    policy_versions: list[int]  # the policy that started each episode
+
+
 class Status(Base):
     """`headrace status` asks the broker for this; the broker answers with StatusReply."""
 
@@ -345,6 +381,9 @@ Message = (
     | PolicyPublished
     | WeightRequest
     | WeightChunk
+    | EvalRequest
+    | EvalReport
+    | EvalOutcome
     | Status
     | StatusReply
 )

@@ -22,6 +22,9 @@ DEMO = Path(__file__).resolve().parents[2] / "ops" / "configs" / "demo.toml"
 # The demo's goal (README: measured per seed): a mean reward of at least 0.9 over the last 10
 # steps, where any symbol-blind policy scores 0.25.
 MIN_FINAL_REWARD = 0.9
+# ... and a held-out pass@1 (tasks of the same level it never trained on) of at least 0.8 at
+# the end, where a symbol-blind policy has 0.25
+MIN_HELD_OUT_PASS = 0.8
 
 
 def test_demo_learns_the_symbols_it_is_shown(tmp_path: Path, tiny_model: Path) -> None:
@@ -48,3 +51,10 @@ def test_demo_learns_the_symbols_it_is_shown(tmp_path: Path, tiny_model: Path) -
     assert final >= MIN_FINAL_REWARD, rewards
     # it learned the symbols: the action entropy did not collapse to a deterministic guess
     assert entries[-1]["entropy_action"] > 0.01
+    # and it reads them on tasks it never trained on: the held-out evaluation rounds
+    evals = json.loads(summary.read_text())["evals"]
+    every = int(base["learner"]["eval_every"])
+    assert [e["step"] for e in evals] == list(range(every, steps + 1, every)), evals
+    held_out = evals[-1]["pass_at_1"]
+    print(f"held-out pass@1 {[round(e['pass_at_1'], 3) for e in evals]} (blind ceiling 0.25)")
+    assert held_out >= MIN_HELD_OUT_PASS, evals[-1]

@@ -68,6 +68,15 @@ EXAMPLES: list[P.Base] = [
     P.PolicyPublished(version=2, weights_endpoint="tcp://h:1", manifest=MANIFEST),
     P.WeightRequest(version=2, chunk=1),
     P.WeightChunk(version=2, chunk=1, data=b"\x00\x01"),
+    P.EvalRequest(version=4, tasks=16, samples=4),
+    P.EvalReport(version=4, state="done", done_tasks=2, total_tasks=2, scores={"pass_at_1": 0.5}),
+    P.EvalOutcome(
+        lease_id="l",
+        task_id="t",
+        rewards=[1.0, 0.0],
+        successes=[True, False],
+        policy_versions=[3, 4],
+    ),
     P.Status(),
     P.StatusReply(info={"replay_size": 3, "actors": [{"id": "a"}]}),
 ]
