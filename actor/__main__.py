@@ -14,6 +14,7 @@ from shared.config import ConfigError, load_config
 from shared.logs import setup_logging
 from shared.metrics import serve_metrics
 from shared.models import resolve_model
+from shared.overrides import add_set_argument
 from shared.transport import PeerUnreachable
 
 
@@ -26,14 +27,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--actor-id", help="stable id of this actor (default: host-pid)")
     p.add_argument("--max-concurrent-episodes", type=int)
     p.add_argument("--log-level", default=os.environ.get("HEADRACE_LOG_LEVEL", "INFO"))
+    add_set_argument(p)
     return p.parse_args(argv)
 
 
 async def _amain(args: argparse.Namespace) -> int:
     from actor.engine import EngineDead
+    from actor.envs import check_env
     from actor.runner import Actor
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.overrides)
     if args.broker:
         cfg.actor.broker = args.broker
     if args.metrics_port is not None:
@@ -48,6 +51,7 @@ async def _amain(args: argparse.Namespace) -> int:
             f"no model at {cfg.model.path}; build the tiny one with "
             f"`python -m learner.tiny_model --out {cfg.model.path}` or set [model] path"
         )
+    check_env(cfg.env)  # a user's env or reward this machine cannot import: exit code 2
     serve_metrics(cfg.actor.metrics_port, "actor")
     actor = Actor(cfg, args.actor_id)
     loop = asyncio.get_running_loop()

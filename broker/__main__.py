@@ -26,6 +26,7 @@ from broker.store import StoreCorruptError, StoreError
 from shared.config import BrokerConfig, Config, ConfigError, load_config
 from shared.logs import setup_logging
 from shared.metrics import serve_metrics
+from shared.overrides import add_set_argument
 from shared.security import SecurityError, check_exposure
 
 log = logging.getLogger("broker")
@@ -48,11 +49,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--data-dir", help="store directory (overrides broker.data_dir)")
     ap.add_argument("--durability", choices=["sqlite", "none"], help="overrides broker.durability")
     ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_set_argument(ap)
     return ap.parse_args(argv)
 
 
 def build_config(args: argparse.Namespace) -> Config:
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.overrides)
     overrides = {
         "port": args.port,
         "metrics_port": args.metrics_port,

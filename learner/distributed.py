@@ -160,6 +160,11 @@ def _broadcast_bytes(data: bytes | None) -> bytes:
     return data if data is not None else buf.cpu().numpy().tobytes()
 
 
+def broadcast_from_main(data: bytes | None) -> bytes:
+    """Rank 0's non-empty `data` on every rank (the others pass None)."""
+    return _broadcast_bytes(data)
+
+
 def _send(cmd: _Command) -> None:
     _broadcast_bytes(_encoder.encode(cmd))
 

@@ -34,6 +34,7 @@ from learner.util import json_safe, write_json_atomic
 from shared import framefile
 from shared import protocol as P
 from shared.config import Config, ConfigError, load_config
+from shared.overrides import add_set_argument
 
 log = logging.getLogger("learner.replay")
 PROG = "headrace-learner replay"
@@ -203,6 +204,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--checkpoint-dir", type=Path, help="write a final checkpoint here")
     ap.add_argument("--torch-threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--log-level", default="INFO")
+    add_set_argument(ap)
     return ap.parse_args(argv)
 
 
@@ -217,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.steps is not None and args.steps < 1:
             raise ReplayError("--steps must be >= 1")
-        cfg = load_config(args.config)
+        cfg = load_config(args.config, args.overrides)
         opts = ReplayOptions(
             input=args.input,
             steps=args.steps,

@@ -9,11 +9,14 @@ from __future__ import annotations
 import hashlib
 import math
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
 from shared.curriculum_config import CuratorConfig
+from shared.logging_config import LoggingConfig
 from shared.lora_config import LoraConfig
 
 
@@ -87,6 +90,11 @@ class EnvConfig(_Section):
       "reasoning_gym"  reasoning-gym datasets x difficulties (actor/envs/reasoning_gym_env.py)
       "textarena"      offline single-player TextArena games (actor/envs/textarena_env.py)
       "mixed"          the banks listed in `mixed`, together, uniform over all their tasks
+      "dataset"        rows of a JSONL / parquet / HF datasets file scored by `reward`
+                       (broker/curriculum/dataset_bank.py, actor/envs/dataset_env.py)
+      "verifiers"      a verifiers taskset scored offline (actor/envs/verifiers_env.py)
+      "pkg.module:Name" or a `headrace.envs` entry point: a user's environment class, its
+                       tasks and episodes both (shared/env_api.py, shared/env_loader.py)
     Each bank reads only its own fields below; task seeds derive from `seed`, so a task id
     means the same task in every process.
     """
@@ -132,12 +140,36 @@ class EnvConfig(_Section):
     # symbols: seconds every `step` awaits (asyncio.sleep), standing in for a tool call's
     # latency (benchmarks/async_vs_sync.py); the actor passes it to the env, 0: none
     step_delay_s: float = 0.0
+    # --- user environments, datasets, verifiers (README "Train on your own task")
+    # free-form, passed to a user's env class on the broker (`tasks(options)`) and actor
+    # (`options`); the verifiers adapter reads `taskset` (and `taskset_config`) from it
+    options: dict[str, Any] = msgspec.field(default_factory=dict)
+    # dataset: a JSONL file, a parquet file or a `datasets` save_to_disk directory; rows
+    # have `prompt` (text) or `messages` (chat), optionally `family`, and any other fields
+    path: str = ""
+    reward: str = "turn"  # dataset: "pkg.module:score", score(completion, row) -> float
+    step: str = ""  # dataset: "pkg.module:fn", fn(completion, row, turn) -> next message | None
+    max_turns: int = 1  # dataset: turns per episode (with `step`)
+    max_tokens: int = 256  # dataset, verifiers: generation budget per turn
+    # dataset: every reply is exactly max_tokens tokens (EOS does not stop it) and is scored;
+    # for models that never stop on their own, such as the tiny test model. Otherwise a reply
+    # that runs out of tokens is unscored and truncated (README "Chat templates")
+    fixed_length: bool = False
+    # held-out tasks (`heldout`, never leased for training): a deterministic fraction of the
+    # rows / tasks by content hash and `seed`, or (dataset) the rows of another file
+    eval_fraction: float = 0.0
+    eval_path: str = ""
 
     def __post_init__(self) -> None:
-        _check_choice(self, "reward", ("turn", "pass"))
+        if ":" not in self.reward:  # with one: the dataset env's reward function
+            _check_choice(self, "reward", ("turn", "pass"))
         _check_choice(self, "rg_answer", ("marker", "first_number"))
         if self.action_tokens < 1:
             raise ValueError("action_tokens must be >= 1")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError("eval_fraction must be in [0, 1)")
+        if min(self.max_turns, self.max_tokens) < 1:
+            raise ValueError("max_turns and max_tokens must be >= 1")
 
 
 class RetentionConfig(_Section):
@@ -390,6 +422,15 @@ class LearnerConfig(_Section):
     activation_checkpointing: bool = False
     checkpoint_every: int = 10
     checkpoint_dir: str = "runs/learner"
+    # Complete checkpoints kept: older ones are deleted once a newer one is on disk (0: all)
+    keep_checkpoints: int = 3
+    # Held-out evaluation every this many steps (0: never) and after the last step: the
+    # broker hands `eval_tasks` held-out tasks per family x `eval_samples` episodes to the
+    # actors (broker/evaluation.py); the learner waits up to `eval_timeout_s` for the last
+    eval_every: int = 0
+    eval_tasks: int = 16
+    eval_samples: int = 4
+    eval_timeout_s: float = 600.0
     connect_timeout_s: float = 60.0
     seed: int = 0
     correction: CorrectionConfig = msgspec.field(default_factory=CorrectionConfig)
@@ -420,6 +461,8 @@ class LearnerConfig(_Section):
             raise ValueError("min_lr_ratio must be in [0, 1]")
         if self.warmup_steps < 0:
             raise ValueError("warmup_steps must be >= 0 (0: no warm-up)")
+        if self.keep_checkpoints < 0:
+            raise ValueError("keep_checkpoints must be >= 0 (0: keep every checkpoint)")
 
     def clip_bounds(self) -> tuple[float, float]:
         """(eps_low, eps_high): the ratio is clamped to [1 - eps_low, 1 + eps_high]."""
@@ -456,25 +499,30 @@ class Config(_Section):
     actor: ActorConfig = msgspec.field(default_factory=ActorConfig)
     learner: LearnerConfig = msgspec.field(default_factory=LearnerConfig)
     security: SecurityConfig = msgspec.field(default_factory=SecurityConfig)
+    logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
 
     def digest(self) -> str:
         return hashlib.blake2b(msgspec.json.encode(self), digest_size=8).hexdigest()
 
 
-def load_config(path: str | Path | None) -> Config:
-    if path is None:
-        return Config()
-    p = Path(path)
-    try:
-        raw = tomllib.loads(p.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {p}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+    """The file's config (defaults without one), `--set` overrides applied (shared/overrides)."""
+    from shared.overrides import apply_overrides, explain  # it imports ConfigError from here
+
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            raw = tomllib.loads(p.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {p}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    raw = apply_overrides(raw, overrides, Config)
     try:
         return msgspec.convert(raw, Config)
     except msgspec.ValidationError as e:
-        raise ConfigError(f"{p}: {e}") from None
+        raise ConfigError(explain(e, str(path or "the defaults"), overrides)) from None
 
 
 def to_toml_dict(cfg: Config) -> dict:

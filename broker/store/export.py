@@ -33,6 +33,7 @@ from broker.store.segments import SegmentLog
 from shared import framefile
 from shared import protocol as P
 from shared.config import ConfigError, load_config
+from shared.overrides import add_set_argument
 
 PROG = "headrace-broker export"
 
@@ -201,9 +202,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="only groups the run's learner was handed (not those evicted unsampled)",
     )
+    add_set_argument(ap)
     args = ap.parse_args(argv)
     try:
-        group_size = load_config(args.config).broker.group_size
+        group_size = load_config(args.config, args.overrides).broker.group_size
         if group_size < 1:
             raise ConfigError("[broker] group_size must be >= 1")
         stats = export_to_path(args.data_dir, args.out, group_size, sampled_only=args.sampled_only)
