@@ -1,7 +1,8 @@
 """`headrace-learner` / `python -m learner`: the training process.
 
 Exit codes: 0 done or stopped by SIGTERM/SIGINT (after a checkpoint); 2 bad config, model or
-port; 3 the broker did not answer Hello (or refused it); 4 the broker went silent mid-run.
+port, or a checkpoint of another run without --resume / --fresh (learner/resume.py); 3 the
+broker did not answer Hello (or refused it); 4 the broker went silent mid-run.
 Every non-zero exit prints one line `headrace-learner: <reason>` on stderr.
 
 Under `torchrun --nproc_per_node N -m learner ...` the N ranks train one FSDP-sharded model
@@ -24,8 +25,10 @@ from typing import TYPE_CHECKING
 
 import zmq
 
+from learner.tracking import require_backends
 from shared.config import Config, ConfigError, load_config
 from shared.models import resolve_model
+from shared.overrides import add_resume_arguments, add_set_argument, set_argv
 from shared.security import SecurityError, bind_host_for, check_exposure
 
 if TYPE_CHECKING:
@@ -49,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--no-progress", action="store_true", help="log lines instead of a bar")
     ap.add_argument("--log-level", default="INFO")
+    add_set_argument(ap)
+    add_resume_arguments(ap)  # a checkpoint of another run (learner/resume.py)
     return ap.parse_args(argv)
 
 
@@ -77,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        cfg = load_config(args.config)
+        cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         print(f"headrace-learner: {e}", file=sys.stderr)
         return 2
@@ -89,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         cfg.model.path = resolve_model(cfg.model)
-    except ConfigError as e:  # ModelNotFound: one line, exit code 2
+        require_backends(cfg.logging.backends)  # before minutes of model loading
+    except ConfigError as e:  # ModelNotFound, a tracker not installed: one line, exit code 2
         print(f"headrace-learner: {e}", file=sys.stderr)
         return 2
 
@@ -104,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
         summary_json=args.summary_json,
         torch_threads=args.torch_threads,
         progress=False if args.no_progress else None,
+        config_args=(
+            *(["--config", str(args.config)] if args.config else []),
+            *set_argv(args.overrides),
+        ),
+        resume=args.resume,
     )
     _set_threads(opts.torch_threads)
     from learner import distributed as D
@@ -147,7 +158,7 @@ def _follow(cfg: Config, opts: Options) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     learner = Learner(cfg, opts)
-    learner._load()  # the exact setup rank 0 runs, resume included
+    learner._load()  # the exact setup rank 0 runs, with the checkpoint rank 0 chose
     learner.trainer.follow()
     return 0
 

