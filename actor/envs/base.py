@@ -2,32 +2,5 @@
 load a user's environment module for its tasks without the actor's stack) and re-exported
 here, where the built-in environments import it from."""
 
-from shared.env_api import (
-    Env,
-    EnvError,
-    Generation,
-    GenerationLimits,
-    Opening,
-    ParsedAction,
-    Payload,
-    StepResult,
-    Task,
-    TextEnv,
-    Tokenizer,
-    char_span_to_token_span,
-)
-
-__all__ = [
-    "Env",
-    "EnvError",
-    "Generation",
-    "GenerationLimits",
-    "Opening",
-    "ParsedAction",
-    "Payload",
-    "StepResult",
-    "Task",
-    "TextEnv",
-    "Tokenizer",
-    "char_span_to_token_span",
-]
+from shared.env_api import *  # noqa: F403
+from shared.env_api import __all__ as __all__
