@@ -119,10 +119,12 @@ def closing_summary(
     checkpoint: Path | None,
     config_args: Sequence[str],
     viewers: Sequence[str] = (),
+    evals: Sequence[dict[str, Any]] = (),
 ) -> str:
     """The lines the learner prints when its run ends: reward and pass rate of the first and
-    last windows of this session's steps, the final checkpoint and the commands that evaluate
-    it, and `viewers`, the commands that show its curves."""
+    last windows of this session's steps, the held-out evaluation rounds (`[learner]
+    eval_every`), the final checkpoint and the commands that evaluate it, and `viewers`, the
+    commands that show its curves."""
     if not steps:
         lines = ["headrace: no step trained"]
     else:
@@ -139,6 +141,15 @@ def closing_summary(
         for label, key in (("reward", "reward_mean"), ("pass rate", "pass_rate")):
             vals = [fmt(_mean([x.get(key) for x in xs])) for xs in (first, last)]
             lines.append(f"  {label:<10}" + "".join(v.rjust(width) for v in vals))
+    if evals:
+        k = evals[-1].get("k", "k")
+        rounds = ", ".join(f"{fmt(e.get('pass_at_1'))} (step {e['step']})" for e in evals[-4:])
+        last = evals[-1]
+        lines.append(f"  held-out pass@1   {rounds}")
+        lines.append(
+            f"  held-out at end   pass@{k} {fmt(last.get('pass_at_k'))}, mean reward "
+            f"{fmt(last.get('mean_reward'))}, {last.get('n', 0)} tasks"
+        )
     if checkpoint is not None:
         cmd = ["headrace", "eval", "--checkpoint", str(checkpoint)]
         cmd += list(config_args)  # --config FILE and --set flags: the run's own config

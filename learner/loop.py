@@ -456,7 +456,10 @@ class Learner:
         why = "stop requested" if self.stop.is_set() else "done"
         log.info("%s at step %d (policy v%d)", why, self.step, self.version)
         ckpt, viewers = latest(self.opts.checkpoint_dir), self.tracker.viewers()
-        print(closing_summary(self.summary, ckpt, self.opts.config_args, viewers), file=sys.stderr)
+        text = closing_summary(
+            self.summary, ckpt, self.opts.config_args, viewers, self.evals.entries
+        )
+        print(text, file=sys.stderr)
         return 0
 
     def install_signal_handlers(self) -> None:

@@ -233,6 +233,13 @@ def test_closing_summary_gives_first_and_last_windows_and_the_eval_command() -> 
     assert cmd in text
     assert "tensorboard --logdir runs/r/learner/tb" in text
     assert closing_summary([], None, ()) == "headrace: no step trained"
+    evals = [
+        {"step": 20, "pass_at_1": 0.4, "pass_at_k": 0.6, "k": 4, "mean_reward": 0.4, "n": 32},
+        {"step": 40, "pass_at_1": 0.9, "pass_at_k": 1.0, "k": 4, "mean_reward": 0.9, "n": 32},
+    ]
+    text = closing_summary(steps, None, (), (), evals)
+    assert "held-out pass@1   0.400 (step 20), 0.900 (step 40)" in text
+    assert "pass@4 1.000, mean reward 0.900, 32 tasks" in text
 
 
 def test_the_learner_tracks_its_steps_and_ends_with_a_summary(
