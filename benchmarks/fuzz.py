@@ -106,6 +106,11 @@ def sample_messages() -> list[P.Base]:
         P.PolicyPublished(version=1, weights_endpoint="tcp://h:1", manifest=manifest),
         P.WeightRequest(version=1, chunk=0),
         P.WeightChunk(version=1, chunk=0, data=b"abcd"),
+        P.EvalRequest(version=1, tasks=2, samples=2),
+        P.EvalReport(version=1, state="done", done_tasks=1, total_tasks=1, scores={"n": 1}),
+        P.EvalOutcome(
+            lease_id="l", task_id="t", rewards=[1.0], successes=[True], policy_versions=[1]
+        ),
         P.Status(),
         P.StatusReply(info={"k": 1}),
     ]
