@@ -57,9 +57,16 @@ def start_engine(
 
 
 def play_episode(
-    engine: Engine, text: TextFormat, ac: ActorConfig, env: Env, lease: P.Lease, actor_id: str
+    engine: Engine,
+    text: TextFormat,
+    ac: ActorConfig,
+    env: Env,
+    lease: P.Lease,
+    actor_id: str,
+    seed: int | None = None,
 ) -> Coroutine[Any, Any, P.Trajectory]:
-    """One episode of `env` under `[actor]`'s sampling settings."""
+    """One episode of `env` under `[actor]`'s sampling settings; `seed`: vLLM sampling seeded
+    per turn (evaluation), None: unseeded (training)."""
     return run_episode(
         engine,
         env,
@@ -73,4 +80,5 @@ def play_episode(
         prefix_ids=text.prefix_ids,
         chat=text.chat,
         needs_text=getattr(env, "needs_text", False),
+        seed=seed,
     )

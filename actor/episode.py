@@ -143,6 +143,7 @@ async def run_episode(
     prefix_ids: Sequence[int] = (),
     needs_text: bool = False,
     chat: ChatFormat | None = None,
+    seed: int | None = None,
 ) -> P.Trajectory:
     t0 = time.monotonic()
     buf = EpisodeBuffer()
@@ -168,6 +169,8 @@ async def run_episode(
                 top_k=top_k if top_k > 0 else -1,  # vLLM: -1 is off
                 stop_token_ids=stops,
                 ignore_eos=limits.ignore_eos,
+                # evaluation: a seed per episode and turn makes its samples repeatable
+                seed=None if seed is None else (seed + turn) % 2**31,
             )
             gen_seconds += time.monotonic() - tg
             action = env.parse_action(_action_view(out, chat, tokenizer, needs_text))

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import sys
+import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,8 @@ async def play_tasks(
                 lease_id=f"eval-{task.task_id}", task=task, group_size=samples, deadline_s=0
             )
             env = make_env(task, episode_seed=k, options=options)
-            traj = await play_episode(engine, text, ac, env, lease, ACTOR_ID)
+            seed = zlib.crc32(f"{ac.seed}/{task.task_id}/{k}".encode())  # repeatable samples
+            traj = await play_episode(engine, text, ac, env, lease, ACTOR_ID, seed=seed)
         done += 1
         if done % max(1, total // 10) == 0 or done == total:
             log.info("played %d/%d episodes", done, total)

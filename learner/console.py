@@ -46,9 +46,9 @@ class Progress:
         )
         self.disable = bool(self.bar.disable)
         self._exit = contextlib.ExitStack()
+        _no_transformers_bars()  # in a log file too: a bar per checkpoint is noise there
         if not self.disable:
             self._exit.enter_context(logging_redirect_tqdm())
-            _no_transformers_bars()
         self.rewards: deque[float] = deque(maxlen=SMOOTH)
         self.passes: deque[float] = deque(maxlen=SMOOTH)
 

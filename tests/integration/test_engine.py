@@ -115,6 +115,35 @@ def test_episode_tokens_are_prompt_plus_generated_plus_observations(engine, toke
     assert (lp[np.array(mask) == 1] < 0).all() and (lp[np.array(mask) == 0] == 0).all()
 
 
+def test_a_seeded_episode_samples_the_same_tokens_again(engine, tokenizer, loop):
+    """`headrace eval` seeds each episode (actor/evaluate.py): the same seed, the same
+    episode, whatever else the engine is running; training episodes stay unseeded."""
+    task = P.TaskSpec(task_id="t", env="symbols", payload={"level": 2, "seed": 1, "n_turns": 3})
+    lease = P.Lease(lease_id="S", task=task, group_size=1, deadline_s=60)
+
+    async def play(seed: int | None) -> list[int]:
+        traj = await run_episode(
+            engine,
+            make_env(task, 0),
+            tokenizer,
+            lease,
+            "a",
+            temperature=1.0,
+            max_model_len=256,
+            prefix_ids=special_prefix(tokenizer),
+            seed=seed,
+        )
+        return traj.array("token_ids").tolist()
+
+    async def both() -> tuple[list[list[int]], list[list[int]]]:
+        seeded = await asyncio.gather(*(play(7) for _ in range(4)), *(play(None) for _ in range(4)))
+        return list(seeded[:4]), list(seeded[4:])
+
+    seeded, unseeded = loop.run_until_complete(both())
+    assert all(ids == seeded[0] for ids in seeded)
+    assert len({tuple(ids) for ids in unseeded}) > 1  # unseeded: they differ (temperature 1)
+
+
 def test_behaviour_logprobs_match_transformers(engine, tiny_model, loop):
     out = loop.run_until_complete(engine.generate([1, 10, 11, 12], max_tokens=24, ignore_eos=True))
     ids = [1, 10, 11, 12] + out.token_ids
