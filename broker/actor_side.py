@@ -89,7 +89,7 @@ class ActorSide(BrokerParts):
         room = self.backpressure_bound() - self.outstanding()
         # Evaluation first: its leases bypass backpressure and the rate limiter, since their
         # episodes never reach replay (broker/evaluation.py).
-        evals = self.evals.grant(ident, want)
+        evals = self.evals.grant(ident, want, peer.stats.get("policy_version"))
         want -= len(evals)
         n = self._rate_limited(min(want, max(0, room // b.group_size)))
         tasks = [(t, 1.0 / len(self.bank)) for t in self.leases.take_requeued(n)]

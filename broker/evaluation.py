@@ -102,18 +102,29 @@ class EvalRounds:
             self._finish(rnd)
         return rnd
 
-    def grant(self, peer: bytes, n: int) -> list[P.Lease]:
-        """Up to `n` eval leases for `peer`, in the order the rounds queued their tasks."""
+    def grant(self, peer: bytes, n: int, holds: float | None = None) -> list[P.Lease]:
+        """Up to `n` eval leases for `peer`, in the order the rounds queued their tasks.
+
+        `holds`: the policy version the actor last reported (heartbeat stats; None: it has
+        not said). A round of policy v goes only to actors that hold v or newer, so the
+        round measures that policy, not the one before it; a lagging actor catches up within
+        a weight sync and gets them then."""
         out: list[P.Lease] = []
+        skipped: list[tuple[int, P.TaskSpec]] = []
         while self.queue and len(out) < n:
             version, task = self.queue.popleft()
             rnd = self.rounds.get(version)
-            if rnd is not None and task.task_id not in rnd.results:
-                active = self.book.grant(peer, task, rnd.samples)
-                active.lease.purpose = "eval"
-                # Every round has the same held-out tasks: the lease, not the task, names it.
-                self.lease_round[active.lease_id] = version
-                out.append(active.lease)
+            if rnd is None or task.task_id in rnd.results:
+                continue
+            if holds is not None and holds < version:
+                skipped.append((version, task))
+                continue
+            active = self.book.grant(peer, task, rnd.samples)
+            active.lease.purpose = "eval"
+            # Every round has the same held-out tasks: the lease, not the task, names it.
+            self.lease_round[active.lease_id] = version
+            out.append(active.lease)
+        self.queue.extendleft(reversed(skipped))
         if out:
             M.EVAL_LEASES.inc(len(out))
         return out

@@ -118,3 +118,14 @@ def test_a_bank_with_nothing_held_out_finishes_at_once_with_n_zero() -> None:
     report = r.request(P.EvalRequest(version=1, tasks=0, samples=4))
     assert report.state == "done" and report.scores["n"] == 0
     assert r.grant(b"a", 4) == []
+
+
+def test_a_round_goes_only_to_actors_that_hold_its_policy() -> None:
+    r = rounds()
+    r.request(P.EvalRequest(version=5, tasks=1, samples=1))
+    assert r.grant(b"a", 4, holds=4.0) == []  # still on v4: the round waits for it
+    assert r.pending() == 2
+    leases = r.grant(b"b", 4, holds=5.0)
+    assert len(leases) == 2 and r.pending() == 0
+    r.request(P.EvalRequest(version=7, tasks=1, samples=1))
+    assert len(r.grant(b"c", 4, holds=None)) == 2  # an actor that never said: not held back
