@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import signal
 import socket
 import statistics
@@ -54,10 +55,29 @@ def dump_toml(data: dict[str, Any], prefix: str = "") -> str:
     return "\n".join(lines).strip("\n") + "\n"
 
 
+# Below Linux's ephemeral range (ip_local_port_range, 32768-60999 by default): a port that
+# bind(0) handed out is closed again before the process it is meant for binds it, and in
+# between any outgoing connection (a ZMQ client, vLLM's own sockets) may be given it.
+PORTS = range(20000, 32768)
+_given: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port nothing listens on now, outside the ephemeral range, and never one
+    this process has handed out before (two roles of one test never get the same)."""
+    rng = random.SystemRandom()  # which free port does not matter; never repeat across runs
+    for _ in range(1000):
+        port = rng.choice(PORTS)
+        if port in _given:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _given.add(port)
+        return port
+    raise RuntimeError(f"no free loopback port in {PORTS.start}-{PORTS.stop - 1}")
 
 
 def loopback_run(cfg: dict[str, Any], seed: int, steps: int) -> dict[str, Any]:

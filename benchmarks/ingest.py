@@ -36,7 +36,6 @@ import multiprocessing as mp
 import os
 import queue
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -53,6 +52,7 @@ if str(REPO) not in sys.path:
 import msgspec  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.harness import free_port  # noqa: E402
 from shared import protocol as P  # noqa: E402
 
 GROUP = 16  # trajectories per TrajectoryBatch frame (one group)
@@ -279,12 +279,6 @@ def redis_consumer(port: int, ready, go, out) -> None:
 
 
 # ---------------------------------------------------------------- orchestration
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_children(
