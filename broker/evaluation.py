@@ -66,7 +66,9 @@ class Round:
 class EvalRounds:
     def __init__(self, bank: TaskBank, book: LeaseBook) -> None:
         self.bank = bank
-        self.book = book  # eval leases only: expired ones requeue here, not into training
+        # eval leases only, a book that does not requeue (requeue=False): an expired one's
+        # task comes back here, with its round, never into training
+        self.book = book
         self.rounds: dict[int, Round] = {}
         self.queue: deque[tuple[int, P.TaskSpec]] = deque()  # (round version, task) to grant
         self.lease_round: dict[str, int] = {}  # eval lease id -> its round's version
@@ -132,7 +134,6 @@ class EvalRounds:
     def requeue(self, gone: list[ActiveLease]) -> None:
         """Leases the book expired or released (their actor went silent or restarted): their
         tasks go back to the front of the queue, for the same round."""
-        self.book.requeued.clear()  # the book's own requeue would forget the round
         for a in reversed(gone):
             version = self.lease_round.pop(a.lease_id, None)
             if version is not None:

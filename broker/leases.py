@@ -57,8 +57,12 @@ class LeaseBook:
         heartbeat_timeout_s: float,
         clock: Callable[[], float] = time.monotonic,
         timeout_s: float = 0.0,
+        requeue: bool = True,
     ) -> None:
+        """`requeue`: tasks of expired or released leases go to `requeued` (the training
+        book); False for a book whose owner puts them back itself (evaluation rounds)."""
         self.deadline_s = deadline_s
+        self.requeue = requeue
         self.timeout_s = timeout_s
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.clock = clock
@@ -132,7 +136,8 @@ class LeaseBook:
             heard = a.granted if seen is None else max(seen, a.granted)
             if now - heard > self.heartbeat_timeout_s or now > a.deadline:
                 del self.active[a.lease_id]
-                self.requeued.append(a.lease.task)
+                if self.requeue:
+                    self.requeued.append(a.lease.task)
                 out.append(a)
         return out
 
@@ -141,7 +146,8 @@ class LeaseBook:
         out = [a for a in self.active.values() if a.peer == peer]
         for a in out:
             del self.active[a.lease_id]
-            self.requeued.append(a.lease.task)
+            if self.requeue:
+                self.requeued.append(a.lease.task)
         return out
 
     def take_requeued(self, n: int) -> list[P.TaskSpec]:

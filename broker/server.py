@@ -67,7 +67,7 @@ class Broker(ActorSide, LearnerSide):
         )
         self.bank = make_bank(cfg.env)
         self.evals = EvalRounds(
-            self.bank, LeaseBook(b.lease_deadline_s, b.heartbeat_timeout_s, clock)
+            self.bank, LeaseBook(b.lease_deadline_s, b.heartbeat_timeout_s, clock, requeue=False)
         )
         self.vocab_size = model_vocab_size(cfg.model.path)
         self.curriculum = Curriculum(self.bank, b.curriculum)

@@ -19,13 +19,6 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def loop():
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
-
-
-@pytest.fixture(scope="module")
 def engine(tiny_model, loop):
     async def make():
         return Engine(str(tiny_model), seed=0, max_model_len=512, max_num_seqs=32)

@@ -26,13 +26,6 @@ TOL = 2e-6
 
 
 @pytest.fixture(scope="module")
-def loop():
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
-
-
-@pytest.fixture(scope="module")
 def engine(tiny_model, loop):
     async def make():
         return Engine(

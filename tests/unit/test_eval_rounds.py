@@ -30,7 +30,7 @@ class HeldoutBank:
 
 
 def rounds(clock: Clock | None = None) -> EvalRounds:
-    return EvalRounds(HeldoutBank(), LeaseBook(30.0, 10.0, clock or Clock()))  # type: ignore[arg-type]
+    return EvalRounds(HeldoutBank(), LeaseBook(30.0, 10.0, clock or Clock(), requeue=False))  # type: ignore[arg-type]
 
 
 def outcome(lease: P.Lease, wins: list[bool], version: int = 3) -> P.EvalOutcome:
