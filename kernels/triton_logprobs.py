@@ -18,7 +18,7 @@ Precision: the logit buffer has the input dtype, so with bf16 inputs d loss / d 
 to bf16 before the GEMMs (as autograd through a bf16 matmul would do); the statistics and dW
 accumulate in fp32. fp64 inputs are computed in fp32 here; the torch backend keeps fp64.
 
-Tested on CPU tensors with TRITON_INTERPRET=1 (tests/unit/test_kernels_triton.py).
+Tested on CPU tensors with TRITON_INTERPRET=1 (tests/unit/kernels/test_kernels_triton.py).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Reward and step functions that dataset configs of tests/unit/test_dataset_env.py name."""
+"""Reward and step functions named by the dataset configs of
+tests/unit/actor/test_actor_envs_dataset.py."""
 
 from __future__ import annotations
 

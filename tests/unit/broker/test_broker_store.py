@@ -203,7 +203,7 @@ def test_broker_exits_nonzero_with_one_line_on_a_corrupt_store(tmp_path: Path) -
     data.mkdir()
     db = data / DB_NAME
     db.write_bytes(b"\x00garbage, not a database\xff" * 4096)
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[3]
     env = {**os.environ, "PYTHONPATH": str(repo)}
     r = subprocess.run(
         [sys.executable, "-m", "broker", "--data-dir", str(data), "--metrics-port", "0"]

@@ -21,7 +21,7 @@ from learner.tracking.step import StepTracker
 from learner.tracking.tags import scalar_tags
 from shared.config import ConfigError, load_config
 from shared.logging_config import LoggingConfig
-from tests.unit.test_learner_loop import FakeBroker, _config, _run
+from tests.unit.learner.test_learner_loop import FakeBroker, _config, _run
 
 # A step entry as the learner's summary has it (learner/loop.py), the keys tags care about.
 ENTRY = {

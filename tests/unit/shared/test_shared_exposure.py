@@ -44,7 +44,7 @@ def test_a_role_exposed_in_plaintext_exits_1_with_one_line(
     argv = [sys.executable, "-m", role, "--config", str(cfg), "--metrics-port", "0"]
     if role == "broker":
         argv += ["--port", str(free_port()), "--durability", "none"]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[3])}
     r = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1, r.stderr

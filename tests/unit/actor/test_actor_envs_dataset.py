@@ -21,7 +21,7 @@ from broker.curriculum.banks import make_bank
 from shared import protocol as P
 from shared.config import ConfigError, EnvConfig
 from shared.protocol import Role
-from tests.unit.test_envs_reasoning_gym import CharTokenizer, ScriptedEngine
+from tests.unit.actor.test_actor_envs_reasoning_gym import CharTokenizer, ScriptedEngine
 
 R = "tests.unit.user_rewards"
 ROWS = [

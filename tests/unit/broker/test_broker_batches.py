@@ -13,7 +13,7 @@ from prometheus_client import REGISTRY
 from shared import protocol as P
 from shared.config import RetentionConfig
 from tests.broker_helpers import running
-from tests.unit.test_broker_server import config, group, status
+from tests.unit.broker.test_broker_server import config, group, status
 
 REQ = P.SampleRequest(batch_size=2)
 

@@ -20,9 +20,9 @@ from shared.security import client_keys, client_roles, generate_keys, server_key
 from shared.transport import Client
 from shared.weights import fetch_blob
 from tests.broker_helpers import make_traj, running
-from tests.unit.test_broker_server import FakeClock
-from tests.unit.test_protocol import MANIFEST
-from tests.unit.test_security import _state_dict, refused, secured
+from tests.unit.broker.test_broker_server import FakeClock
+from tests.unit.shared.test_shared_protocol import MANIFEST
+from tests.unit.shared.test_shared_security import _state_dict, refused, secured
 
 FORGED = P.PolicyPublished(version=2**40, weights_endpoint="tcp://evil:1", manifest=MANIFEST)
 

@@ -14,8 +14,8 @@ import msgspec
 
 from shared import protocol as P
 from tests.broker_helpers import make_traj, running
-from tests.unit.test_broker_server import config, status
-from tests.unit.test_protocol import MANIFEST
+from tests.unit.broker.test_broker_server import config, status
+from tests.unit.shared.test_shared_protocol import MANIFEST
 
 BIG = 2**62
 NAN, INF = math.nan, math.inf

@@ -16,7 +16,7 @@ from broker.curriculum.banks import make_bank  # noqa: E402
 from shared import protocol as P  # noqa: E402
 from shared.config import ConfigError, EnvConfig  # noqa: E402
 from shared.protocol import Role  # noqa: E402
-from tests.unit.test_envs_reasoning_gym import CharTokenizer, ScriptedEngine  # noqa: E402
+from tests.unit.actor.test_actor_envs_reasoning_gym import CharTokenizer, ScriptedEngine  # noqa: E402
 
 TASKSET = "tests.unit.vf_toy_taskset:SumTaskset"
 

@@ -14,7 +14,7 @@ from learner.loop import LearnerExit, Options
 from learner.resume import Refused, RunIdentity, choose, config_digest, decide, recorded
 from shared import protocol as P
 from shared.config import Config
-from tests.unit.test_learner_loop import FakeBroker, _config, _run
+from tests.unit.learner.test_learner_loop import FakeBroker, _config, _run
 
 OURS = RunIdentity("20261130-120000-aaaaaa", "d1")
 

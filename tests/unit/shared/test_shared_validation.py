@@ -16,7 +16,7 @@ from prometheus_client import REGISTRY
 from shared import protocol as P
 from shared.validation import Limits, check_feedback, check_trajectory
 from tests.broker_helpers import make_traj, running
-from tests.unit.test_broker_server import config, status
+from tests.unit.broker.test_broker_server import config, status
 
 LIMITS = Limits(vocab_size=100, max_tokens=64, policy_version=5)
 

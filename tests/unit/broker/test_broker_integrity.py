@@ -15,7 +15,7 @@ from prometheus_client import REGISTRY
 from broker.store import DB_NAME, Store
 from shared import protocol as P
 from tests.broker_helpers import make_traj, running, take
-from tests.unit.test_broker_server import config, group, status
+from tests.unit.broker.test_broker_server import config, group, status
 
 
 def location(data_dir: Path, traj_id: str) -> tuple[int, int, int, int]:

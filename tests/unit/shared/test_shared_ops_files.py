@@ -25,7 +25,7 @@ import yaml
 
 from shared.config import Config
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 OPS = REPO / "ops"
 PROM = OPS / "prometheus"
 JOBS = {"headrace-broker", "headrace-learner", "headrace-actor", "headrace-node"}
