@@ -1,6 +1,5 @@
 """A small verifiers (0.4) taskset for tests/unit/actor/test_actor_envs_verifiers.py: in-memory
-sums, an
-exact-answer reward and a weighted format reward, as a SingleTurnEnv's rubric would have."""
+sums, an exact-answer reward and a weighted format reward, as a rubric would have."""
 
 from __future__ import annotations
 
