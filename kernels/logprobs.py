@@ -37,6 +37,8 @@ from functools import cache
 import torch
 from torch import Tensor
 
+from kernels.truncation import acc_dtype, grad_coefficients, keep_threshold
+
 IGNORE_INDEX = -100
 # Two [rows x V] accumulation buffers live at once; this bounds them when chunk_size is None.
 # Every chunk streams the whole [V x H] weight through four GEMMs, so rows should be in the
@@ -46,60 +48,15 @@ DEFAULT_CHUNK_BYTES = 256 << 20
 # Dropped logits are written as (this far below the row's reference point) rather than -inf:
 # exp() of it is exactly 0 in fp32 and fp64, and 0 * it stays 0 (0 * -inf would be NaN).
 _DROPPED = -1e4
-# top-p without top-k first looks at this many best logits per token; only tokens whose
-# nucleus is wider fall back to sorting the whole vocabulary row.
-_TOP_P_PROBE = 1024
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    # Softmax statistics in bf16/fp16 lose ~3 digits; accumulate in fp32 (or fp64 if given).
-    return torch.promote_types(dtype, torch.float32)
 
 
 def auto_chunk_rows(n_vocab: int, dtype: torch.dtype, budget_bytes: int | None = None) -> int:
     """Token rows per chunk so that two [rows x V] accumulation buffers fit in the budget
     (default DEFAULT_CHUNK_BYTES, read at call time)."""
     budget = DEFAULT_CHUNK_BYTES if budget_bytes is None else budget_bytes
-    per_row = 2 * n_vocab * torch.empty((), dtype=_acc_dtype(dtype)).element_size()
+    per_row = 2 * n_vocab * torch.empty((), dtype=acc_dtype(dtype)).element_size()
     rows = max(1, budget // per_row)
     return rows if rows < 16 else rows // 16 * 16
-
-
-@torch.no_grad()
-def keep_threshold(s: Tensor, top_k: int, top_p: float) -> Tensor:
-    """Lowest kept (scaled) logit per row under vLLM's top-k then top-p truncation.
-
-    s: [n, V] logits already divided by the temperature. vLLM applies top-p to the
-    top-k-renormalised distribution and keeps the smallest prefix (by descending probability)
-    whose mass reaches top_p; ties with the cut-off logit are kept too (a threshold cannot
-    split them). Callers keep the target on top of this: one extra token, not everything
-    above the target's logit.
-    """
-    v = s.shape[1]
-    k = top_k if 0 < top_k < v else 0
-    if top_p >= 1.0:
-        if not k:
-            return s.new_full(s.shape[:1], -torch.inf)
-        return s.topk(k, dim=1, sorted=False).values.amin(1)
-    probe = k or min(v, _TOP_P_PROBE)
-    vals = s.topk(probe, dim=1).values  # descending
-    log_z = torch.logsumexp(vals if k else s, dim=1)
-    thr, spill = _nucleus_cut(vals, log_z, top_p)
-    if not k and probe < v and bool(spill.any()):  # nucleus wider than the probe: sort fully
-        rows = spill.nonzero().squeeze(1)
-        full = s[rows].sort(dim=1, descending=True).values
-        thr[rows] = _nucleus_cut(full, log_z[rows], top_p)[0]
-    return thr
-
-
-def _nucleus_cut(vals: Tensor, log_z: Tensor, top_p: float) -> tuple[Tensor, Tensor]:
-    # Keep rank r iff the mass strictly before it is < top_p (vLLM masks ascending cumsum
-    # <= 1 - top_p, which is the same set). `spill`: even all of `vals` is not enough.
-    mass = torch.exp(vals - log_z[:, None]).cumsum(1)
-    n_before = (mass < top_p).sum(1)
-    spill = n_before >= vals.shape[1]
-    idx = n_before.clamp_max(vals.shape[1] - 1)
-    return vals.gather(1, idx[:, None]).squeeze(1), spill
 
 
 def _logits_into(out: Tensor, h: Tensor, weight: Tensor, inv_t: float) -> Tensor:
@@ -128,7 +85,7 @@ def _torch_forward(
     top_p: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """-> (logp, entropy, lse, thr): lse and thr (None = no truncation) are for backward."""
-    acc = _acc_dtype(hidden.dtype)
+    acc = acc_dtype(hidden.dtype)
     n, v = hidden.shape[0], weight.shape[0]
     logp, ent, lse = (hidden.new_empty(n, dtype=acc) for _ in range(3))
     truncate = 0 < top_k < v or top_p < 1.0
@@ -162,23 +119,6 @@ def _torch_forward(
     return logp, ent, lse, thr
 
 
-def grad_coefficients(
-    targets: Tensor, ent: Tensor, g_logp: Tensor | None, g_ent: Tensor | None, inv_t: float
-) -> tuple[Tensor | None, Tensor, Tensor | None]:
-    """Per-token (gl, c0, c1) with d loss / d z = p * (c0 + c1 * log p) + onehot(target) * gl.
-
-    z are the unscaled logits h @ W^T. From d logp_t / ds = onehot(t) - p and
-    dH / ds = -p (log p + H), times ds/dz = 1/T: gl = g_logp / T, c0 = -(gl + g_ent H / T),
-    c1 = -g_ent / T (None when the entropy carries no gradient, so that pass is skipped).
-    Ignored tokens get all-zero coefficients.
-    """
-    valid = (targets >= 0).to(ent.dtype)
-    gl = g_logp.to(ent.dtype) * valid * inv_t if g_logp is not None else None
-    ge = g_ent.to(ent.dtype) * valid * inv_t if g_ent is not None else None
-    c0 = -(gl if gl is not None else 0.0) - (ge * ent if ge is not None else 0.0)
-    return gl, c0, (-ge if ge is not None else None)
-
-
 def _torch_backward(
     hidden: Tensor,
     weight: Tensor,
@@ -193,7 +133,7 @@ def _torch_backward(
     need_hidden: bool,
     need_weight: bool,
 ) -> tuple[Tensor | None, Tensor | None]:
-    acc = _acc_dtype(hidden.dtype)
+    acc = acc_dtype(hidden.dtype)
     n, v = hidden.shape[0], weight.shape[0]
     gl, c0, c1 = grad_coefficients(targets, ent, g_logp, g_ent, inv_t)
 
@@ -338,7 +278,7 @@ def token_logprobs_and_entropy(
         raise ValueError(f"want top_k >= 0 and 0 < top_p <= 1; got {top_k}, {top_p}")
     name = _pick_backend(backend, hidden)
     if hidden.shape[0] == 0:
-        z = hidden.new_zeros(0, dtype=_acc_dtype(hidden.dtype))
+        z = hidden.new_zeros(0, dtype=acc_dtype(hidden.dtype))
         return z, z.clone()
     chunk = chunk_size or auto_chunk_rows(weight.shape[0], hidden.dtype)
     return _FusedLogprobs.apply(
@@ -366,7 +306,7 @@ def naive_token_logprobs_and_entropy(
     Truncation follows vLLM's sampler literally (ascending sort, top-k cut, then mask while the
     ascending cumulative probability is <= 1 - top_p), plus the always-kept target.
     """
-    s = (hidden @ weight.T).to(_acc_dtype(hidden.dtype)) / temperature
+    s = (hidden @ weight.T).to(acc_dtype(hidden.dtype)) / temperature
     tgt = targets.clamp_min(0).long()[:, None]
     truncate = 0 < top_k < s.shape[1] or top_p < 1.0
     if truncate:

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.logprobs import _acc_dtype, grad_coefficients, keep_threshold
+from kernels.truncation import acc_dtype, grad_coefficients, keep_threshold
 
 
 @triton.jit
@@ -101,7 +101,7 @@ def _grad_kernel(
     tgt_ptr,
     thr_ptr,
     lse_ptr,  # [rows] fp32 from the forward
-    c0_ptr,  # [rows] fp32 coefficients, see kernels.logprobs.grad_coefficients
+    c0_ptr,  # [rows] fp32 coefficients, see kernels.truncation.grad_coefficients
     c1_ptr,  # read only if HAS_C1 (entropy carries gradient)
     gl_ptr,  # read only if HAS_GL (logp carries gradient)
     n_vocab,
@@ -159,7 +159,7 @@ def forward(
     top_k: int,
     top_p: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    acc = _acc_dtype(hidden.dtype)
+    acc = acc_dtype(hidden.dtype)
     n, v = hidden.shape[0], weight.shape[0]
     logp, ent, lse = (hidden.new_empty(n, dtype=acc) for _ in range(3))
     thr = hidden.new_empty(n, dtype=acc) if (0 < top_k < v or top_p < 1.0) else None

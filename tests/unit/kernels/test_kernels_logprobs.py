@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import logprobs
+from kernels import logprobs, truncation
 from kernels.logprobs import naive_token_logprobs_and_entropy, token_logprobs_and_entropy
 
 
@@ -169,7 +169,7 @@ def test_truncation_really_truncates_and_keeps_in_set_targets_exact() -> None:
 
 
 def test_wide_nucleus_falls_back_to_a_full_sort(monkeypatch) -> None:
-    monkeypatch.setattr(logprobs, "_TOP_P_PROBE", 4)  # nucleus of a flat-ish row is wider
+    monkeypatch.setattr(truncation, "_TOP_P_PROBE", 4)  # nucleus of a flat-ish row is wider
     hidden, weight, targets = _inputs(n=10, h=8, v=60)
     with torch.no_grad():
         weight *= 0.2
