@@ -26,7 +26,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from actor.lora import write_adapter, write_zero_adapter
 from actor.reaper import Reaper
@@ -92,7 +92,7 @@ class Engine:
         lora_args = self._start_lora(model, lora) if lora is not None and lora.enabled else {}
         args = AsyncEngineArgs(
             model=model,
-            dtype=dtype,
+            dtype=cast(Any, dtype),  # one of vLLM's names: [model] dtype is checked at load
             seed=seed,
             enforce_eager=enforce_eager,
             max_model_len=max_model_len,
@@ -196,6 +196,7 @@ class Engine:
                 c = out.outputs[0]
                 tokens.extend(c.token_ids)
                 for pos, tok in zip(c.logprobs or [], c.token_ids, strict=False):
+                    assert pos is not None  # requested with logprobs=0: one dict per token
                     logprobs.append(float(pos[tok].logprob))
                 state.received = len(tokens)
                 finish = c.finish_reason

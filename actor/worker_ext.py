@@ -5,9 +5,11 @@ Called through `AsyncLLM.collective_rpc` while the engine is paused.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class WeightSyncExtension:
-    model_runner: object  # provided by the vLLM worker this class is mixed into
+    model_runner: Any  # provided by the vLLM worker this class is mixed into
 
     def sampled_counts(self) -> dict[str, int]:
         """Tokens sampled so far by every request the worker holds (engine paused)."""

@@ -156,6 +156,7 @@ def _torch_backward(
         if c1 is None:
             g = s.exp_().mul_(c0[sl, None])
         else:
+            assert e_buf is not None  # allocated whenever c1 is
             g = torch.exp(s, out=e_buf[:k])
             g.mul_(torch.addcmul(c0[sl, None], s, c1[sl, None], out=s))
         if gl is not None:
@@ -223,7 +224,7 @@ class _FusedLogprobs(torch.autograd.Function):
         return logp, ent
 
     @staticmethod
-    def backward(ctx, g_logp: Tensor | None, g_ent: Tensor | None):  # type: ignore[override]
+    def backward(ctx, g_logp: Tensor | None, g_ent: Tensor | None):
         hidden, weight, targets, lse, ent, thr = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         none = (None,) * 6

@@ -70,5 +70,9 @@ def grad_coefficients(
     valid = (targets >= 0).to(ent.dtype)
     gl = g_logp.to(ent.dtype) * valid * inv_t if g_logp is not None else None
     ge = g_ent.to(ent.dtype) * valid * inv_t if g_ent is not None else None
-    c0 = -(gl if gl is not None else 0.0) - (ge * ent if ge is not None else 0.0)
+    c0 = torch.zeros_like(ent)
+    if gl is not None:
+        c0 -= gl
+    if ge is not None:
+        c0 -= ge * ent
     return gl, c0, (-ge if ge is not None else None)

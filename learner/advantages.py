@@ -133,7 +133,7 @@ def turn_level_advantages(
 
 
 def gigpo_advantages(
-    outcome_rewards: Sequence[float],
+    outcome_rewards: Sequence[float] | np.ndarray,
     returns: Sequence[np.ndarray],
     state_keys: Sequence[Sequence[str]],
     group_ids: Sequence[Hashable],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -44,7 +45,9 @@ def build_trainer(cfg: Config) -> ShardedTrainer:
         build_tiny_model(path, cfg.model.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # Weights and optimiser state stay float32; `[model] dtype` is the forward's autocast.
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    # Any: transformers' decorated `.to` and `config` defeat a type checker.
+    model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = model.to(device)
     if lc.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     dtype = model_dtype(cfg.model, path)

@@ -151,7 +151,9 @@ def _unb64(s: str) -> torch.Tensor:
 
 
 def rng_state() -> dict[str, Any]:
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)
+    assert isinstance(np_state, tuple)  # legacy: (name, keys, pos, has_gauss, cached_gaussian)
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np_state
     py_version, py_state, py_gauss = random.getstate()
     state: dict[str, Any] = {
         "torch": _b64(torch.get_rng_state()),

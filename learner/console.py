@@ -144,11 +144,11 @@ def closing_summary(
     if evals:
         k = evals[-1].get("k", "k")
         rounds = ", ".join(f"{fmt(e.get('pass_at_1'))} (step {e['step']})" for e in evals[-4:])
-        last = evals[-1]
+        final = evals[-1]
         lines.append(f"  held-out pass@1   {rounds}")
         lines.append(
-            f"  held-out at end   pass@{k} {fmt(last.get('pass_at_k'))}, mean reward "
-            f"{fmt(last.get('mean_reward'))}, {last.get('n', 0)} tasks"
+            f"  held-out at end   pass@{k} {fmt(final.get('pass_at_k'))}, mean reward "
+            f"{fmt(final.get('mean_reward'))}, {final.get('n', 0)} tasks"
         )
     if checkpoint is not None:
         cmd = ["headrace", "eval", "--checkpoint", str(checkpoint)]

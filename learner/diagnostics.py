@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -23,6 +24,24 @@ from shared.protocol import Role, Trajectory
 
 if TYPE_CHECKING:
     from learner.train import Proximal, TrainBatch
+
+
+def _no_ratios() -> Tensor:
+    return torch.zeros(0, dtype=torch.float64)
+
+
+@dataclass
+class UpdateStats:
+    """What one optimiser update of `Trainer.step` reports; the defaults are an update that
+    had no trained token (no step taken)."""
+
+    lr: float
+    loss: float = 0.0
+    bonus: float = 0.0  # the entropy bonus subtracted from the loss
+    n_clipped: float = 0.0  # tokens whose ratio was clipped
+    ratio: Tensor = field(default_factory=_no_ratios)  # pi / pi_prox per trained token
+    grad_norm: float = 0.0
+    skipped: float = 0.0  # 1.0 when a non-finite gradient skipped the optimiser step
 
 
 def per_trajectory_advantage(
@@ -44,7 +63,7 @@ def step_diagnostics(
     kept: Sequence[Trajectory],
     batch: TrainBatch,
     prox: Proximal,
-    updates: list[dict[str, float | Tensor]],
+    updates: list[UpdateStats],
     policy_version: int | None,
     lr: float,
 ) -> dict[str, float]:
@@ -56,22 +75,22 @@ def step_diagnostics(
     diag = C.diagnostics(
         cfg, prox.logp, batch.behav_logp.double(), prox.is_w, prox.dropped, staleness
     )
-    ratio = torch.cat([u["ratio"] for u in updates]) if updates else torch.zeros(0)
+    ratio = torch.cat([u.ratio for u in updates]) if updates else torch.zeros(0)
     p05, p50, p95 = C.quantiles(ratio, (0.05, 0.5, 0.95))
-    norms = [u["grad_norm"] for u in updates if math.isfinite(u["grad_norm"])]
+    norms = [u.grad_norm for u in updates if math.isfinite(u.grad_norm)]
     diag.update(
         # Means over the step's updates; with one update, the loss at the fetched weights.
         # The loss is what is minimised: the policy loss minus the entropy bonus.
-        loss=float(np.mean([u["loss"] for u in updates])) if updates else 0.0,
-        entropy_bonus=float(np.mean([u["bonus"] for u in updates])) if updates else 0.0,
-        lr=float(updates[-1]["lr"]) if updates else lr,
-        clip_fraction=float(sum(u["n_clipped"] for u in updates) / max(ratio.numel(), 1)),
+        loss=float(np.mean([u.loss for u in updates])) if updates else 0.0,
+        entropy_bonus=float(np.mean([u.bonus for u in updates])) if updates else 0.0,
+        lr=float(updates[-1].lr) if updates else lr,
+        clip_fraction=float(sum(u.n_clipped for u in updates) / max(ratio.numel(), 1)),
         ratio_mean=float(ratio.mean()) if ratio.numel() else 1.0,
         ratio_p05=p05,
         ratio_p50=p50,
         ratio_p95=p95,
         grad_norm=float(np.mean(norms)) if norms else float("nan"),
-        skipped=float(sum(u["skipped"] for u in updates)),
+        skipped=float(sum(u.skipped for u in updates)),
         n_updates=float(len(updates)),
         n_tokens=float(n),
         entropy_mean=float(prox.ent.mean()) if n else 0.0,

@@ -45,7 +45,7 @@ import os
 from collections.abc import Sequence
 from datetime import timedelta
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import numpy as np
@@ -120,7 +120,7 @@ def shard_model(model: torch.nn.Module) -> torch.nn.Module:
         return model
     from torch.distributed.fsdp import fully_shard
 
-    for layer in model.get_decoder().layers:
+    for layer in cast(Any, model).get_decoder().layers:  # an HF causal LM
         fully_shard(layer)
     fully_shard(model)
     return model
@@ -197,7 +197,7 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, Tensor]:
 
     if is_main():
         _send(_Command(op="weights"))
-    return get_model_state_dict(model, options=_full_options())
+    return cast(dict[str, Tensor], get_model_state_dict(model, options=_full_options()))
 
 
 def full_training_state(
@@ -215,7 +215,7 @@ def full_training_state(
     opts = _full_options()
     msd = get_model_state_dict(model, options=opts)
     osd = None if optimizer is None else get_optimizer_state_dict(model, optimizer, options=opts)
-    return msd, osd
+    return cast(dict[str, Tensor], msd), cast(dict[str, Any] | None, osd)
 
 
 def load_full_state(
@@ -232,7 +232,7 @@ def load_full_state(
     )
 
     opts = StateDictOptions(full_state_dict=True, strict=False)
-    set_model_state_dict(model, model_state, options=opts)
+    set_model_state_dict(model, cast(dict[str, Any], model_state), options=opts)
     if optimizer is not None and optimizer_state is not None:
         set_optimizer_state_dict(model, optimizer, optimizer_state, options=opts)
 

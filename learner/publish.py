@@ -22,7 +22,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors.torch import save as st_save
@@ -179,7 +179,7 @@ class WeightPublisher:
                 continue
             start = msg.chunk * self.chunk_bytes
             # memoryview: the frame is encoded straight from the blob, no per-chunk copy here.
-            data = memoryview(pub.blob)[start : start + self.chunk_bytes]
+            data = cast(bytes, memoryview(pub.blob)[start : start + self.chunk_bytes])
             await self.server.send(
                 ident, P.WeightChunk(version=msg.version, chunk=msg.chunk, data=data)
             )

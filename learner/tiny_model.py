@@ -94,7 +94,7 @@ def build_tiny_model(out: Path, seed: int = 0) -> Path:
     # must not perturb the caller's RNG stream (the learner seeds it for training).
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config).to(torch.float32)
+        model = LlamaForCausalLM(config).float()
     model.eval()
 
     out.parent.mkdir(parents=True, exist_ok=True)

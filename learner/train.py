@@ -21,6 +21,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ from kernels.logprobs import token_logprobs_and_entropy
 from learner import correction as C
 from learner import weighting as W
 from learner.advantages import compute_advantages
-from learner.diagnostics import per_trajectory_advantage, step_diagnostics
+from learner.diagnostics import UpdateStats, per_trajectory_advantage, step_diagnostics
 from learner.lora import unwrap
 from learner.losses import clipped_pg_loss
 from shared.config import AdvantageConfig, CorrectionConfig, LearnerConfig, WeightingConfig
@@ -62,7 +63,7 @@ def collate(
     trajs: Sequence[Trajectory],
     advantages: Sequence[float | np.ndarray],
     pad_id: int = 0,
-    traj_weights: Sequence[float] | None = None,
+    traj_weights: Sequence[float] | np.ndarray | None = None,
 ) -> TrainBatch:
     """Pad trajectories into [B, L] and list every loss-masked token with its per-token data.
 
@@ -255,7 +256,7 @@ class Trainer:
         # The bare decoder returns final (post-norm) hidden states without the [B, L, V] logits.
         # Under LoRA, peft's wrapper would answer `.model` with the whole causal LM; its LoRA
         # layers live inside the HF model, so its decoder runs with the adapters.
-        m = unwrap(self.model)
+        m: Any = unwrap(self.model)  # an HF causal LM: nn.Module's types know no decoder
         decoder = m.model if hasattr(m, "model") else m.get_decoder()
         dev = self.device
         # The decoder in `[model] dtype` like the actors' engines; the LM head and the
@@ -318,13 +319,12 @@ class Trainer:
 
     def _update(
         self, batch: TrainBatch, rows: Tensor, role_w: Tensor, prox: Proximal, fill: bool
-    ) -> dict[str, float | Tensor]:
+    ) -> UpdateStats:
         """One optimiser step on the trajectories `rows`. With `fill` (a single update per
         batch) the proximal values come from this same forward: ratio 1, no extra pass."""
         in_minibatch = torch.isin(batch.row, rows)
         if not bool(in_minibatch.any()):  # nothing to train: no step, and nothing to warn about
-            zero = dict.fromkeys(("loss", "n_clipped", "grad_norm", "skipped", "bonus"), 0.0)
-            return {**zero, "ratio": torch.zeros(0, dtype=torch.float64), "lr": self.lr}
+            return UpdateStats(lr=self.lr)
         # The loss is a role-weighted token mean over the minibatch; ActFocus conserves each
         # turn's action weight, so the sum of role weights is the sum of final weights.
         denom = float(role_w[in_minibatch].sum())
@@ -370,15 +370,15 @@ class Trainer:
             ratios.append(torch.exp(logp.detach() - prox_logp).double().cpu())
         lr = self.lr
         grad_norm, skipped = self._optimiser_step()
-        return {
-            "loss": loss_sum,
-            "n_clipped": n_clipped,
-            "ratio": torch.cat(ratios) if ratios else torch.zeros(0, dtype=torch.float64),
-            "grad_norm": grad_norm,
-            "skipped": float(skipped),
-            "bonus": bonus_sum,
-            "lr": lr,
-        }
+        return UpdateStats(
+            lr=lr,
+            loss=loss_sum,
+            bonus=bonus_sum,
+            n_clipped=n_clipped,
+            ratio=torch.cat(ratios) if ratios else torch.zeros(0, dtype=torch.float64),
+            grad_norm=grad_norm,
+            skipped=float(skipped),
+        )
 
     @property
     def lr(self) -> float:

@@ -167,7 +167,7 @@ class TextEnv(Env):
 
     def limits(self) -> GenerationLimits:
         n = self.payload.get("max_tokens", self.options.get("max_tokens", self.max_tokens))
-        return GenerationLimits(max_tokens=int(n))
+        return GenerationLimits(max_tokens=int(n if n is not None else self.max_tokens))
 
     def parse_action(self, gen: Generation) -> ParsedAction:
         return ParsedAction(action=gen.text, span=(0, len(gen.token_ids)))

@@ -241,7 +241,7 @@ def _authenticator(ctx: zmq.Context) -> ThreadAuthenticator:
 
 # ---------------------------------------------------------------- handshake failures
 
-_PROTOCOL_REASONS = {
+_PROTOCOL_REASONS: dict[int, str] = {
     zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH: "mechanism_mismatch",  # e.g. plaintext peer
     zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC: "cryptographic",  # e.g. wrong server key
 }

@@ -84,7 +84,7 @@ class Server:
         except zmq.ZMQError:
             self.close()  # e.g. port in use: do not leave the monitor thread behind
             raise
-        self.endpoint = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
     async def recv(self) -> tuple[bytes, Any]:
         """Next well-formed message; bad frames are answered and counted here."""
@@ -108,7 +108,7 @@ class Server:
                 await self._reply_error(ident, e.reason, e.detail[:500])
 
     def _bound(self, ident: bytes, frame: zmq.Frame) -> bool:
-        key = frame.get("User-Id")
+        key = str(frame.get("User-Id"))
         return self._key_of.setdefault(ident, key) == key
 
     def role_of(self, ident: bytes) -> str | None:
@@ -226,7 +226,9 @@ class Client:
                 await asyncio.wait_for(self.send(msg), timeout)
             except TimeoutError:
                 continue
-            waiters = {asyncio.ensure_future(self.recv(k)): k for k in (*kinds, P.Error)}
+            waiters: dict[asyncio.Future[Any], type] = {
+                asyncio.ensure_future(self.recv(k)): k for k in (*kinds, P.Error)
+            }
             done, pending = await asyncio.wait(
                 waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
             )

@@ -54,6 +54,7 @@ async def fetch_blob(
         for msg in (f.result() for f in done):
             if isinstance(msg, P.Error):
                 raise P.ProtocolError(msg.reason, msg.detail)  # e.g. unknown_version
+            assert isinstance(msg, P.WeightChunk)
             in_flight -= 1
             if msg.version != manifest.version or not 0 <= msg.chunk < n:
                 continue
