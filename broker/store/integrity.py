@@ -90,3 +90,24 @@ def truncated_rows(conn: sqlite3.Connection, segments: SegmentLog) -> dict[int, 
         for seq, off, n in rows:
             out[seq] = f"segment {seg} is {size} bytes, the record needs {off}+{n}"
     return out
+
+
+def check_segments(conn: sqlite3.Connection, segments: SegmentLog) -> None:
+    """At open: every segment a row points into must exist (else StoreCorruptError); files no
+    row references are unlinked; rows a segment is too short to hold are quarantined."""
+    used = {
+        r[0]
+        for r in conn.execute("SELECT DISTINCT seg_id FROM trajectories WHERE seg_id IS NOT NULL")
+    }
+    missing = used - set(segments.existing())
+    if missing:
+        raise StoreCorruptError(
+            f"{segments.path(min(missing))}: segment file missing"
+            f" ({len(missing)} of {len(used)} referenced segments)"
+        )
+    dropped = segments.open(used)
+    if dropped:
+        log.info("removed %d unreferenced segment files", len(dropped))
+    # A segment shorter than its rows say (truncated by a crash of the filesystem or by
+    # hand): quarantine the rows it cannot hold instead of failing on each read.
+    quarantine(conn, truncated_rows(conn, segments), "open")

@@ -100,18 +100,3 @@ class Claimed:
 
     def decode(self) -> P.Trajectory:
         return msgspec.msgpack.decode(self.frame, type=P.Trajectory)
-
-
-def min_loss_version(t: P.TrajectoryView | P.Trajectory) -> int:
-    """`t.min_policy_version()` from four bytes instead of the whole array.
-
-    An actor only ever moves to newer weights (it ignores older publications), so versions
-    never decrease along an episode and the oldest version of any loss token is the one of
-    the first loss token. (The learner measures per-token staleness itself; this value only
-    orders the broker's staleness eviction.)
-    """
-    mask = bytes(t.loss_mask)
-    first = len(mask) - len(mask.lstrip(b"\0"))  # index of the first loss token
-    if first == len(mask):
-        return 0  # no loss token
-    return int.from_bytes(t.policy_version[4 * first : 4 * first + 4], "little", signed=True)

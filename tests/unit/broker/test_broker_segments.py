@@ -3,7 +3,6 @@ full disk."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import subprocess
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-import broker.store.store as store_module
+import broker.store.trajectories as trajectories_module
 from broker.store import Store, StoreCorruptError, StoreError, StoreFullError
 from broker.store.segments import SegmentLog
 from tests.broker_helpers import make_traj
@@ -58,65 +57,58 @@ def test_open_drops_unreferenced_segments_and_never_appends_to_old_ones(tmp_path
     log.close()
 
 
-def test_uncommitted_bodies_are_rolled_back_when_sqlite_fails(
+async def test_uncommitted_bodies_are_rolled_back_when_sqlite_fails(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def main() -> None:
-        store = Store(tmp_path)
+    store = Store(tmp_path)
+    await store.open()
+    assert store.segments is not None
+    await store.put([make_traj("a", i) for i in range(2)])
+    size = store.segments.total_bytes
+    # The INSERT fails after the bodies were appended and synced.
+    monkeypatch.setattr(
+        trajectories_module, "insert_rows", lambda n: "INSERT INTO nowhere VALUES (1)"
+    )
+    with pytest.raises(StoreError, match="nowhere"):
+        await store.put([make_traj("b", 0)])
+    monkeypatch.undo()
+    assert store.segments.total_bytes == size == store.segments.path(1).stat().st_size
+    assert store.stored == 2
+    assert len((await store.put([make_traj("b", 0)])).new) == 1  # and it goes on
+    await store.close()
+
+
+async def test_compaction_moves_live_rows_and_unlinks_dead_segments(tmp_path: Path) -> None:
+    store = Store(tmp_path, commit_interval_s=0)
+    await store.open()
+    res = await store.put([make_traj(f"g{i}", 0, n_tokens=512) for i in range(10)])
+    seqs = [m.seq for m in res.new]
+    await store.claim(seqs[:8])
+    await store.delete(seqs[:8], max_times_sampled=1)  # 8 of 10 gone: sparse segment
+    assert store.segments is not None
+    before = store.segments.total_bytes
+    await store.compact()
+    assert store.segments.total_bytes < before / 3
+    assert store.segments.existing() == [store.segments.current]
+    got = await store.claim(seqs[8:])
+    assert [c.decode().traj_id for c in got] == ["g8-0", "g9-0"]
+    await store.close()
+    store = Store(tmp_path)  # and the moved rows survive a reopen
+    await store.open()
+    assert [c.decode().traj_id for c in await store.claim(seqs[8:])] == ["g8-0", "g9-0"]
+    await store.close()
+
+
+async def test_missing_segment_is_named_corruption(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    await store.open()
+    await store.put([make_traj("a", 0)])
+    await store.close()
+    (tmp_path / "segments" / "seg-00000001.log").unlink()
+    store = Store(tmp_path)
+    with pytest.raises(StoreCorruptError, match="seg-00000001.log"):
         await store.open()
-        assert store.segments is not None
-        await store.put([make_traj("a", i) for i in range(2)])
-        size = store.segments.total_bytes
-        # The INSERT fails after the bodies were appended and synced.
-        monkeypatch.setattr(store_module, "insert_rows", lambda n: "INSERT INTO nowhere VALUES (1)")
-        with pytest.raises(StoreError, match="nowhere"):
-            await store.put([make_traj("b", 0)])
-        monkeypatch.undo()
-        assert store.segments.total_bytes == size == store.segments.path(1).stat().st_size
-        assert store.stored == 2
-        assert len((await store.put([make_traj("b", 0)])).new) == 1  # and it goes on
-        await store.close()
-
-    asyncio.run(main())
-
-
-def test_compaction_moves_live_rows_and_unlinks_dead_segments(tmp_path: Path) -> None:
-    async def main() -> None:
-        store = Store(tmp_path, commit_interval_s=0)
-        await store.open()
-        res = await store.put([make_traj(f"g{i}", 0, n_tokens=512) for i in range(10)])
-        seqs = [m.seq for m in res.new]
-        await store.claim(seqs[:8])
-        await store.delete(seqs[:8], max_times_sampled=1)  # 8 of 10 gone: sparse segment
-        assert store.segments is not None
-        before = store.segments.total_bytes
-        await store.compact()
-        assert store.segments.total_bytes < before / 3
-        assert store.segments.existing() == [store.segments.current]
-        got = await store.claim(seqs[8:])
-        assert [c.decode().traj_id for c in got] == ["g8-0", "g9-0"]
-        await store.close()
-        store = Store(tmp_path)  # and the moved rows survive a reopen
-        await store.open()
-        assert [c.decode().traj_id for c in await store.claim(seqs[8:])] == ["g8-0", "g9-0"]
-        await store.close()
-
-    asyncio.run(main())
-
-
-def test_missing_segment_is_named_corruption(tmp_path: Path) -> None:
-    async def main() -> None:
-        store = Store(tmp_path)
-        await store.open()
-        await store.put([make_traj("a", 0)])
-        await store.close()
-        (tmp_path / "segments" / "seg-00000001.log").unlink()
-        store = Store(tmp_path)
-        with pytest.raises(StoreCorruptError, match="seg-00000001.log"):
-            await store.open()
-        await store.close()
-
-    asyncio.run(main())
+    await store.close()
 
 
 @pytest.fixture
@@ -137,28 +129,25 @@ def small_fs(tmp_path: Path):
         subprocess.run(["umount", "-l", str(where)], check=False)
 
 
-def test_a_real_full_disk_is_store_full_and_loses_nothing_committed(small_fs: Path) -> None:
-    async def main() -> None:
-        store = Store(small_fs, commit_interval_s=0)
-        await store.open()
-        kept = []
-        with pytest.raises(StoreFullError):
-            for i in range(200):  # ~33 KiB each: the 2 MiB disk fills up
-                res = await store.put([make_traj(f"g{i}", 0, n_tokens=2048)])
-                kept += [m.seq for m in res.new]
-        assert 10 < len(kept) < 200
-        assert store.stored == len(kept)
-        # space is freed: the same store goes on, and a restart finds everything acked
-        subprocess.run(["mount", "-o", "remount,size=8m", str(small_fs)], check=True)
-        res = await store.put([make_traj("after", 0, n_tokens=2048)])
-        kept += [m.seq for m in res.new]
-        await store.close()
-        store = Store(small_fs)
-        await store.open()
-        assert store.stored == len(kept)  # everything acked before the error is there
-        got = await store.claim(kept)
-        ids = [f"g{i}-0" for i in range(len(kept) - 1)] + ["after-0"]
-        assert [c.decode().traj_id for c in got] == ids
-        await store.close()
-
-    asyncio.run(main())
+async def test_a_real_full_disk_is_store_full_and_loses_nothing_committed(small_fs: Path) -> None:
+    store = Store(small_fs, commit_interval_s=0)
+    await store.open()
+    kept = []
+    with pytest.raises(StoreFullError):
+        for i in range(200):  # ~33 KiB each: the 2 MiB disk fills up
+            res = await store.put([make_traj(f"g{i}", 0, n_tokens=2048)])
+            kept += [m.seq for m in res.new]
+    assert 10 < len(kept) < 200
+    assert store.stored == len(kept)
+    # space is freed: the same store goes on, and a restart finds everything acked
+    subprocess.run(["mount", "-o", "remount,size=8m", str(small_fs)], check=True)
+    res = await store.put([make_traj("after", 0, n_tokens=2048)])
+    kept += [m.seq for m in res.new]
+    await store.close()
+    store = Store(small_fs)
+    await store.open()
+    assert store.stored == len(kept)  # everything acked before the error is there
+    got = await store.claim(kept)
+    ids = [f"g{i}-0" for i in range(len(kept) - 1)] + ["after-0"]
+    assert [c.decode().traj_id for c in got] == ids
+    await store.close()
