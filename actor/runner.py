@@ -14,7 +14,6 @@ import os
 import socket
 import time
 
-import msgspec
 from prometheus_client import Counter, Gauge
 
 from actor.build import TextFormat, play_episode, start_engine, text_format
@@ -24,6 +23,7 @@ from actor.outbox import Outbox
 from actor.weights import WEIGHTS_REJECTED, WeightDigestMismatch, fetch_weights
 from shared import protocol as P
 from shared.config import Config
+from shared.handshake import check_welcome, group_size
 from shared.metrics import WEIGHTS_SYNC_SECONDS
 from shared.models import model_dtype, resolve_model
 from shared.security import client_keys
@@ -61,6 +61,7 @@ class Actor:
         self._new_policy = asyncio.Event()
         self._slots = asyncio.Semaphore(self.acfg.max_concurrent_episodes)
         self._free = self.acfg.max_concurrent_episodes
+        self.group_size = cfg.broker.group_size  # the broker's, once its Welcome is in
         self._episodes_done = 0
         self._stop = asyncio.Event()
         self._recent_rewards: list[float] = []
@@ -150,7 +151,11 @@ class Actor:
             capabilities={"max_concurrent_episodes": str(self.acfg.max_concurrent_episodes)},
         )
         tries = max(1, int(self.acfg.connect_timeout_s / 5.0))
-        return await self.client.request(hello, P.Welcome, timeout=5.0, retries=tries - 1)
+        welcome = await self.client.request(hello, P.Welcome, timeout=5.0, retries=tries - 1)
+        # before the engine starts: a run this actor's config disagrees with is refused at once
+        check_welcome(self.cfg, welcome, "actor", self.acfg.broker)
+        self.group_size = group_size(self.cfg, welcome)
+        return welcome
 
     # ------------------------------------------------------------------ loops
 
@@ -174,7 +179,7 @@ class Actor:
             await asyncio.sleep(0.5)
 
     async def _lease_loop(self) -> None:
-        group = self.cfg.broker.group_size
+        group = self.group_size  # episodes per lease: slots are taken a whole group at a time
         sync_version, sync_groups, sync_since = -1, 0, time.monotonic()  # [actor] sync
         while True:
             free = self._free
@@ -213,11 +218,7 @@ class Actor:
         assert self.engine is not None
         RUNNING.inc()
         try:
-            task = lease.task
-            if self.cfg.env.step_delay_s > 0 and task.env == "symbols":
-                payload = {**task.payload, "step_delay_s": self.cfg.env.step_delay_s}
-                task = msgspec.structs.replace(task, payload=payload)
-            env = make_env(task, episode_seed=k, options=self.cfg.env.options)
+            env = make_env(lease.task, episode_seed=k, options=self.cfg.env.options)
             assert self.text is not None
             episode = play_episode(self.engine, self.text, self.acfg, env, lease, self.actor_id)
             # The broker expires the lease at timeout_s after its grant, heartbeats or not;
@@ -247,7 +248,7 @@ class Actor:
             RUNNING.dec()
         if lease.purpose == "eval":  # scored, never sent: evaluation stays out of replay
             await self._eval_scored(
-                lease, k, traj.outcome_reward, bool(traj.success), traj.min_policy_version()
+                lease, k, traj.outcome_reward, bool(traj.success), P.min_policy_version(traj)
             )
             return
         self._episodes_done += 1

@@ -23,7 +23,7 @@ import zmq
 from broker.metrics import init_label_values
 from broker.server import Broker
 from broker.store import StoreCorruptError, StoreError
-from shared.config import BrokerConfig, Config, ConfigError, load_config
+from shared.config import Config, ConfigError, load_config
 from shared.logs import setup_logging
 from shared.metrics import serve_metrics
 from shared.overrides import add_set_argument
@@ -62,46 +62,13 @@ def build_config(args: argparse.Namespace) -> Config:
         "data_dir": args.data_dir,
         "durability": args.durability,
     }
-    broker = msgspec.structs.replace(
-        cfg.broker, **{k: v for k, v in overrides.items() if v is not None}
-    )
-    validate(broker)
+    try:  # replace runs the section's own checks (BrokerConfig.__post_init__) on the flags
+        broker = msgspec.structs.replace(
+            cfg.broker, **{k: v for k, v in overrides.items() if v is not None}
+        )
+    except ValueError as e:
+        raise ConfigError(f"broker: {e}") from None
     return msgspec.structs.replace(cfg, broker=broker)
-
-
-def validate(b: BrokerConfig) -> None:
-    problems = []
-    if b.durability not in ("sqlite", "none"):
-        problems.append(f"durability must be 'sqlite' or 'none', not {b.durability!r}")
-    for name in ("port", "metrics_port"):
-        if not 0 <= getattr(b, name) <= 65535:
-            problems.append(f"{name} {getattr(b, name)} is not a port")
-    for name in (
-        "group_size",
-        "replay_capacity",
-        "max_times_sampled",
-        "max_frame_bytes",
-        "max_ingest_bytes",
-    ):
-        if getattr(b, name) < 1:
-            problems.append(f"{name} must be >= 1")
-    for name in ("lease_deadline_s", "heartbeat_timeout_s"):
-        if getattr(b, name) <= 0:
-            problems.append(f"{name} must be > 0")
-    if b.episode_timeout_s < 0:
-        problems.append("episode_timeout_s must be >= 0 (0 = no limit)")
-    if b.commit_interval_s < 0:
-        problems.append("commit_interval_s must be >= 0")
-    r = b.retention
-    for name in ("max_age_s", "max_trajectories", "max_bytes"):
-        if getattr(r, name) < 0:
-            problems.append(f"retention.{name} must be >= 0 (0 = unlimited)")
-    if r.interval_s <= 0:
-        problems.append("retention.interval_s must be > 0")
-    if b.replay_capacity < b.group_size:
-        problems.append("replay_capacity must hold at least one group (>= group_size)")
-    if problems:
-        raise ConfigError("broker: " + "; ".join(problems))
 
 
 async def run(cfg: Config) -> int:

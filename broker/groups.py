@@ -1,16 +1,19 @@
-"""Group assembly: stored trajectories wait here, by group_id, until their group is complete.
+"""Group assembly: stored trajectories wait here, by group_id, until their group is complete;
+and retirement: groups that leave replay (or assembly) without being trained on.
 
 Only complete groups enter the replay table (GRPO-style advantages need the whole group).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Callable
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
+from broker import metrics as M
 from broker.replay.table import GroupItem
-from broker.store import TrajMeta
+from broker.store import Store, TrajMeta
 
 
 @dataclass(slots=True)
@@ -88,3 +91,26 @@ class GroupAssembler:
                 self.n_trajs -= len(g.metas)
                 out.append(g.item())
         return out
+
+
+class Retirement:
+    """Groups evicted unsampled, counted by reason (Status, `headrace_broker_evicted_total`)
+    and marked in the store, so a restart does not bring them back into replay."""
+
+    def __init__(self, store: Store, spawn: Callable[[Coroutine[Any, Any, None]], None]) -> None:
+        self.store = store
+        self.spawn = spawn
+        self.counts: Counter[str] = Counter()
+
+    def retire(self, removals: list[tuple[GroupItem, str]]) -> None:
+        by_reason: dict[str, list[int]] = {}
+        for item, reason in removals:
+            self.count(reason)
+            by_reason.setdefault(reason, []).extend(item.seqs)
+        for reason, seqs in by_reason.items():
+            self.spawn(self.store.retire(seqs, reason))
+
+    def count(self, reason: str, n: int = 1) -> None:
+        """Counted only: for rows deleted outright (retention) rather than marked."""
+        M.EVICTED.labels(reason=reason).inc(n)
+        self.counts[reason] += n

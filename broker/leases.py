@@ -151,7 +151,7 @@ class LeaseBook:
         return out
 
     def take_requeued(self, n: int) -> list[P.TaskSpec]:
-        out = []
+        out: list[P.TaskSpec] = []
         while self.requeued and len(out) < n:
             out.append(self.requeued.popleft())
         return out

@@ -1,10 +1,16 @@
-"""Peers of the broker, known by ZMQ routing identity."""
+"""Peers of the broker, known by ZMQ routing identity: who is there, what each role may send,
+and which learner is the run's one learner."""
 
 from __future__ import annotations
 
+import logging
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from shared import protocol as P
+
+log = logging.getLogger("broker.server")
 
 # The role of a peer that never said Hello (e.g. after a broker restart), from what it sends.
 INFERRED_ROLE: dict[type, str] = {
@@ -69,6 +75,14 @@ def forbidden(role: str | None, msg: P.Base, key_role: bool) -> str | None:
     return None
 
 
+def may_not_send(peer: Peer, msg: P.Base, keyed: bool) -> str | None:
+    """Why `peer` may not send `msg` (None: it may). `keyed`: under curve, where its role is
+    its key's; in plaintext it is the role its Hello claimed (no claim, no check)."""
+    if not (keyed or peer.said_hello):
+        return None
+    return forbidden(peer.role if peer.role != "unknown" else None, msg, keyed)
+
+
 @dataclass(slots=True)
 class Peer:
     ident: bytes  # ZMQ routing id: stable across reconnects and broker restarts
@@ -90,3 +104,91 @@ class Peer:
             "leases": leases,
             "stats": self.stats,
         }
+
+
+# What only the active learner may send (one learner per run: see `LearnerFence`): the
+# learner's messages that other roles may not send either.
+LEARNER_MESSAGES = tuple(ALLOWED["learner"] - ALLOWED["actor"] - ALLOWED["cli"])
+
+
+class LearnerFence:
+    """One learner per run, so the policy lineage never alternates between two learners.
+
+    The first learner to speak becomes the active one. A second learner's Hello is refused
+    while the active one is alive (heard from within `heartbeat_timeout_s`; the learner
+    heartbeats while it trains); once it is silent that long, a new learner's Hello takes
+    over and the old one is fenced off: everything it sends is refused."""
+
+    def __init__(
+        self,
+        peers: dict[bytes, Peer],
+        heartbeat_timeout_s: float,
+        clock: Callable[[], float],
+    ) -> None:
+        self.peers = peers
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.clock = clock
+        self.ident: bytes | None = None  # the active learner's routing id
+        self.epoch = 0  # how many learners have been active (a fencing token)
+
+    def refusal(self, ident: bytes, msg: P.Base) -> str | None:
+        """Why a learner's message is refused: another learner is the active one."""
+        learnerish = isinstance(msg, P.Hello) and msg.role == "learner"
+        if not learnerish and not isinstance(msg, LEARNER_MESSAGES):
+            return None
+        holder = self.ident
+        if holder is None or holder == ident:
+            self._activate(ident)
+            return None
+        if not learnerish:
+            return "fenced: another learner is the active one (this one was replaced)"
+        active = self.peers.get(holder)
+        silent = self.clock() - active.last_seen if active is not None else math.inf
+        if silent <= self.heartbeat_timeout_s:
+            name = active.peer_id if active is not None else "?"
+            return f"learner {name} is active (heard {silent:.0f}s ago): one learner per run"
+        self._activate(ident)
+        return None
+
+    def _activate(self, ident: bytes) -> None:
+        if self.ident != ident:
+            self.ident = ident
+            self.epoch += 1
+            log.info("learner %r is the active learner (epoch %d)", ident, self.epoch)
+
+
+PEER_FORGET_AFTER_S = 3600.0  # peers silent this long leave Status and the relay list
+
+
+class Peers(dict[bytes, Peer]):
+    """Every peer heard from, by routing id; unknown ones are fine (after a broker restart
+    nobody says Hello again), their role then inferred from what they send."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        super().__init__()
+        self.clock = clock
+
+    def heard(self, ident: bytes, msg: P.Base, key_role: str | None) -> Peer:
+        """The sender of `msg`, seen now. `key_role`: under curve, its key's role ("" for a
+        key that names none); None in plaintext."""
+        peer = self.get(ident)
+        if peer is None:
+            peer = self[ident] = Peer(ident, ident.decode(errors="replace"))
+        peer.last_seen = self.clock()
+        if key_role is not None:
+            peer.role = key_role or "unknown"
+        elif peer.role == "unknown":
+            peer.role = INFERRED_ROLE.get(type(msg), "unknown")
+        return peer
+
+    def forget_silent(self, keep: Callable[[bytes], bool]) -> None:
+        """Forget long-gone peers (every `headrace status` call is a new one), but `keep`
+        those it names (e.g. lease holders)."""
+        forget = self.clock() - PEER_FORGET_AFTER_S
+        for ident in [i for i, p in self.items() if p.last_seen < forget]:
+            if not keep(ident):
+                del self[ident]
+
+    def connected(self, role: str, within_s: float) -> list[Peer]:
+        now = self.clock()
+        return [p for p in self.values() if p.role == role and now - p.last_seen <= within_s]

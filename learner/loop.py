@@ -40,6 +40,7 @@ from learner.trained_log import MAX_REMEMBERED, TrainedLog
 from learner.util import json_safe, write_json_atomic
 from shared import protocol as P
 from shared.config import Config
+from shared.handshake import ConfigMismatch, check_welcome, group_size
 from shared.metrics import TRAJECTORY_STALENESS, serve_metrics
 from shared.security import bind_host_for, client_keys, server_keys
 from shared.transport import Client, PeerUnreachable
@@ -87,6 +88,7 @@ class Learner:
         self.summary: list[dict[str, Any]] = []
         self.peer_id = f"learner-{socket.gethostname()}-{os.getpid()}"
         self.run_id = ""  # the broker's (its Welcome): each checkpoint records it
+        self.group_size = cfg.broker.group_size  # the broker's, once its Welcome is in
         self.client: Client | None = None
         self.publisher: WeightPublisher | None = None
         self.weights_endpoint = ""
@@ -181,6 +183,12 @@ class Learner:
                     return False
         if welcome is None:
             return False
+        try:
+            check_welcome(self.cfg, welcome, "learner", self.opts.broker)
+        except ConfigMismatch as e:
+            raise LearnerExit(str(e), 2) from None
+        # Batches are asked for in the broker's groups, whatever this config says.
+        self.group_size = group_size(self.cfg, welcome)
         log.info("connected to %s (run %s)", self.opts.broker, welcome.run_id)
         self.run_id = welcome.run_id
         if welcome.policy_version > self.version:
@@ -229,7 +237,7 @@ class Learner:
 
     async def _next_batch(self) -> P.Batch | None:
         assert self.client is not None
-        n = self.lc.batch_groups * self.cfg.broker.group_size
+        n = self.lc.batch_groups * self.group_size  # SampleRequest counts trajectories
         t0 = time.monotonic()
         lost_since: float | None = None
         last_log = t0
@@ -298,7 +306,7 @@ class Learner:
             )
 
     async def _train_one(self, batch: P.Batch) -> dict[str, Any]:
-        stale = [self.version - t.min_policy_version() for t in batch.items]
+        stale = [self.version - P.min_policy_version(t) for t in batch.items]
         for s in stale:
             TRAJECTORY_STALENESS.observe(max(0, s))
         t0 = time.perf_counter()

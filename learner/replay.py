@@ -112,7 +112,7 @@ class Replay:
 
     def _train_one(self, groups: list[P.Batch]) -> None:
         items = [t for g in groups for t in g.items]
-        behaviour = [t.min_policy_version() for t in items]
+        behaviour = [P.min_policy_version(t) for t in items]
         stale = [self.version - v for v in behaviour]
         t0 = time.perf_counter()
         diag, _ = self.trainer.step(items, None, self.version)

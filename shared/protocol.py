@@ -69,8 +69,12 @@ class Welcome(Base):
     run_id: str
     policy_version: int
     weights_endpoint: str  # "" until a learner has published
+    # shared.handshake.run_digest of the broker's config: a peer whose own differs is refused
     config_digest: str
     manifest: WeightManifest | None = None
+    # The run's GRPO group size ([broker] group_size, the broker's alone: every Lease carries
+    # it too). 0: a broker that does not say; its peers then use their own config's.
+    group_size: int = 0
 
 
 class Error(Base):
@@ -97,7 +101,7 @@ class TaskSpec(Base):
 class Lease(Base):
     lease_id: str
     task: TaskSpec
-    group_size: int
+    group_size: int  # episodes of `task` to play: the broker's group size (eval: samples)
     deadline_s: float  # seconds from grant; renewed by heartbeats
     sample_prob: float = 1.0
     curator_version: int = 0
@@ -159,11 +163,26 @@ class Trajectory(Base):
 
     @property
     def n_tokens(self) -> int:
-        return len(self.token_ids) // 4
+        return len(self.token_ids) // TOKEN_ARRAYS["token_ids"].itemsize
 
-    def min_policy_version(self) -> int:
-        versions = self.array("policy_version")[self.array("loss_mask") > 0]
-        return int(versions.min()) if versions.size else 0
+
+_VERSION_BYTES = TOKEN_ARRAYS["policy_version"].itemsize  # signed little-endian
+
+
+def min_policy_version(t: Trajectory | TrajectoryView) -> int:
+    """The oldest policy version of any loss token of `t` (0 without one), read off the
+    first loss token: a few bytes, not the whole array.
+
+    An actor only ever moves to newer weights (it ignores older publications), so versions
+    never decrease along an episode (`shared.validation` refuses a trajectory where they do,
+    before the broker stores it) and the first loss token's version is the oldest.
+    """
+    mask = bytes(t.loss_mask)  # one byte per token: byte index == token index
+    first = len(mask) - len(mask.lstrip(b"\0"))
+    if first == len(mask):
+        return 0  # no loss token
+    at = _VERSION_BYTES * first
+    return int.from_bytes(t.policy_version[at : at + _VERSION_BYTES], "little", signed=True)
 
 
 class TrajectoryBatch(Base):
@@ -185,13 +204,18 @@ def _view_field(f: msgspec.structs.FieldInfo) -> tuple:
     return (f.name, kind, f.default)
 
 
-TrajectoryView = msgspec.defstruct(
-    "TrajectoryView",
-    [_view_field(f) for f in msgspec.structs.fields(Trajectory)],
-    bases=(Base,),
-    tag="Trajectory",
-    module=__name__,
-)
+if typing.TYPE_CHECKING:
+    # To a type checker a view is a Trajectory: the same fields, read the same way (its
+    # per-token arrays are memoryviews instead of bytes, and every reader takes them as buffers).
+    TrajectoryView = Trajectory
+else:
+    TrajectoryView = msgspec.defstruct(
+        "TrajectoryView",
+        [_view_field(f) for f in msgspec.structs.fields(Trajectory)],
+        bases=(Base,),
+        tag="Trajectory",
+        module=__name__,
+    )
 
 
 class TrajectoryBatchFrames(Base, tag="TrajectoryBatch"):

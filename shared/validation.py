@@ -95,8 +95,8 @@ def _check_versions(t: P.Trajectory | P.TrajectoryView, limits: Limits) -> Inval
     v = array(t, "policy_version")
     if not v.size:
         return None
-    # Non-decreasing: an actor only moves to newer weights. The store reads a trajectory's
-    # oldest trained version off its first loss token (`store.records.min_loss_version`).
+    # Non-decreasing: an actor only moves to newer weights. `protocol.min_policy_version`
+    # reads a trajectory's oldest trained version off its first loss token, relying on it.
     if v.min() < 0 or (np.diff(v) < 0).any():
         return Invalid("policy_version", f"{t.traj_id}: versions negative or decreasing")
     if limits.policy_version is not None and v.max() > limits.policy_version:

@@ -215,25 +215,29 @@ class SymbolsBank(ProceduralBank):
     """Tasks of the built-in `symbols` environment (actor/envs/symbols.py plays them; the
     rules and levels are in shared/symbols.py).
 
-    One family per level (`L<level>`, `tasks_per_level` tasks each), or `[env] families`.
-    Each task's payload carries its symbols, so the bank alone decides what a task shows;
-    families of one level share that level's symbol map (drawn from `[env] seed`).
+    One family per level (`L<level>`, `tasks_per_level` tasks each), or `[env.symbols]
+    families`. Each task's payload carries its symbols, so the bank alone decides what a task
+    shows; families of one level share that level's symbol map (drawn from `[env] seed`).
     """
 
     def __init__(self, env: EnvConfig) -> None:
-        specs = env.families or [SymbolsFamily(name=f"L{lv}", level=lv) for lv in env.levels]
-        if not specs or env.tasks_per_level < 1 or min(f.level for f in specs) < 0:
-            raise ConfigError("env: the symbols bank needs levels >= 0 and tasks_per_level >= 1")
+        sy = env.symbols
+        specs = sy.families or [SymbolsFamily(name=f"L{lv}", level=lv) for lv in sy.levels]
+        if not specs or sy.tasks_per_level < 1 or min(f.level for f in specs) < 0:
+            raise ConfigError(
+                "env.symbols: the symbols bank needs levels >= 0 and tasks_per_level >= 1"
+            )
         unknown = sorted({f.level for f in specs} - set(S.LEVELS))
         if unknown:
-            raise ConfigError(f"env: unknown symbols levels {unknown} (known: {S.LEVELS})")
+            raise ConfigError(f"env.symbols: unknown symbols levels {unknown} (known: {S.LEVELS})")
         self.env = env
+        self.sy = sy
         parts = []
         for f in specs:
-            turns = f.n_turns or env.n_turns
-            size = f.tasks or env.tasks_per_level
+            turns = f.n_turns or sy.n_turns
+            size = f.tasks or sy.tasks_per_level
             # a family's difficulty: its level, then (explicit families) its turn count
-            legacy = not env.families
+            legacy = not sy.families
             fam = Family(f.name, float(f.level) + (0 if legacy else (turns - 1) / 10), size)
             parts.append(Part("symbols", fam, partial(self._make, fam, f, turns)))
         super().__init__(parts, env.seed)
@@ -245,19 +249,21 @@ class SymbolsBank(ProceduralBank):
         lv = f.level
         key = lv if fam.name == f"L{lv}" else _name_key(fam.name)  # legacy ids keep seeds
         seed = _task_seed(self.env.seed, key, index)
-        n_choices = 1 if lv == 0 else self.env.n_choices
+        n_choices = 1 if lv == 0 else self.sy.n_choices
         syms = S.task_symbols(lv, seed, turns, n_choices, index, self.map_seed(lv))
         payload: dict[str, str | int | float] = {
             "level": lv,
             "seed": seed,
             "n_choices": n_choices,
             "n_turns": turns,
-            "reasoning_tokens": self.env.reasoning_tokens,
-            "action_tokens": self.env.action_tokens,
-            "reward": f.reward or self.env.reward,
+            "reasoning_tokens": self.sy.reasoning_tokens,
+            "action_tokens": self.sy.action_tokens,
+            "reward": f.reward or self.sy.reward,
             "map_seed": self.map_seed(lv),
             "symbols": " ".join(map(str, syms)),
         }
+        if self.sy.step_delay_s > 0:  # absent when off: payloads stay as they were
+            payload["step_delay_s"] = self.sy.step_delay_s
         return _spec("symbols", fam, index, "symbols", payload)
 
     def blind_ceiling(self, tasks: Sequence[P.TaskSpec] | None = None) -> dict[str, float]:
@@ -346,17 +352,21 @@ class ReasoningGymBank(ProceduralBank):
     """
 
     def __init__(self, env: EnvConfig) -> None:
-        if min(env.rg_tasks_per_family, env.rg_max_turns, env.rg_max_tokens) < 1:
-            raise ConfigError("env: rg_tasks_per_family, rg_max_turns, rg_max_tokens must be >= 1")
+        rg = env.reasoning_gym
+        if min(rg.tasks_per_family, rg.max_turns, rg.max_tokens) < 1:
+            raise ConfigError(
+                "env.reasoning_gym: tasks_per_family, max_turns, max_tokens must be >= 1"
+            )
         self.env = env
+        self.rg = rg
         parts = []
-        for ds in env.rg_datasets:
+        for ds in rg.datasets:
             if ds not in RG_PRESETS:
-                raise ConfigError(f"env.rg_datasets: unknown {ds!r} (known: {sorted(RG_PRESETS)})")
-            for diff in env.rg_difficulties:
-                if diff not in _MARKS:
-                    raise ConfigError(f"env.rg_difficulties: {diff!r} is not one of {list(_MARKS)}")
-                fam = Family(f"{ds}.{diff}", _MARKS[diff], env.rg_tasks_per_family)
+                raise ConfigError(
+                    f"env.reasoning_gym.datasets: unknown {ds!r} (known: {sorted(RG_PRESETS)})"
+                )
+            for diff in rg.difficulties:  # the config allows only the keys of _MARKS
+                fam = Family(f"{ds}.{diff}", _MARKS[diff], rg.tasks_per_family)
                 cfg = json.dumps(RG_PRESETS[ds][diff], sort_keys=True)
                 seed = _task_seed(env.seed, _name_key(fam.name), 0)
                 parts.append(Part("rg", fam, partial(self._make, fam, ds, cfg, seed)))
@@ -369,10 +379,10 @@ class ReasoningGymBank(ProceduralBank):
             "seed": seed,
             "index": index,
             "size": fam.size,
-            "max_turns": self.env.rg_max_turns,
-            "max_tokens": self.env.rg_max_tokens,
-            "instruction": self.env.rg_instruction,
-            "answer": self.env.rg_answer,
+            "max_turns": self.rg.max_turns,
+            "max_tokens": self.rg.max_tokens,
+            "instruction": self.rg.instruction,
+            "answer": self.rg.answer,
         }
         return _spec("rg", fam, index, "reasoning_gym", payload)
 
@@ -402,30 +412,34 @@ class TextArenaBank(ProceduralBank):
     """TextArena games (actor/envs/textarena_env.py plays them); task i = one reset seed."""
 
     def __init__(self, env: EnvConfig) -> None:
-        if min(env.ta_tasks_per_family, env.ta_max_tokens) < 1 or env.ta_max_turns < 0:
-            raise ConfigError("env: ta_tasks_per_family, ta_max_tokens >= 1; ta_max_turns >= 0")
+        ta = env.textarena
+        if min(ta.tasks_per_family, ta.max_tokens) < 1 or ta.max_turns < 0:
+            raise ConfigError("env.textarena: tasks_per_family, max_tokens >= 1; max_turns >= 0")
         self.env = env
+        self.ta = ta
         parts = []
-        for game in env.ta_games:
+        for game in ta.games:
             if game not in TA_PRESETS:
-                raise ConfigError(f"env.ta_games: unknown {game!r} (known: {sorted(TA_PRESETS)})")
-            fam = Family(game, TA_PRESETS[game][2], env.ta_tasks_per_family)
+                raise ConfigError(
+                    f"env.textarena.games: unknown {game!r} (known: {sorted(TA_PRESETS)})"
+                )
+            fam = Family(game, TA_PRESETS[game][2], ta.tasks_per_family)
             parts.append(Part("ta", fam, partial(self._make, fam)))
         super().__init__(parts, env.seed)
 
     def _make(self, fam: Family, index: int) -> P.TaskSpec:
         game_id, kwargs, _ = TA_PRESETS[fam.name]
         # Each game turn allows one invalid-move retry (TextArena's error allowance), so 2x the
-        # game's turn limit bounds the agent's turns; `ta_max_turns` may cap it lower.
+        # game's turn limit bounds the agent's turns; `max_turns` may cap it lower.
         turns = 2 * int(kwargs.get("max_turns", 50))  # type: ignore[call-overload]
-        if self.env.ta_max_turns:
-            turns = min(turns, self.env.ta_max_turns)
+        if self.ta.max_turns:
+            turns = min(turns, self.ta.max_turns)
         payload: dict[str, str | int | float] = {
             "game": game_id,
             "kwargs": json.dumps(kwargs, sort_keys=True),
             "seed": _task_seed(self.env.seed, _name_key(fam.name), index),
             "max_turns": turns,
-            "max_tokens": self.env.ta_max_tokens,
+            "max_tokens": self.ta.max_tokens,
         }
         return _spec("ta", fam, index, "textarena", payload)
 

@@ -38,14 +38,14 @@ import math
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import msgspec
 import numpy as np
 
 from broker.curriculum.banks import Picked
 from shared import protocol as P
-from shared.curriculum_config import CuratorConfig
+from shared.config import CuratorConfig
 
 # The bank's side of the contract: `k` tasks drawn uniformly at random using only `rng`
 # (determinism given `rng` is what makes a restored curator repeat its picks). Best without
@@ -146,7 +146,9 @@ class Curator:
         self.index: dict[str, int] = {}  # arm id -> row
         self.arms: list[str] = []
         self.arm_families: list[str] = []
-        self.cols = {name: np.zeros(16, dtype) for name, dtype in _COLUMNS.items()}
+        self.cols: dict[str, np.ndarray] = {
+            name: np.zeros(16, dtype) for name, dtype in _COLUMNS.items()
+        }
         self.n_features = 3 + cfg.family_buckets + _ARM_FEATURES
         self.w = np.zeros(self.n_features)  # scorer weights
         self._buckets: dict[str, int] = {}  # family -> hashed one-hot feature
@@ -380,7 +382,7 @@ class Curator:
 
     # ------------------------------------------------------------ status and persistence
 
-    def summary(self) -> dict[str, object]:
+    def summary(self) -> dict[str, Any]:
         """For `Status` and metrics: entropy, per-family rates, zero-variance share, top arms."""
         n = len(self.arms)
         top: list[dict[str, object]] = []
@@ -438,7 +440,9 @@ class Curator:
             raise ValueError("curator state was saved with another arm_by or family_buckets")
         n = len(st.arms)
         for name, dtype in _COLUMNS.items():
-            col = np.zeros(max(16, 2 * n), dtype)  # room to grow, as `_row` would leave it
+            col: np.ndarray = np.zeros(
+                max(16, 2 * n), dtype
+            )  # room to grow, as `_row` would leave it
             col[:n] = np.frombuffer(st.columns[name], dtype=np.dtype(dtype).newbyteorder("<"))
             self.cols[name] = col
         for name in _PLAIN:

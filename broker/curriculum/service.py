@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Any
 
 import msgspec
 
@@ -31,7 +32,7 @@ from broker.curriculum.banks import Picked, TaskBank
 from broker.curriculum.curator import Curator
 from broker.store import TrajMeta
 from shared import protocol as P
-from shared.curriculum_config import CuratorConfig
+from shared.config import CuratorConfig
 
 log = logging.getLogger(__name__)
 
@@ -96,15 +97,15 @@ class Curriculum:
                 seconds=seconds,
             )
 
-    def summary(self) -> dict[str, object]:
+    def summary(self) -> dict[str, Any]:
         return self.curator.summary()
 
     def refresh_metrics(self) -> None:
         s = self.curator.summary()
         M.CURRICULUM_VERSION.set(self.version)
-        M.CURRICULUM_ENTROPY.set(float(s["sampling_entropy"]))  # type: ignore[arg-type]
-        M.CURRICULUM_ZERO_VARIANCE_FRACTION.set(float(s["zero_variance_fraction"]))  # type: ignore[arg-type]
-        for family, f in s["families"].items():  # type: ignore[union-attr]
+        M.CURRICULUM_ENTROPY.set(float(s["sampling_entropy"]))
+        M.CURRICULUM_ZERO_VARIANCE_FRACTION.set(float(s["zero_variance_fraction"]))
+        for family, f in s["families"].items():
             M.CURRICULUM_PASS_RATE.labels(family=family).set(f["pass_rate"])
             M.CURRICULUM_SHARE.labels(family=family).set(f["pick_share"])
 

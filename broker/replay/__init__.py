@@ -4,6 +4,8 @@ Items are whole GRPO groups: a group enters the table only once all its trajecto
 stored, and leaves it whole, so the learner never sees half a group.
 """
 
+from broker.replay.build import build_table
+from broker.replay.items import GroupItem
 from broker.replay.rate_limiters import MinSize, RateLimiter, SampleToInsertRatio
 from broker.replay.removers import (
     CapacityRemover,
@@ -13,7 +15,7 @@ from broker.replay.removers import (
 )
 from broker.replay.samplers import FifoSampler, PrioritizedSampler, Sampler, UniformSampler
 from broker.replay.sumtree import SumTree
-from broker.replay.table import GroupItem, Table, build_table
+from broker.replay.table import Table
 
 __all__ = [
     "CapacityRemover",

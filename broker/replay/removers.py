@@ -13,10 +13,9 @@ The table hands `on_insert` the items oldest first and `before_sample` stalest f
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from broker.replay.table import GroupItem
+from broker.replay.items import GroupItem
 
 
 class Remover(Protocol):

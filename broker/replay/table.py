@@ -10,43 +10,26 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Generator, Iterator, Sequence
+from typing import Literal
 
-from broker.replay.rate_limiters import MinSize, RateLimiter, SampleToInsertRatio
-from broker.replay.removers import (
-    CapacityRemover,
-    MaxTimesSampledRemover,
-    Remover,
-    StalenessRemover,
-)
-from broker.replay.samplers import FifoSampler, PrioritizedSampler, Sampler, UniformSampler
-from shared.config import ConfigError
+from broker.replay.items import GroupItem
+from broker.replay.rate_limiters import RateLimiter
+from broker.replay.removers import Remover
+from broker.replay.samplers import Sampler
 
-if TYPE_CHECKING:
-    from shared.config import BrokerConfig
-
-
-@dataclass(slots=True)
-class GroupItem:
-    key: int  # store seq of the trajectory that completed the group: FIFO order, cursor
-    group_id: str
-    task_id: str
-    seqs: list[int]  # store seqs of its trajectories, the learner's sample_ids
-    min_version: int  # oldest loss-token policy version over the group
-    priority: float = 1.0
-    times_sampled: int = 0
-    is_weight: float = 1.0  # importance weight given when last sampled
-
-    @property
-    def n_trajs(self) -> int:
-        return len(self.seqs)
+__all__ = ["GroupItem", "PriorityReduce", "Removal", "Table"]
 
 
 Removal = tuple[GroupItem, str]  # (item, reason)
 
-PRIORITY_REDUCERS = ("max", "mean")
+# How a group's priority follows from its trajectories' updates (`[broker.replay]
+# priority_reduce`, which the config checks against these names)
+PriorityReduce = Literal["max", "mean"]
+_REDUCERS: dict[str, Callable[[list[float]], float]] = {
+    "max": max,
+    "mean": lambda v: sum(v) / len(v),
+}
 
 
 class Table:
@@ -55,14 +38,13 @@ class Table:
         sampler: Sampler,
         removers: Sequence[Remover],
         rate_limiter: RateLimiter,
-        priority_reduce: str = "max",
+        priority_reduce: PriorityReduce = "max",
     ) -> None:
-        if priority_reduce not in PRIORITY_REDUCERS:
-            raise ValueError(f"priority_reduce must be one of {PRIORITY_REDUCERS}")
         self.sampler = sampler
         self.removers = list(removers)
         self.rate_limiter = rate_limiter
         self.priority_reduce = priority_reduce
+        self._reduce = _REDUCERS[priority_reduce]
         self._items: dict[int, GroupItem] = {}
         self._key_of_seq: dict[int, int] = {}  # sample_id -> group key, for priority updates
         self._by_version: list[tuple[int, int]] = []  # heap of (min_version, key), lazy deletes
@@ -83,7 +65,7 @@ class Table:
         for key in sorted(self._items):
             yield self._items[key]
 
-    def _stalest_first(self) -> Iterator[GroupItem]:
+    def _stalest_first(self) -> Generator[GroupItem, None, None]:
         """Live groups by ascending `min_version` (then key), lazily: O(log n) per item read."""
         heap, items = self._by_version, self._items
         popped: list[tuple[int, int]] = []
@@ -216,9 +198,8 @@ class Table:
             applied += 1
         if not per_key:
             return 0
-        reduce = max if self.priority_reduce == "max" else (lambda v: sum(v) / len(v))
         keys = list(per_key)
-        values = [reduce(per_key[k]) for k in keys]
+        values = [self._reduce(per_key[k]) for k in keys]
         for key, value in zip(keys, values, strict=True):
             self._items[key].priority = value
         self.sampler.update_many(keys, values)
@@ -231,46 +212,3 @@ class Table:
             "sampler": self.sampler.state(),
             "rate_limiter": self.rate_limiter.state(self.size),
         }
-
-
-def build_table(b: BrokerConfig) -> Table:
-    """The table `[broker]` / `[broker.replay]` describe. Raises ConfigError on bad values."""
-    r = b.replay
-    sampler: Sampler
-    if r.sampler == "fifo":
-        sampler = FifoSampler()
-    elif r.sampler == "uniform":
-        sampler = UniformSampler(seed=r.seed)
-    elif r.sampler == "prioritized":
-        try:
-            sampler = PrioritizedSampler(
-                alpha=r.alpha,
-                beta0=r.beta0,
-                beta_anneal_steps=r.beta_anneal_steps,
-                eps=r.priority_eps,
-                seed=r.seed,
-            )
-        except ValueError as e:
-            raise ConfigError(f"[broker.replay]: {e}") from None
-    else:
-        raise ConfigError(f"[broker.replay] sampler: unknown {r.sampler!r}")
-    limiter: RateLimiter
-    if r.rate_limiter == "min_size":
-        limiter = MinSize(b.min_size_to_sample)
-    elif r.rate_limiter == "sample_to_insert":
-        try:
-            limiter = SampleToInsertRatio(
-                r.samples_per_insert, max(1, b.min_size_to_sample), r.error_buffer
-            )
-        except ValueError as e:
-            raise ConfigError(f"[broker.replay]: {e}") from None
-    else:
-        raise ConfigError(f"[broker.replay] rate_limiter: unknown {r.rate_limiter!r}")
-    if r.priority_reduce not in PRIORITY_REDUCERS:
-        raise ConfigError(f"[broker.replay] priority_reduce: unknown {r.priority_reduce!r}")
-    removers: list[Remover] = [
-        CapacityRemover(b.replay_capacity),
-        StalenessRemover(),
-        MaxTimesSampledRemover(b.max_times_sampled),
-    ]
-    return Table(sampler, removers, limiter, priority_reduce=r.priority_reduce)

@@ -22,15 +22,21 @@ from broker.curriculum.banks import (
     make_bank,
 )
 from shared import protocol as P
-from shared.config import ConfigError, EnvConfig, load_config
+from shared.config import (
+    ConfigError,
+    EnvConfig,
+    ReasoningGymConfig,
+    SymbolsConfig,
+    TextArenaConfig,
+    load_config,
+)
 
 
 def all_banks() -> list:
     env = EnvConfig(
-        levels=[0, 1, 4],
-        tasks_per_level=30,
-        rg_tasks_per_family=20,
-        ta_tasks_per_family=10,
+        symbols=SymbolsConfig(levels=[0, 1, 4], tasks_per_level=30),
+        reasoning_gym=ReasoningGymConfig(tasks_per_family=20),
+        textarena=TextArenaConfig(tasks_per_family=10),
         mixed=["symbols", "reasoning_gym", "textarena"],
     )
     return [SymbolsBank(env), ReasoningGymBank(env), TextArenaBank(env), make_bank(env_as(env))]
@@ -45,8 +51,8 @@ def test_default_symbols_bank_is_unchanged() -> None:
     env = EnvConfig()
     old = [
         (f"symbols-L{lv}-{i}", f"L{lv}", float(lv), _task_seed(env.seed, lv, i))
-        for lv in env.levels
-        for i in range(env.tasks_per_level)
+        for lv in env.symbols.levels
+        for i in range(env.symbols.tasks_per_level)
     ]
     bank = make_bank(env)
     assert isinstance(bank, SymbolsBank) and len(bank) == len(old) == 128
@@ -143,7 +149,10 @@ def test_pick_is_uniform_with_its_probability() -> None:
 
 
 def test_big_banks_hold_no_object_per_task() -> None:
-    env = EnvConfig(tasks_per_level=100_000, levels=[1, 2, 3], rg_tasks_per_family=100_000)
+    env = EnvConfig(
+        symbols=SymbolsConfig(tasks_per_level=100_000, levels=[1, 2, 3]),
+        reasoning_gym=ReasoningGymConfig(tasks_per_family=100_000),
+    )
     make_bank(env_as(env)).sample_candidates(np.random.default_rng(0), 10)  # warm caches
     tracemalloc.start()
     try:
@@ -160,7 +169,7 @@ def test_big_banks_hold_no_object_per_task() -> None:
 
 
 def test_trivial_level_always_rewards() -> None:
-    bank = SymbolsBank(EnvConfig(levels=[0], tasks_per_level=3))
+    bank = SymbolsBank(EnvConfig(symbols=SymbolsConfig(levels=[0], tasks_per_level=3)))
     for spec in bank.tasks:
         assert spec.payload["n_choices"] == 1
         env = make_env(spec, 0)
@@ -191,15 +200,14 @@ def test_rg_and_ta_payloads_are_self_contained() -> None:
 def test_config_errors() -> None:
     for bad in [
         EnvConfig(name="nope"),
-        EnvConfig(name="reasoning_gym", rg_datasets=["gsm8k"]),
-        EnvConfig(name="reasoning_gym", rg_difficulties=["extreme"]),
-        EnvConfig(name="reasoning_gym", rg_max_turns=0),
-        EnvConfig(name="textarena", ta_games=["Wordle-v0"]),
+        EnvConfig(name="reasoning_gym", reasoning_gym=ReasoningGymConfig(datasets=["gsm8k"])),
+        EnvConfig(name="reasoning_gym", reasoning_gym=ReasoningGymConfig(max_turns=0)),
+        EnvConfig(name="textarena", textarena=TextArenaConfig(games=["Wordle-v0"])),
         EnvConfig(name="mixed", mixed=["symbols", "nope"]),
         EnvConfig(name="mixed", mixed=[]),
         EnvConfig(name="mixed", mixed=["symbols", "symbols"]),
-        EnvConfig(levels=[-1]),
-        EnvConfig(levels=[1, 1]),
+        EnvConfig(symbols=SymbolsConfig(levels=[-1])),
+        EnvConfig(symbols=SymbolsConfig(levels=[1, 1])),
     ]:
         with pytest.raises(ConfigError):
             make_bank(bad)
@@ -208,8 +216,9 @@ def test_config_errors() -> None:
 def test_env_section_from_toml(tmp_path) -> None:
     path = tmp_path / "run.toml"
     path.write_text(
-        '[env]\nname = "mixed"\nmixed = ["symbols", "textarena"]\nlevels = [0, 1, 2]\n'
-        'ta_games = ["tower_of_hanoi.easy"]\nta_tasks_per_family = 5\nta_max_turns = 10\n'
+        '[env]\nname = "mixed"\nmixed = ["symbols", "textarena"]\n'
+        "[env.symbols]\nlevels = [0, 1, 2]\n"
+        '[env.textarena]\ngames = ["tower_of_hanoi.easy"]\ntasks_per_family = 5\nmax_turns = 10\n'
     )
     bank = make_bank(load_config(path).env)
     assert [f.name for f in bank.families()] == ["L0", "L1", "L2", "tower_of_hanoi.easy"]

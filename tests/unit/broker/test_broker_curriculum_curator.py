@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from broker.curriculum.curator import Curator, candidates_from_list
-from shared.curriculum_config import CuratorConfig
+from shared.config import CuratorConfig
 from shared.protocol import TaskSpec
 
 

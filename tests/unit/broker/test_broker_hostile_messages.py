@@ -6,7 +6,6 @@ stay finite."""
 
 from __future__ import annotations
 
-import asyncio
 import math
 from pathlib import Path
 
@@ -66,77 +65,68 @@ async def _status_after_errors(learner) -> dict:
     raise AssertionError("no status answer among the refusals")
 
 
-def test_hostile_values_from_every_role_keep_the_invariants(tmp_path: Path) -> None:
-    async def main() -> None:
-        async with running(config(tmp_path, max_staleness=4)) as (broker, client):
-            actor, learner = client("actor-1"), client("learner")
-            await actor.request(hello("actor", "actor-1"), P.Welcome)
-            await learner.request(hello("learner", "learner"), P.Welcome)
-            legit = P.PolicyPublished(version=1, weights_endpoint="tcp://h:1", manifest=MANIFEST)
-            await learner.send(legit)
-            grant = await actor.request(P.TaskRequest(n=1), P.TaskGrant)
-            gid = grant.leases[0].lease_id
-            task = grant.leases[0].task.task_id
-            items = [
-                msgspec.structs.replace(make_traj(gid, i, version=1), task_id=task)
-                for i in range(2)
-            ]
-            assert len((await actor.request(P.TrajectoryBatch(items=items), P.Ack)).traj_ids) == 2
+async def test_hostile_values_from_every_role_keep_the_invariants(tmp_path: Path) -> None:
+    async with running(config(tmp_path, max_staleness=4)) as (broker, client):
+        actor, learner = client("actor-1"), client("learner")
+        await actor.request(hello("actor", "actor-1"), P.Welcome)
+        await learner.request(hello("learner", "learner"), P.Welcome)
+        legit = P.PolicyPublished(version=1, weights_endpoint="tcp://h:1", manifest=MANIFEST)
+        await learner.send(legit)
+        grant = await actor.request(P.TaskRequest(n=1), P.TaskGrant)
+        gid = grant.leases[0].lease_id
+        task = grant.leases[0].task.task_id
+        items = [
+            msgspec.structs.replace(make_traj(gid, i, version=1), task_id=task) for i in range(2)
+        ]
+        assert len((await actor.request(P.TrajectoryBatch(items=items), P.Ack)).traj_ids) == 2
 
-            # every role's peer, plus a second would-be learner, sends every hostile message
-            peers = [client(f"evil-{role}") for role in ("actor", "learner", "cli")]
-            for peer, role in zip(peers, ("actor", "learner", "cli"), strict=True):
-                try:
-                    await peer.request(hello(role, f"evil-{role}"), P.Welcome)
-                except P.ProtocolError as e:
-                    assert role == "learner" and e.reason == "forbidden"  # one learner per run
-            for peer in [*peers, actor]:
-                for msg in hostile_messages():
-                    await peer.send(msg)
-            # the legitimate learner's own messages with hostile values
-            for msg in hostile_messages()[6:14]:
-                if not isinstance(msg, P.SampleRequest | P.Checkpointed):
-                    await learner.send(msg)
-            info = await _status_after_errors(learner)  # handled in order: all above is in
+        # every role's peer, plus a second would-be learner, sends every hostile message
+        peers = [client(f"evil-{role}") for role in ("actor", "learner", "cli")]
+        for peer, role in zip(peers, ("actor", "learner", "cli"), strict=True):
+            try:
+                await peer.request(hello(role, f"evil-{role}"), P.Welcome)
+            except P.ProtocolError as e:
+                assert role == "learner" and e.reason == "forbidden"  # one learner per run
+        for peer in [*peers, actor]:
+            for msg in hostile_messages():
+                await peer.send(msg)
+        # the legitimate learner's own messages with hostile values
+        for msg in hostile_messages()[6:14]:
+            if not isinstance(msg, P.SampleRequest | P.Checkpointed):
+                await learner.send(msg)
+        info = await _status_after_errors(learner)  # handled in order: all above is in
 
-            assert broker.policy_version == 1  # no forged version took over
-            assert "stale" not in broker.evicted and info["replay_size"] == 2
-            assert broker.learner_ident == b"learner"
-            for key in ("pass_rate", "mean_abs_advantage"):
-                assert all(
-                    math.isfinite(v) for v in broker.curriculum.summary().get(key, {}).values()
-                )
-            # the legitimate pipeline goes on: a group acked, the learner served and its
-            # batch handed out whole
-            grant = await actor.request(P.TaskRequest(n=1), P.TaskGrant)
-            assert grant.leases, "no lease granted after the flood"
-            batch = await learner.request(P.SampleRequest(batch_size=2, policy_version=1), P.Batch)
-            assert [t.group_id for t in batch.items] == [gid, gid]
-            assert all(math.isfinite(w) for w in batch.is_weights)
-
-    asyncio.run(main())
+        assert broker.policy_version == 1  # no forged version took over
+        assert "stale" not in broker.books.retirement.counts and info["replay_size"] == 2
+        assert broker.fence.ident == b"learner"
+        for key in ("pass_rate", "mean_abs_advantage"):
+            assert all(math.isfinite(v) for v in broker.curriculum.summary().get(key, {}).values())
+        # the legitimate pipeline goes on: a group acked, the learner served and its
+        # batch handed out whole
+        grant = await actor.request(P.TaskRequest(n=1), P.TaskGrant)
+        assert grant.leases, "no lease granted after the flood"
+        batch = await learner.request(P.SampleRequest(batch_size=2, policy_version=1), P.Batch)
+        assert [t.group_id for t in batch.items] == [gid, gid]
+        assert all(math.isfinite(w) for w in batch.is_weights)
 
 
-def test_no_actor_puts_episodes_into_another_actors_group(tmp_path: Path) -> None:
-    async def main() -> None:
-        async with running(config(tmp_path)) as (broker, client):
-            owner, intruder = client("actor-1"), client("actor-2")
-            lease = (await owner.request(P.TaskRequest(n=1), P.TaskGrant)).leases[0]
-            gid, task = lease.lease_id, lease.task.task_id
+async def test_no_actor_puts_episodes_into_another_actors_group(tmp_path: Path) -> None:
+    async with running(config(tmp_path)) as (broker, client):
+        owner, intruder = client("actor-1"), client("actor-2")
+        lease = (await owner.request(P.TaskRequest(n=1), P.TaskGrant)).leases[0]
+        gid, task = lease.lease_id, lease.task.task_id
 
-            def traj(i: int, **kw: object) -> P.Trajectory:
-                return msgspec.structs.replace(make_traj(gid, i), **{"task_id": task, **kw})
+        def traj(i: int, **kw: object) -> P.Trajectory:
+            return msgspec.structs.replace(make_traj(gid, i), **{"task_id": task, **kw})
 
-            # the intruder's episodes for the owner's live lease, and a mislabelled one
-            ack = await intruder.request(P.TrajectoryBatch(items=[traj(0)]), P.Ack)
-            assert [r.reason for r in ack.rejected] == ["lease"] and not ack.traj_ids
-            bad = [traj(1, task_id="symbols-L1-999"), traj(1, group_id="other")]
-            ack = await owner.request(P.TrajectoryBatch(items=bad), P.Ack)
-            assert [r.reason for r in ack.rejected] == ["lease", "lease"]
-            assert broker.store.stored == 0
-            # the owner's own group goes in whole
-            ack = await owner.request(P.TrajectoryBatch(items=[traj(0), traj(1)]), P.Ack)
-            assert len(ack.traj_ids) == 2 and not ack.rejected
-            assert (await status(owner))["replay_size"] == 2
-
-    asyncio.run(main())
+        # the intruder's episodes for the owner's live lease, and a mislabelled one
+        ack = await intruder.request(P.TrajectoryBatch(items=[traj(0)]), P.Ack)
+        assert [r.reason for r in ack.rejected] == ["lease"] and not ack.traj_ids
+        bad = [traj(1, task_id="symbols-L1-999"), traj(1, group_id="other")]
+        ack = await owner.request(P.TrajectoryBatch(items=bad), P.Ack)
+        assert [r.reason for r in ack.rejected] == ["lease", "lease"]
+        assert broker.store.stored == 0
+        # the owner's own group goes in whole
+        ack = await owner.request(P.TrajectoryBatch(items=[traj(0), traj(1)]), P.Ack)
+        assert len(ack.traj_ids) == 2 and not ack.rejected
+        assert (await status(owner))["replay_size"] == 2

@@ -16,7 +16,7 @@ from broker.replay import (
     Table,
 )
 from broker.store import TrajMeta
-from shared.config import ConfigError, EnvConfig
+from shared.config import ConfigError, EnvConfig, SymbolsConfig
 
 
 def table(capacity: int = 1000, max_times: int = 1, min_size: int = 1) -> Table:
@@ -155,13 +155,14 @@ def test_groups_complete_only_when_full() -> None:
 
 
 def test_symbols_bank_tasks_and_uniform_pick() -> None:
-    env = EnvConfig(levels=[1, 3], tasks_per_level=5, n_choices=6, n_turns=2, seed=7)
+    symbols = SymbolsConfig(levels=[1, 3], tasks_per_level=5, n_choices=6, n_turns=2)
+    env = EnvConfig(symbols=symbols, seed=7)
     bank = SymbolsBank(env)
     assert len(bank) == 10
     t = bank.by_id["symbols-L3-4"]
     assert (t.env, t.family, t.difficulty) == ("symbols", "L3", 3.0)
     assert t.payload["n_choices"] == 6 and t.payload["n_turns"] == 2
-    assert t.payload["reasoning_tokens"] == env.reasoning_tokens and t.payload["level"] == 3
+    assert t.payload["reasoning_tokens"] == symbols.reasoning_tokens and t.payload["level"] == 3
     seeds = {x.payload["seed"] for x in bank.tasks}
     assert len(seeds) == 10 and all(isinstance(s, int) and s >= 0 for s in seeds)
     # stable across instances (task ids mean the same episode everywhere), seeded picking

@@ -3,7 +3,6 @@ lease grants slow down when the actors do. Every count below is worked out by ha
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import msgspec
@@ -129,124 +128,112 @@ async def deliver(actor: Client, leases: list[P.Lease], version: int = 0) -> Non
         await actor.request(P.TrajectoryBatch(items=items), P.Ack)
 
 
-def test_broker_learner_ahead_waits_and_actors_ahead_get_fewer_leases(tmp_path: Path) -> None:
+async def test_broker_learner_ahead_waits_and_actors_ahead_get_fewer_leases(tmp_path: Path) -> None:
     # spi 1, min size 2, error buffer 3: min_diff = 2 - 3 = -1, max_diff = 2 + 3 = 5
     replay = ReplayConfig(rate_limiter="sample_to_insert", samples_per_insert=1.0, error_buffer=3)
 
-    async def main() -> None:
-        cfg = config(tmp_path, replay, min_size_to_sample=2, max_times_sampled=3)
-        async with running(cfg) as (broker, client):
-            actor, learner = client("actor-1"), client("learner")
-            ins0, smp0 = blocked("insert"), blocked("sample")
-            # actors ahead: leases of 2 trajectories; (0 + 2) <= 2 free, (0 + 4) - 0 = 4 <= 5,
-            # (0 + 6) - 0 = 6 > 5: two of the ten asked for
-            grant = await actor.request(P.TaskRequest(n=10), P.TaskGrant)
-            assert len(grant.leases) == 2 and grant.retry_after_s > 0
-            assert blocked("insert") == ins0 + 1
-            # the two leases still owe 4 trajectories: (0 + 4 + 2) - 0 = 6 > 5, nothing more
-            assert (await actor.request(P.TaskRequest(n=1), P.TaskGrant)).leases == []
-            await deliver(actor, grant.leases)
-            assert (broker.table.size, broker.table.rate_limiter.inserts) == (4, 4)
-            assert (await actor.request(P.TaskRequest(n=1), P.TaskGrant)).leases == []  # 6 > 5
-            # learner: 4 - 0 - 2 = 2 >= -1, then 4 - 2 - 2 = 0: two batches of one group
-            for _ in range(2):
-                req = P.SampleRequest(batch_size=2)
-                assert isinstance(await take(learner, req, (P.Batch, P.NotReady)), P.Batch)
-            # learner ahead: 4 - 4 - 2 = -2 < -1, with 4 trajectories in the table it waits
-            nr = await take(learner, P.SampleRequest(batch_size=2), (P.Batch, P.NotReady))
-            assert isinstance(nr, P.NotReady) and nr.replay_size == 4
-            assert blocked("sample") == smp0 + 1
-            info = (await learner.request(P.Status(), P.StatusReply)).info
-            rl = info["rate_limiter"]
-            assert (rl["kind"], rl["inserts"], rl["samples"]) == ("sample_to_insert", 4, 4)
-            assert rl["can_sample"] is True and rl["can_insert"] is True  # for one trajectory
-            assert info["sampler"] == {"kind": "fifo"}
-            v = REGISTRY.get_sample_value
-            assert v("headrace_broker_rate_limiter_inserts") == 4
-            assert v("headrace_broker_rate_limiter_samples") == 4
-            # the samples made room: (4 + 2) - 4 = 2, (4 + 4) - 4 = 4, (4 + 6) - 4 = 6 > 5
-            grant = await actor.request(P.TaskRequest(n=10), P.TaskGrant)
-            assert len(grant.leases) == 2
-            await deliver(actor, grant.leases)
-            # 8 - 4 - 2 = 2: the learner may go on
-            got = await take(learner, P.SampleRequest(batch_size=2), (P.Batch, P.NotReady))
-            assert isinstance(got, P.Batch)
-
-    asyncio.run(main())
+    cfg = config(tmp_path, replay, min_size_to_sample=2, max_times_sampled=3)
+    async with running(cfg) as (broker, client):
+        actor, learner = client("actor-1"), client("learner")
+        ins0, smp0 = blocked("insert"), blocked("sample")
+        # actors ahead: leases of 2 trajectories; (0 + 2) <= 2 free, (0 + 4) - 0 = 4 <= 5,
+        # (0 + 6) - 0 = 6 > 5: two of the ten asked for
+        grant = await actor.request(P.TaskRequest(n=10), P.TaskGrant)
+        assert len(grant.leases) == 2 and grant.retry_after_s > 0
+        assert blocked("insert") == ins0 + 1
+        # the two leases still owe 4 trajectories: (0 + 4 + 2) - 0 = 6 > 5, nothing more
+        assert (await actor.request(P.TaskRequest(n=1), P.TaskGrant)).leases == []
+        await deliver(actor, grant.leases)
+        assert (broker.table.size, broker.table.rate_limiter.inserts) == (4, 4)
+        assert (await actor.request(P.TaskRequest(n=1), P.TaskGrant)).leases == []  # 6 > 5
+        # learner: 4 - 0 - 2 = 2 >= -1, then 4 - 2 - 2 = 0: two batches of one group
+        for _ in range(2):
+            req = P.SampleRequest(batch_size=2)
+            assert isinstance(await take(learner, req, (P.Batch, P.NotReady)), P.Batch)
+        # learner ahead: 4 - 4 - 2 = -2 < -1, with 4 trajectories in the table it waits
+        nr = await take(learner, P.SampleRequest(batch_size=2), (P.Batch, P.NotReady))
+        assert isinstance(nr, P.NotReady) and nr.replay_size == 4
+        assert blocked("sample") == smp0 + 1
+        info = (await learner.request(P.Status(), P.StatusReply)).info
+        rl = info["rate_limiter"]
+        assert (rl["kind"], rl["inserts"], rl["samples"]) == ("sample_to_insert", 4, 4)
+        assert rl["can_sample"] is True and rl["can_insert"] is True  # for one trajectory
+        assert info["sampler"] == {"kind": "fifo"}
+        v = REGISTRY.get_sample_value
+        assert v("headrace_broker_rate_limiter_inserts") == 4
+        assert v("headrace_broker_rate_limiter_samples") == 4
+        # the samples made room: (4 + 2) - 4 = 2, (4 + 4) - 4 = 4, (4 + 6) - 4 = 6 > 5
+        grant = await actor.request(P.TaskRequest(n=10), P.TaskGrant)
+        assert len(grant.leases) == 2
+        await deliver(actor, grant.leases)
+        # 8 - 4 - 2 = 2: the learner may go on
+        got = await take(learner, P.SampleRequest(batch_size=2), (P.Batch, P.NotReady))
+        assert isinstance(got, P.Batch)
 
 
-def test_liveness_grant_when_evictions_leave_the_ratio_in_debt(tmp_path: Path) -> None:
+async def test_liveness_grant_when_evictions_leave_the_ratio_in_debt(tmp_path: Path) -> None:
     # min_diff = 1 - 2 = -1, max_diff = 1 + 2 = 3
     replay = ReplayConfig(rate_limiter="sample_to_insert", samples_per_insert=1.0, error_buffer=2)
 
-    async def main() -> None:
-        cfg = config(tmp_path, replay, min_size_to_sample=1, max_staleness=1)
-        async with running(cfg) as (broker, client):
-            actor, learner = client("actor-1"), client("learner")
-            grant = await actor.request(P.TaskRequest(n=10), P.TaskGrant)
-            assert len(grant.leases) == 1  # (0 + 2) - 0 = 2 <= 3 ; (0 + 4) = 4 > 3
-            await deliver(actor, grant.leases, version=0)
-            # the learner is at v10 with a cap of 1: the group is evicted unsampled
-            manifest = P.WeightManifest(10, 1, 1, ["d"], [], "d")
-            await learner.send(P.PolicyPublished(10, "tcp://h:1", manifest))
-            req = P.SampleRequest(batch_size=2, policy_version=10)
-            nr = await take(learner, req, (P.Batch, P.NotReady))
-            assert isinstance(nr, P.NotReady) and nr.replay_size == 0
-            # (2 + 2) - 0 = 4 > 3 would block forever: nothing is owed and the learner
-            # cannot be served, so one batch's worth of leases (2 / 2 = 1) is granted
-            grant = await actor.request(P.TaskRequest(n=10), P.TaskGrant)
-            assert len(grant.leases) == 1
-            # ... and only that: while it is owed, nothing more
-            assert (await actor.request(P.TaskRequest(n=10), P.TaskGrant)).leases == []
-            await deliver(actor, grant.leases, version=10)
-            got = await take(
-                learner,
-                P.SampleRequest(batch_size=2, policy_version=10),
-                (P.Batch, P.NotReady),
-            )
-            assert isinstance(got, P.Batch) and len(got.items) == 2
-
-    asyncio.run(main())
+    cfg = config(tmp_path, replay, min_size_to_sample=1, max_staleness=1)
+    async with running(cfg) as (broker, client):
+        actor, learner = client("actor-1"), client("learner")
+        grant = await actor.request(P.TaskRequest(n=10), P.TaskGrant)
+        assert len(grant.leases) == 1  # (0 + 2) - 0 = 2 <= 3 ; (0 + 4) = 4 > 3
+        await deliver(actor, grant.leases, version=0)
+        # the learner is at v10 with a cap of 1: the group is evicted unsampled
+        manifest = P.WeightManifest(10, 1, 1, ["d"], [], "d")
+        await learner.send(P.PolicyPublished(10, "tcp://h:1", manifest))
+        req = P.SampleRequest(batch_size=2, policy_version=10)
+        nr = await take(learner, req, (P.Batch, P.NotReady))
+        assert isinstance(nr, P.NotReady) and nr.replay_size == 0
+        # (2 + 2) - 0 = 4 > 3 would block forever: nothing is owed and the learner
+        # cannot be served, so one batch's worth of leases (2 / 2 = 1) is granted
+        grant = await actor.request(P.TaskRequest(n=10), P.TaskGrant)
+        assert len(grant.leases) == 1
+        # ... and only that: while it is owed, nothing more
+        assert (await actor.request(P.TaskRequest(n=10), P.TaskGrant)).leases == []
+        await deliver(actor, grant.leases, version=10)
+        got = await take(
+            learner,
+            P.SampleRequest(batch_size=2, policy_version=10),
+            (P.Batch, P.NotReady),
+        )
+        assert isinstance(got, P.Batch) and len(got.items) == 2
 
 
-def test_default_config_keeps_fifo_and_min_size(tmp_path: Path) -> None:
-    async def main() -> None:
-        async with running(config(tmp_path, ReplayConfig())) as (broker, client):
-            actor = client("actor-1")
-            grant = await actor.request(P.TaskRequest(n=10), P.TaskGrant)
-            assert len(grant.leases) == 10 and grant.retry_after_s == 0  # no rate limiting
-            assert broker.status()["rate_limiter"]["kind"] == "min_size"
-
-    asyncio.run(main())
+async def test_default_config_keeps_fifo_and_min_size(tmp_path: Path) -> None:
+    async with running(config(tmp_path, ReplayConfig())) as (broker, client):
+        actor = client("actor-1")
+        grant = await actor.request(P.TaskRequest(n=10), P.TaskGrant)
+        assert len(grant.leases) == 10 and grant.retry_after_s == 0  # no rate limiting
+        assert broker.status()["rate_limiter"]["kind"] == "min_size"
 
 
-def test_broker_serves_prioritized_batches_with_weights_and_priority_updates(
+async def test_broker_serves_prioritized_batches_with_weights_and_priority_updates(
     tmp_path: Path,
 ) -> None:
     replay = ReplayConfig(sampler="prioritized", alpha=1.0, beta0=1.0, seed=3)
 
-    async def main() -> None:
-        async with running(config(tmp_path, replay, max_times_sampled=100)) as (broker, client):
-            actor, learner = client("actor-1"), client("learner")
-            grant = await actor.request(P.TaskRequest(n=3), P.TaskGrant)
-            await deliver(actor, grant.leases)
-            items = broker.table.items()
-            assert len(items) == 3 and all(g.priority == 1.0 for g in items)
-            # group 0 -> max(4, 2) = 4 (the default reduce); group 1 -> 0: never sampled again
-            sids = items[0].seqs + items[1].seqs
-            upd = P.PriorityUpdate(sample_ids=sids, priorities=[4.0, 2.0, 0.0, 0.0])
-            await learner.send(upd)
-            info = (await learner.request(P.Status(), P.StatusReply)).info
-            assert [g.priority for g in broker.table.items()] == [4.0, 0.0, 1.0]
-            assert info["sampler"]["kind"] == "prioritized" and info["sampler"]["sampleable"] == 2
-            seen = set()
-            for _ in range(20):
-                b = await take(learner, P.SampleRequest(batch_size=2), P.Batch)
-                gid = b.items[0].group_id
-                seen.add(gid)
-                # N = 3, P = 4/5 or 1/5, beta = 1: weights 1/4 and 1 (the least likely: 1)
-                want = 0.25 if gid == items[0].group_id else 1.0
-                assert b.is_weights == pytest.approx([want, want])
-            assert seen == {items[0].group_id, items[2].group_id}
-
-    asyncio.run(main())
+    async with running(config(tmp_path, replay, max_times_sampled=100)) as (broker, client):
+        actor, learner = client("actor-1"), client("learner")
+        grant = await actor.request(P.TaskRequest(n=3), P.TaskGrant)
+        await deliver(actor, grant.leases)
+        items = broker.table.items()
+        assert len(items) == 3 and all(g.priority == 1.0 for g in items)
+        # group 0 -> max(4, 2) = 4 (the default reduce); group 1 -> 0: never sampled again
+        sids = items[0].seqs + items[1].seqs
+        upd = P.PriorityUpdate(sample_ids=sids, priorities=[4.0, 2.0, 0.0, 0.0])
+        await learner.send(upd)
+        info = (await learner.request(P.Status(), P.StatusReply)).info
+        assert [g.priority for g in broker.table.items()] == [4.0, 0.0, 1.0]
+        assert info["sampler"]["kind"] == "prioritized" and info["sampler"]["sampleable"] == 2
+        seen = set()
+        for _ in range(20):
+            b = await take(learner, P.SampleRequest(batch_size=2), P.Batch)
+            gid = b.items[0].group_id
+            seen.add(gid)
+            # N = 3, P = 4/5 or 1/5, beta = 1: weights 1/4 and 1 (the least likely: 1)
+            want = 0.25 if gid == items[0].group_id else 1.0
+            assert b.is_weights == pytest.approx([want, want])
+        assert seen == {items[0].group_id, items[2].group_id}

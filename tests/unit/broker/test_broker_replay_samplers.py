@@ -219,23 +219,64 @@ def test_replay_config_round_trip_and_validation(tmp_path) -> None:
     assert (r.rate_limiter, r.samples_per_insert, r.error_buffer) == ("sample_to_insert", 2.0, 40.0)
     again = msgspec.convert(msgspec.to_builtins(cfg), Config)  # dict form (TOML) and back
     assert again == cfg and again.digest() == cfg.digest()
-    t = build_table(cfg.broker)
+    t = table_of(cfg.broker)
     assert isinstance(t.sampler, PrioritizedSampler) and t.sampler.alpha == 0.7
     rl = t.rate_limiter.state(0)
     assert rl["kind"] == "sample_to_insert" and (rl["min_diff"], rl["max_diff"]) == (-8.0, 72.0)
     # defaults: FIFO + MinSize, as before [broker.replay] existed
-    default = build_table(Config().broker)
+    default = table_of(Config().broker)
     assert default.sampler.state() == {"kind": "fifo"}
     assert default.rate_limiter.state(0)["kind"] == "min_size"
-    p.write_text('[broker.replay]\nsampler = "heap"\n')
-    with pytest.raises(ConfigError, match="sampler"):
-        load_config(p)
-    p.write_text("[broker.replay]\nsamplr = 1\n")
-    with pytest.raises(ConfigError, match="samplr"):
-        load_config(p)
-    bad = BrokerConfig(
-        replay=ReplayConfig(rate_limiter="sample_to_insert", samples_per_insert=4.0, error_buffer=3)
-    )
-    with pytest.raises(ConfigError, match="error_buffer"):
-        build_table(bad)
     assert math.isfinite(ReplayConfig().error_buffer)
+
+
+def table_of(b: BrokerConfig) -> Table:
+    return build_table(
+        b.replay,
+        capacity=b.replay_capacity,
+        max_times_sampled=b.max_times_sampled,
+        min_size_to_sample=b.min_size_to_sample,
+    )
+
+
+@pytest.mark.parametrize(
+    ("toml", "match"),
+    [
+        # a choice outside its Literal: the key, the choices and the value
+        ('sampler = "heap"', r"sampler must be one of fifo, prioritized, uniform, not 'heap'"),
+        ('rate_limiter = "token_bucket"', r"rate_limiter must be one of .*'token_bucket'"),
+        ('priority_reduce = "sum"', r"priority_reduce must be one of max, mean, not 'sum'"),
+        ("samplr = 1", "samplr"),
+        # the chosen sampler's and rate limiter's values, checked once, at decode
+        ('sampler = "prioritized"\nbeta0 = 1.5', "beta0"),
+        ('rate_limiter = "sample_to_insert"\nsamples_per_insert = 0.0', "samples_per_insert"),
+        (
+            'rate_limiter = "sample_to_insert"\nsamples_per_insert = 4.0\nerror_buffer = 3.0',
+            r"error_buffer too small.* - at `\$\.broker\.replay`",
+        ),
+    ],
+)
+def test_bad_replay_settings_are_refused_at_decode(tmp_path, toml: str, match: str) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text(f"[broker.replay]\n{toml}\n")
+    with pytest.raises(ConfigError, match=match) as e:
+        load_config(p)
+    assert "\n" not in str(e.value)
+
+
+def test_settings_of_the_samplers_not_chosen_are_not_checked() -> None:
+    fifo = msgspec.convert({"beta0": 7.0, "error_buffer": 0.0}, ReplayConfig)
+    assert table_of(BrokerConfig(replay=fifo)).sampler.state() == {"kind": "fifo"}
+
+
+def test_table_does_not_read_the_config() -> None:
+    import ast
+    import inspect
+
+    from broker.replay import table
+
+    tree = ast.parse(inspect.getsource(table))
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module} | {
+        a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
+    }
+    assert not any(m.startswith("shared") for m in imported), imported

@@ -51,6 +51,7 @@ EXAMPLES: list[P.Base] = [
         weights_endpoint="tcp://h:1",
         config_digest="d",
         manifest=MANIFEST,
+        group_size=8,
     ),
     P.Error(reason="oversize", detail="too big"),
     P.Heartbeat(peer_id="a", stats={"episodes": 3.0}),
@@ -97,7 +98,7 @@ def test_trajectory_arrays_keep_dtype_and_values():
     assert t.array("token_ids").tolist() == list(range(8))
     assert t.array("behav_logprob").dtype == np.float32
     assert t.array("policy_version").tolist() == [3] * 7 + [4]
-    assert t.min_policy_version() == 3
+    assert P.min_policy_version(t) == 3
     assert t.n_tokens == 8
 
 

@@ -5,7 +5,6 @@ Real sockets on loopback, real keys."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import msgspec
@@ -64,104 +63,91 @@ def test_keys_generate_one_key_per_actor(tmp_path: Path) -> None:
     assert sorted(roles.values()) == ["actor", "actor", "actor", "cli", "learner"]
 
 
-def test_each_key_may_send_only_what_its_role_sends(sec: SecurityConfig) -> None:
+async def test_each_key_may_send_only_what_its_role_sends(sec: SecurityConfig) -> None:
     before = forbidden_count()
 
-    async def main() -> None:
-        async with running(secured(sec)) as (broker, _):
-            assert broker.server is not None
-            ep = broker.server.endpoint
-            actor = Client(
-                ep, "actor-1", curve=client_keys(as_role(sec, "actor-1"), "actor", "broker")
+    async with running(secured(sec)) as (broker, _):
+        assert broker.server is not None
+        ep = broker.server.endpoint
+        actor = Client(ep, "actor-1", curve=client_keys(as_role(sec, "actor-1"), "actor", "broker"))
+        learner = Client(ep, "learner", curve=client_keys(sec, "learner", "broker"))
+        cli = Client(ep, "cli-1", curve=client_keys(sec, "cli", "broker"))
+        for c in (actor, learner, cli):
+            c.start()
+        try:
+            # an actor key: its own messages, never the learner's
+            await actor.request(hello("actor", "actor-1"), P.Welcome, timeout=5)
+            assert "actor may not send PolicyPublished" in await expect_error(
+                actor, FORGED, "forbidden"
             )
-            learner = Client(ep, "learner", curve=client_keys(sec, "learner", "broker"))
-            cli = Client(ep, "cli-1", curve=client_keys(sec, "cli", "broker"))
-            for c in (actor, learner, cli):
-                c.start()
+            await expect_error(actor, P.SampleRequest(batch_size=2), "forbidden")
+            await expect_error(actor, hello("learner", "actor-1"), "forbidden")
+            assert broker.relay.policy is None and broker.table.size == 0
+            # the learner key samples and publishes; it takes no leases
+            await learner.request(hello("learner", "l"), P.Welcome, timeout=5)
+            await learner.request(P.SampleRequest(batch_size=2), P.NotReady, timeout=5)
+            await expect_error(learner, P.TaskRequest(n=1), "forbidden")
+            # cli: status only
+            assert (await cli.request(P.Status(), P.StatusReply, timeout=5)).info
+            await expect_error(cli, P.TaskRequest(n=1), "forbidden")
+            # a routing id stays bound to the key that first used it
+            thief = Client(ep, "learner", curve=client_keys(sec, "cli", "broker"))
+            thief.start()
             try:
-                # an actor key: its own messages, never the learner's
-                await actor.request(hello("actor", "actor-1"), P.Welcome, timeout=5)
-                assert "actor may not send PolicyPublished" in await expect_error(
-                    actor, FORGED, "forbidden"
-                )
-                await expect_error(actor, P.SampleRequest(batch_size=2), "forbidden")
-                await expect_error(actor, hello("learner", "actor-1"), "forbidden")
-                assert broker.policy is None and broker.table.size == 0
-                # the learner key samples and publishes; it takes no leases
-                await learner.request(hello("learner", "l"), P.Welcome, timeout=5)
-                await learner.request(P.SampleRequest(batch_size=2), P.NotReady, timeout=5)
-                await expect_error(learner, P.TaskRequest(n=1), "forbidden")
-                # cli: status only
-                assert (await cli.request(P.Status(), P.StatusReply, timeout=5)).info
-                await expect_error(cli, P.TaskRequest(n=1), "forbidden")
-                # a routing id stays bound to the key that first used it
-                thief = Client(ep, "learner", curve=client_keys(sec, "cli", "broker"))
-                thief.start()
-                try:
-                    await expect_error(thief, P.Status(), "forbidden")
-                finally:
-                    thief.close()
+                await expect_error(thief, P.Status(), "forbidden")
             finally:
-                for c in (actor, learner, cli):
-                    c.close()
-
-    asyncio.run(main())
+                thief.close()
+        finally:
+            for c in (actor, learner, cli):
+                c.close()
     assert forbidden_count() >= before + 6
 
 
-def test_weight_endpoint_serves_actor_keys_only(sec: SecurityConfig) -> None:
-    async def main() -> None:
-        pub = WeightPublisher(
-            "tcp://127.0.0.1:0", chunk_bytes=512, curve=server_keys(sec, "learner", ("actor",))
-        )
-        pub.start()
-        manifest = pub.publish(1, _state_dict())
-        actor_keys = client_keys(as_role(sec, "actor-0"), "actor", "learner")
-        actor = Client(pub.endpoint, "actor-0", curve=actor_keys)
-        cli = None
-        try:
-            assert await fetch_blob(actor, manifest, timeout=5)
-            cli = Client(pub.endpoint, "cli-1", curve=client_keys(sec, "cli", "learner"))
-            await refused(cli, P.WeightRequest(version=1, chunk=0), P.WeightChunk, "learner")
-        finally:
-            actor.close()
-            if cli is not None:
-                cli.close()
-            await pub.aclose()
-
-    asyncio.run(main())
+async def test_weight_endpoint_serves_actor_keys_only(sec: SecurityConfig) -> None:
+    pub = WeightPublisher(
+        "tcp://127.0.0.1:0", chunk_bytes=512, curve=server_keys(sec, "learner", ("actor",))
+    )
+    pub.start()
+    manifest = pub.publish(1, _state_dict())
+    actor_keys = client_keys(as_role(sec, "actor-0"), "actor", "learner")
+    actor = Client(pub.endpoint, "actor-0", curve=actor_keys)
+    cli = None
+    try:
+        assert await fetch_blob(actor, manifest, timeout=5)
+        cli = Client(pub.endpoint, "cli-1", curve=client_keys(sec, "cli", "learner"))
+        await refused(cli, P.WeightRequest(version=1, chunk=0), P.WeightChunk, "learner")
+    finally:
+        actor.close()
+        if cli is not None:
+            cli.close()
+        await pub.aclose()
 
 
-def test_forged_versions_neither_lock_out_the_learner_nor_evict_replay(tmp_path: Path) -> None:
+async def test_forged_versions_neither_lock_out_the_learner_nor_evict_replay(
+    tmp_path: Path,
+) -> None:
     cfg = Config()
     broker_cfg = msgspec.structs.replace(
         cfg.broker, durability="none", group_size=2, max_staleness=4
     )
     cfg = msgspec.structs.replace(cfg, broker=broker_cfg)
 
-    async def main() -> None:
-        async with running(cfg) as (broker, client):
-            actor, learner = client("a"), client("l")
-            await actor.request(
-                P.TrajectoryBatch(items=[make_traj("g", i) for i in range(2)]), P.Ack
-            )
-            await learner.request(hello("learner", "l"), P.Welcome)
-            detail = await expect_error(learner, FORGED, "invalid")
-            assert "implausible" in detail and broker.policy_version == 0
-            real = P.PolicyPublished(version=1, weights_endpoint="tcp://h:1", manifest=MANIFEST)
-            await learner.send(real)
-            await learner.request(P.Status(), P.StatusReply)
-            assert broker.policy_version == 1  # the real learner goes on
-            # a huge version in a SampleRequest evicts nothing: the group is handed out
-            batch = await learner.request(
-                P.SampleRequest(batch_size=2, policy_version=2**62), P.Batch
-            )
-            assert len(batch.items) == 2 and "stale" not in broker.evicted
-
-    asyncio.run(main())
+    async with running(cfg) as (broker, client):
+        actor, learner = client("a"), client("l")
+        await actor.request(P.TrajectoryBatch(items=[make_traj("g", i) for i in range(2)]), P.Ack)
+        await learner.request(hello("learner", "l"), P.Welcome)
+        detail = await expect_error(learner, FORGED, "invalid")
+        assert "implausible" in detail and broker.policy_version == 0
+        real = P.PolicyPublished(version=1, weights_endpoint="tcp://h:1", manifest=MANIFEST)
+        await learner.send(real)
+        await learner.request(P.Status(), P.StatusReply)
+        assert broker.policy_version == 1  # the real learner goes on
+        # a huge version in a SampleRequest evicts nothing: the group is handed out
+        batch = await learner.request(P.SampleRequest(batch_size=2, policy_version=2**62), P.Batch)
+        assert len(batch.items) == 2 and "stale" not in broker.books.retirement.counts
 
 
-def test_one_learner_per_run_a_second_is_refused_and_a_replaced_one_fenced(
+async def test_one_learner_per_run_a_second_is_refused_and_a_replaced_one_fenced(
     tmp_path: Path,
 ) -> None:
     clock = FakeClock()
@@ -171,28 +157,25 @@ def test_one_learner_per_run_a_second_is_refused_and_a_replaced_one_fenced(
     )
     timeout = cfg.broker.heartbeat_timeout_s
 
-    async def main() -> None:
-        async with running(cfg, clock=clock) as (broker, client):
-            first, second = client("learner-a"), client("learner-b")
-            await first.request(hello("learner", "a"), P.Welcome)
-            detail = await expect_error(second, hello("learner", "b"), "forbidden")
-            assert "learner a is active" in detail
-            await expect_error(second, P.SampleRequest(batch_size=2), "forbidden")
-            with pytest.raises(P.ProtocolError):
-                await second.request(FORGED, P.Welcome, timeout=5, retries=0)
-            assert broker.policy is None
-            # the first learner heartbeats while it trains: still the active one
-            clock.t += timeout - 1
-            await first.send(P.Heartbeat(peer_id="a"))
-            await first.request(P.SampleRequest(batch_size=2), P.NotReady)
-            clock.t += timeout - 1
-            await expect_error(second, hello("learner", "b"), "forbidden")
-            # silent for longer than the heartbeat timeout: the second takes over ...
-            clock.t += timeout + 1
-            await second.request(hello("learner", "b"), P.Welcome)
-            assert broker.learner_epoch == 2
-            await second.request(P.SampleRequest(batch_size=2), P.NotReady)
-            # ... and the first, back from a long stall, is fenced off
-            assert "fenced" in await expect_error(first, P.SampleRequest(batch_size=2), "forbidden")
-
-    asyncio.run(main())
+    async with running(cfg, clock=clock) as (broker, client):
+        first, second = client("learner-a"), client("learner-b")
+        await first.request(hello("learner", "a"), P.Welcome)
+        detail = await expect_error(second, hello("learner", "b"), "forbidden")
+        assert "learner a is active" in detail
+        await expect_error(second, P.SampleRequest(batch_size=2), "forbidden")
+        with pytest.raises(P.ProtocolError):
+            await second.request(FORGED, P.Welcome, timeout=5, retries=0)
+        assert broker.relay.policy is None
+        # the first learner heartbeats while it trains: still the active one
+        clock.t += timeout - 1
+        await first.send(P.Heartbeat(peer_id="a"))
+        await first.request(P.SampleRequest(batch_size=2), P.NotReady)
+        clock.t += timeout - 1
+        await expect_error(second, hello("learner", "b"), "forbidden")
+        # silent for longer than the heartbeat timeout: the second takes over ...
+        clock.t += timeout + 1
+        await second.request(hello("learner", "b"), P.Welcome)
+        assert broker.fence.epoch == 2
+        await second.request(P.SampleRequest(batch_size=2), P.NotReady)
+        # ... and the first, back from a long stall, is fenced off
+        assert "fenced" in await expect_error(first, P.SampleRequest(batch_size=2), "forbidden")

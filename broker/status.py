@@ -1,0 +1,57 @@
+"""What the broker reports of itself: the `Status` reply (`headrace status`) and its gauges."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from broker import metrics as M
+from broker.parts import Books
+from broker.peers import Peer, Peers
+from shared import protocol as P
+
+if TYPE_CHECKING:
+    from broker.server import Broker
+
+
+def report(b: Broker) -> dict[str, object]:
+    now, books, p = b.clock(), b.books, b.relay.policy
+
+    def describe(peer: Peer) -> dict[str, object]:
+        return peer.describe(now, books.leases.count_for(peer.ident))
+
+    peers = b.peers.values()
+    return {
+        "run_id": b.run_id,
+        "protocol_version": P.PROTOCOL_VERSION,
+        "config_digest": b.cfg.digest(),
+        "durability": b.cfg.broker.durability,
+        "policy_version": b.relay.version,
+        "weights_endpoint": p.weights_endpoint if p else "",
+        "stored_trajectories": books.store.stored,
+        "replay_size": books.table.size,
+        "replay_groups": len(books.table),
+        "pending_groups": len(books.groups),
+        "leases_active": len(books.leases),
+        "leases_requeued": len(books.leases.requeued),
+        "outstanding": b.admission.outstanding(),
+        "backpressure_bound": b.admission.backpressure_bound(),
+        "rate_limiter": books.table.rate_limiter.state(books.table.size),
+        "sampler": books.table.sampler.state(),
+        "evicted": dict(books.retirement.counts),
+        "learner_batches": books.batches.state(),
+        "curriculum": books.curriculum.summary(),
+        "evaluations": books.evals.status(),  # policy version -> tasks done / in the round
+        "actors": [describe(p) for p in peers if p.role == "actor"],
+        "learners": [describe(p) for p in peers if p.role == "learner"],
+    }
+
+
+def refresh_gauges(books: Books, peers: Peers, heartbeat_timeout_s: float) -> None:
+    table = books.table
+    M.REPLAY_SIZE.set(table.size)
+    M.REPLAY_GROUPS.set(len(table))
+    M.PENDING_GROUPS.set(len(books.groups))
+    M.LEASES_ACTIVE.set(len(books.leases))
+    M.RATE_LIMITER_INSERTS.set(table.rate_limiter.inserts)
+    M.RATE_LIMITER_SAMPLES.set(table.rate_limiter.samples)
+    M.ACTORS_CONNECTED.set(len(peers.connected("actor", heartbeat_timeout_s)))
