@@ -106,7 +106,7 @@ def pipeline(model: Path, work: Path, conc: int, reasoning: int, a: argparse.Nam
     cfg = work / "run.toml"
     cfg.write_text(
         f'[model]\npath = "{model}"\nbuild_tiny_if_missing = false\n\n'
-        f"[env]\nlevels = [1]\ntasks_per_level = 1024\nn_turns = 1\n"
+        f"[env.symbols]\nlevels = [1]\ntasks_per_level = 1024\nn_turns = 1\n"
         f"reasoning_tokens = {reasoning}\n\n"
         # No learner: nothing is ever sampled, so replay must hold the whole run.
         f"[broker]\ngroup_size = 8\nreplay_capacity = 100000000\nmax_staleness = -1\n\n"

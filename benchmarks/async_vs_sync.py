@@ -2,7 +2,7 @@
 
 Runs the whole pipeline (`headrace run`: broker + learner + one vLLM actor on loopback, the
 tiny model) on the multi-turn `symbols` env with a tool delay: every env step awaits
-`[env] step_delay_s` (0.2 s), as a tool call would. Same job, same seeds, same steps, two
+`[env.symbols] step_delay_s` (0.2 s), as a tool call would. Same job, same seeds, same steps, two
 modes:
 
 - async (headrace's normal mode): the actor keeps generating while the learner trains, on
@@ -57,13 +57,15 @@ JOB: dict[str, Any] = {
     "model": {"path": ".cache/models/tiny", "build_tiny_if_missing": True, "seed": 0},
     "env": {
         "name": "symbols",
-        "levels": [1],
-        "tasks_per_level": 64,
-        "reasoning_tokens": 2,
-        "n_choices": 4,
-        "n_turns": 3,
         "seed": 0,
-        "step_delay_s": 0.2,
+        "symbols": {
+            "levels": [1],
+            "tasks_per_level": 64,
+            "reasoning_tokens": 2,
+            "n_choices": 4,
+            "n_turns": 3,
+            "step_delay_s": 0.2,
+        },
     },
     "broker": {"durability": "none", "group_size": 8, "max_staleness": 4},
     "actor": {"max_concurrent_episodes": 128, "temperature": 1.0, "max_model_len": 256},
@@ -84,7 +86,7 @@ def run_config(mode: str, seed: int, steps: int, step_delay: float) -> dict[str,
         cfg[section].update(over)
     port = free_port()
     endpoint = f"tcp://127.0.0.1:{port}"
-    cfg["env"].update(seed=seed, step_delay_s=step_delay)
+    cfg["env"].update(seed=seed, symbols={**JOB["env"]["symbols"], "step_delay_s": step_delay})
     cfg["broker"].update(port=port, metrics_port=0)
     cfg["actor"].update(broker=endpoint, metrics_port=0, seed=seed)
     cfg["learner"].update(broker=endpoint, metrics_port=0, weights_port=0, steps=steps, seed=seed)
@@ -166,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="1 seed x 12 steps per mode")
     ap.add_argument("--steps", type=int, help="learner steps per run (default 40; quick 12)")
     ap.add_argument("--seeds", type=int, help="seeds per mode (default 2; quick 1)")
-    ap.add_argument("--step-delay", type=float, default=0.2, help="[env] step_delay_s")
+    ap.add_argument("--step-delay", type=float, default=0.2, help="[env.symbols] step_delay_s")
     ap.add_argument("--keep", action="store_true", help="keep every run's directory")
     args = ap.parse_args(argv)
     steps = args.steps or (12 if args.quick else 40)
@@ -216,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         "reward_ratio": _ratio(a["reward_per_sample"], s["reward_per_sample"]),
         "final_reward_ratio": _ratio(a["final_reward"], s["final_reward"]),
         "goal": {"speedup": GOAL_SPEEDUP, "reward": "equal per sample"},
-        "job": JOB["env"] | {"step_delay_s": args.step_delay},
+        "job": JOB["env"] | {"symbols": JOB["env"]["symbols"] | {"step_delay_s": args.step_delay}},
         "seeds": list(range(seeds)),
         "steps": steps,
         "seconds": round(time.monotonic() - t_start, 1),

@@ -1,8 +1,8 @@
 """A real pretrained model learning a task: SmolLM2-135M-Instruct with its chat template.
 
 `base` measures candidate tasks: held-out pass@1 of the untrained model on reasoning-gym
-families (tasks the training bank never leases: indices from `rg_tasks_per_family` on),
-played with the recipe's chat template, instruction and answer rule.
+families (tasks the training bank never leases: indices from `[env.reasoning_gym]
+tasks_per_family` on), played with the recipe's chat template, instruction and answer rule.
 
     python benchmarks/real_model.py base [--families chain_sum.easy,gcd.easy] [--tasks 64]
 
@@ -185,7 +185,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         print(json.dumps(per_seed[-1]), flush=True)
     mean = lambda key: sum(sum(s[key].values()) / len(s[key]) for s in per_seed) / len(per_seed)  # noqa: E731
     return {
-        "task": cfg["env"]["rg_datasets"],
+        "task": cfg["env"]["reasoning_gym"]["datasets"],
         "pass_before": round(mean("before"), 3),
         "pass_after": round(mean("after"), 3),
         "per_seed": per_seed,
@@ -218,8 +218,9 @@ def main(argv: list[str] | None = None) -> None:
         cfg = recipe(0, 0)
         if args.families:
             fams = [f.split(".") for f in args.families.split(",")]
-            cfg["env"]["rg_datasets"] = sorted({d for d, _ in fams})
-            cfg["env"]["rg_difficulties"] = sorted({d for _, d in fams})
+            rg = cfg["env"].setdefault("reasoning_gym", {})
+            rg["datasets"] = sorted({d for d, _ in fams})
+            rg["difficulties"] = sorted({d for _, d in fams})
         work = Path(args.work) / "base"
         work.mkdir(parents=True, exist_ok=True)
         res = evaluate_in_child(cfg, cfg["model"]["path"], args.tasks, args.samples, work)

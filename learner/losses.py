@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from learner import correction as C
-from shared.config import CorrectionConfig
+from shared.config import CorrectionConfig, CorrectionMode
 
 
 def clipped_pg_loss(
@@ -34,7 +34,7 @@ def clipped_pg_loss(
     is_cap: float = 2.0,
     token_weights: Tensor | None = None,
     *,
-    mode: str = "decoupled",
+    mode: CorrectionMode = "decoupled",
     is_weight: Tensor | None = None,
     denom: float | Tensor | None = None,
     full_diagnostics: bool = True,

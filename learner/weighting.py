@@ -27,10 +27,11 @@ import torch
 from torch import Tensor
 
 from shared.config import WeightingConfig
+from shared.config_learner import Role as RoleName
 from shared.protocol import Role
 
 
-def role_weight_table(role_weights: Mapping[str, float]) -> Tensor:
+def role_weight_table(role_weights: Mapping[RoleName, float]) -> Tensor:
     """[n_roles] weight per `Role` value; roles not named weigh 0."""
     table = torch.zeros(max(Role) + 1, dtype=torch.float64)
     for name, w in role_weights.items():

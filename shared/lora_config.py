@@ -1,7 +1,7 @@
 """`[learner.lora]`: train LoRA adapters instead of every weight, and sync only the adapter.
 
-Kept apart from shared/config.py (which is at its size budget); like `CuratorConfig` it
-imports nothing from it, so shared/config.py imports it without a cycle. The learner wraps its
+A section module that shared/config.py assembles (import it from there or from here: the
+roles' LoRA code needs nothing else of the config). The learner wraps its
 model with `peft` (learner/lora.py); the actors read this same section from the same TOML to
 start vLLM with LoRA enabled (actor/engine.py). rank 0: off, full fine-tuning.
 """
@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 
 import msgspec
+
+from shared.config_base import Section
 
 # Llama's attention and MLP projections (also Qwen2/Mistral/SmolLM2 names)
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -26,7 +28,7 @@ def _default_targets() -> list[str]:
     return list(LLAMA_PROJECTIONS)
 
 
-class LoraConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+class LoraConfig(Section):
     """Low-rank adapters W + (alpha / rank) B A on `target_modules`, dropout 0.
 
     Dropout is not a setting: the learner's proximal logprobs must be the same deterministic

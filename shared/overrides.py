@@ -21,7 +21,7 @@ from typing import Any
 import msgspec
 from msgspec import inspect as mi
 
-from shared.config import ConfigError
+from shared.config_base import MOVED_KEYS, ConfigError, moved_message
 
 SET_HELP = "one config setting, typed as in the TOML file (repeatable; e.g. learner.lr=1e-4)"
 
@@ -77,16 +77,58 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], schema: type)
     return raw
 
 
-def explain(e: msgspec.ValidationError, source: str, overrides: Sequence[str]) -> str:
-    """A validation error as one line, naming the `--set` it comes from when it is that one."""
+def explain(
+    e: msgspec.ValidationError, source: str, overrides: Sequence[str], schema: type | None = None
+) -> str:
+    """A validation error as one line, naming the `--set` it comes from when it is that one.
+
+    With `schema`, a value outside a `Literal`'s choices is said with the choices.
+    """
+    text = _with_choices(str(e), schema) if schema is not None else str(e)
     m = re.search(r"at `\$\.([^`]*)`", str(e))
-    path = m.group(1) if m else None
+    path = re.sub(r"\[\d+\]", "", m.group(1)) if m else None  # a list item: its key's
     for item in reversed(overrides):  # the last one of a key is the one that counted
         if path is not None and _split(item)[0] == path.split("."):
-            return f"--set {item}: {e}"
+            return f"--set {item}: {text}"
     if overrides:
-        return f"{source} with {' '.join(set_argv(overrides))}: {e}"
-    return f"{source}: {e}"
+        return f"{source} with {' '.join(set_argv(overrides))}: {text}"
+    return f"{source}: {text}"
+
+
+# msgspec's words for a value outside a Literal (a dict key: "at `key` in `$.path`")
+_ENUM = re.compile(
+    r"Invalid enum value (?P<value>.+) - at (?P<key>`key` in )?`\$\.(?P<path>[^`]*)`$"
+)
+
+
+def _with_choices(text: str, schema: type) -> str:
+    """msgspec's "Invalid enum value 'x' - at `$.a.b`" as "b must be one of c, d, not 'x'",
+    keeping the path (it names the key too)."""
+    m = _ENUM.fullmatch(text)
+    if m is None:
+        return text
+    names = re.sub(r"\[\d+\]", "", m["path"]).split(".")
+    t: mi.Type = mi.type_info(schema)
+    for name in names:
+        t = _unwrap(t)
+        if isinstance(t, mi.ListType):  # the path named an item of it: `[i]`, stripped
+            t = _unwrap(t.item_type)
+        if isinstance(t, mi.StructType):
+            t = next((f.type for f in t.fields if f.encode_name == name), mi.AnyType())
+        elif isinstance(t, mi.DictType):
+            t = t.value_type
+    t = _unwrap(t)
+    what = names[-1]
+    if m["key"] and isinstance(t, mi.DictType):
+        t, what = _unwrap(t.key_type), f"{what} keys"
+    elif isinstance(t, mi.ListType):
+        t = _unwrap(t.item_type)
+    literals = t.types if isinstance(t, mi.UnionType) else (t,)
+    choices = [v for lt in literals if isinstance(lt, mi.LiteralType) for v in lt.values]
+    if not choices:
+        return text
+    where = text[m.end("value") + len(" - at ") :]
+    return f"{what} must be one of {', '.join(map(str, choices))}, not {m['value']} - at {where}"
 
 
 def _split(item: str) -> tuple[list[str], str]:
@@ -104,6 +146,11 @@ def _field_type(t: mi.Type, parts: list[str], item: str) -> mi.Type:
         if isinstance(t, mi.StructType):
             fields = {f.encode_name: f.type for f in t.fields}
             if name not in fields:
+                moved = MOVED_KEYS.get(tuple(parts[: i + 1]))
+                if moved is not None:
+                    raise ConfigError(
+                        f"--set {item}: {moved_message(tuple(parts[: i + 1]), moved)}"
+                    )
                 if i == 0:
                     where, kind = f"no section {name!r}", "sections"
                 else:
@@ -129,7 +176,9 @@ def _unwrap(t: mi.Type) -> mi.Type:
 
 def _is_str(t: mi.Type) -> bool:
     if isinstance(t, mi.UnionType):
-        return any(isinstance(u, mi.StrType) for u in t.types)
+        return any(_is_str(u) for u in t.types)
+    if isinstance(t, mi.LiteralType):  # a choice of names
+        return all(isinstance(v, str) for v in t.values)
     return isinstance(t, mi.StrType)
 
 

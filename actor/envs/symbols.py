@@ -30,7 +30,7 @@ class SymbolsEnv(Env):
         self.action_tokens = max(1, int(payload.get("action_tokens", 1)))
         self.sparse = str(payload.get("reward", "turn")) == "pass"
         self.map_seed = int(payload.get("map_seed", 0))
-        # A tool call's latency, awaited in every `step` ([env] step_delay_s, via the actor).
+        # A tool call's latency, awaited in every `step` ([env.symbols] step_delay_s, via the bank).
         self.step_delay_s = float(payload.get("step_delay_s", 0.0))
         self.task_seed = int(payload.get("seed", 0))
         self.episode_seed = episode_seed  # only the noise level uses it

@@ -9,6 +9,7 @@ config checks stay light.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ def _installed(module: str) -> bool:
         return False
 
 
-def require_backends(backends: list[str]) -> None:
+def require_backends(backends: Sequence[str]) -> None:
     """ConfigError unless every backend is known and its package importable."""
     for name in backends:
         if name not in PACKAGES:

@@ -30,7 +30,7 @@ def test_periodic_evaluation_scores_held_out_tasks_and_stores_none(
     cfg = write_config(
         tmp_path / "run.toml",
         tiny_model,
-        env=ENV,
+        **{"env.symbols": ENV},
         broker={"port": port, "metrics_port": 0},
         actor={"metrics_port": 0},
         learner={
@@ -62,7 +62,7 @@ def test_periodic_evaluation_scores_held_out_tasks_and_stores_none(
     assert "evaluation of policy v4 done" in broker_log
 
     # the held-out tasks were played (outcomes), never stored as training data
-    bank = SymbolsBank(msgspec.convert(ENV, EnvConfig))
+    bank = SymbolsBank(msgspec.convert({"symbols": ENV}, EnvConfig))
     held_out = {t.task_id for ts in bank.heldout(3).values() for t in ts}
     with sqlite3.connect(tmp_path / "run" / "broker" / DB_NAME) as db:
         stored = {row[0] for row in db.execute("SELECT task_id FROM trajectories")}

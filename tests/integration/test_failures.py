@@ -177,7 +177,7 @@ def test_a_hung_episode_loses_its_lease_and_its_task_is_granted_again(tmp_path, 
     cfg = write_config(
         tmp_path / "c.toml",
         tiny_model,
-        env={"step_delay_s": 60.0},
+        **{"env.symbols": {"step_delay_s": 60.0}},
         broker={"port": port, "episode_timeout_s": 5.0, "lease_deadline_s": 600.0},
         actor={"max_concurrent_episodes": 4, "heartbeat_s": 1.0},
     )

@@ -20,6 +20,7 @@ CONFIG = """
 path = "{model}"
 [env]
 name = "symbols"
+[env.symbols]
 levels = [5]
 tasks_per_level = 16
 n_choices = 4

@@ -4,7 +4,6 @@ chat-message rows)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from pathlib import Path
@@ -149,21 +148,19 @@ def test_config_errors(tmp_path) -> None:
             make_bank(cfg)
 
 
-def play(task: P.TaskSpec, replies: list[str], chat: ChatFormat | None = None, tok=None):
+async def play(task: P.TaskSpec, replies: list[str], chat: ChatFormat | None = None, tok=None):
     lease = P.Lease(lease_id="L", task=task, group_size=1, deadline_s=60)
     env = make_env(task, 0, {})
-    return asyncio.run(
-        run_episode(
-            ScriptedEngine(replies),
-            env,
-            tok or CharTokenizer(),
-            lease,
-            "a",
-            temperature=1.0,
-            max_model_len=4096,
-            needs_text=env.needs_text,
-            chat=chat,
-        )
+    return await run_episode(
+        ScriptedEngine(replies),
+        env,
+        tok or CharTokenizer(),
+        lease,
+        "a",
+        temperature=1.0,
+        max_model_len=4096,
+        needs_text=env.needs_text,
+        chat=chat,
     )
 
 
@@ -173,10 +170,10 @@ def task_with(tmp_path: Path, reward: str, rows=ROWS, **kw) -> P.TaskSpec:
     return make_bank(cfg).tasks[0]
 
 
-def test_sync_and_async_reward_functions_score_the_reply(tmp_path) -> None:
+async def test_sync_and_async_reward_functions_score_the_reply(tmp_path) -> None:
     for reward in ("exact", "exact_async"):
         task = task_with(tmp_path, reward)
-        right, wrong = play(task, ["2"]), play(task, ["3"])
+        right, wrong = await play(task, ["2"]), await play(task, ["3"])
         assert right.outcome_reward == 1.0 and right.success, reward
         assert wrong.outcome_reward == 0.0 and not wrong.success, reward
         assert right.termination == P.Termination.DONE
@@ -185,28 +182,28 @@ def test_sync_and_async_reward_functions_score_the_reply(tmp_path) -> None:
         assert "".join(chr(i) for i in ids[role == Role.PROMPT]) == "1 + 1 ="
 
 
-def test_a_raising_or_non_numeric_reward_function_is_an_env_error(tmp_path) -> None:
+async def test_a_raising_or_non_numeric_reward_function_is_an_env_error(tmp_path) -> None:
     for reward in ("broken", "not_a_number", "missing_function"):
-        traj = play(task_with(tmp_path, reward), ["2"])
+        traj = await play(task_with(tmp_path, reward), ["2"])
         assert traj.termination == P.Termination.ENV_ERROR and not traj.success, reward
     env = make_env(task_with(tmp_path, "broken"), 0)
-    asyncio.run(env.reset())
+    await env.reset()
     with pytest.raises(EnvError, match="ZeroDivisionError"):
-        asyncio.run(env.step(env.parse_action(Generation([1], ["2"]))))
+        await env.step(env.parse_action(Generation([1], ["2"])))
 
 
-def test_the_step_hook_asks_again_until_right_or_out_of_turns(tmp_path) -> None:
+async def test_the_step_hook_asks_again_until_right_or_out_of_turns(tmp_path) -> None:
     task = task_with(tmp_path, "exact", step=f"{R}:again", max_turns=3)
-    traj = play(task, ["5", "2", "unused"])
+    traj = await play(task, ["5", "2", "unused"])
     assert [t.reward for t in traj.turns] == [0.0, 1.0] and traj.success
     ids, role = traj.array("token_ids"), traj.array("role")
     assert "wrong (0), try again" in "".join(chr(i) for i in ids[role == Role.OBSERVATION])
-    out = play(task, ["5", "6", "7"])
+    out = await play(task, ["5", "6", "7"])
     assert out.n_turns == 3 and out.outcome_reward == 0.0
-    assert play(task_with(tmp_path, "exact", step=f"{R}:again"), ["5"]).n_turns == 1
+    assert (await play(task_with(tmp_path, "exact", step=f"{R}:again"), ["5"])).n_turns == 1
 
 
-def test_a_messages_row_opens_with_its_conversation_under_the_chat_template(tmp_path) -> None:
+async def test_a_messages_row_opens_with_its_conversation_under_the_chat_template(tmp_path) -> None:
     from tests.chat_tokenizers import llama3_tokenizer
 
     tok = llama3_tokenizer()
@@ -238,7 +235,7 @@ def test_a_messages_row_opens_with_its_conversation_under_the_chat_template(tmp_
         def decode(self, ids):
             return "".join(chr(i) for i in ids)
 
-    traj = play(task, ["4"], tok=TextTok())
+    traj = await play(task, ["4"], tok=TextTok())
     assert traj.success
     text = "".join(chr(i) for i in traj.array("token_ids")[traj.array("role") == Role.PROMPT])
     assert text == "Be terse.\n\n2+2\n\n5\n\nNo: 2+2"

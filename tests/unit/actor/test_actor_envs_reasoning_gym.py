@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import numpy as np
 import pytest
 
@@ -14,12 +12,13 @@ from actor.envs.reasoning_gym_env import RETRY, ReasoningGymEnv, find_answer
 from actor.episode import run_episode
 from broker.curriculum.banks import RG_PRESETS, ReasoningGymBank
 from shared import protocol as P
-from shared.config import EnvConfig
+from shared.config import EnvConfig, ReasoningGymConfig
 from shared.protocol import Role
 
 
 def bank(**kw) -> ReasoningGymBank:
-    return ReasoningGymBank(EnvConfig(name="reasoning_gym", rg_tasks_per_family=1000, **kw))
+    rg = ReasoningGymConfig(tasks_per_family=1000, **kw)
+    return ReasoningGymBank(EnvConfig(name="reasoning_gym", reasoning_gym=rg))
 
 
 def pieces(text: str, width: int = 3) -> Generation:
@@ -28,44 +27,44 @@ def pieces(text: str, width: int = 3) -> Generation:
     return Generation(token_ids=list(range(len(parts))), text_pieces=parts)
 
 
-def started(task: P.TaskSpec) -> tuple[ReasoningGymEnv, str]:
+async def started(task: P.TaskSpec) -> tuple[ReasoningGymEnv, str]:
     env = make_env(task, 0)
     assert isinstance(env, ReasoningGymEnv)
-    return env, asyncio.run(env.reset())
+    return env, await env.reset()
 
 
-def test_every_preset_builds_offline_and_scores_its_own_answer() -> None:
+async def test_every_preset_builds_offline_and_scores_its_own_answer() -> None:
     b = bank()
     assert {f.name.split(".")[0] for f in b.families()} == set(RG_PRESETS)
     for fam in b.families():
         for index in (0, 999):
-            env, prompt = started(b.task(f"rg-{fam.name}-{index}"))
+            env, prompt = await started(b.task(f"rg-{fam.name}-{index}"))
             answer = str(env.entry["answer"])
             assert prompt.startswith(str(env.entry["question"]).rstrip())
             assert prompt.rstrip().endswith("Answer:")
-            right = asyncio.run(env.step(env.parse_action(pieces(f"so\nAnswer: {answer}"))))
+            right = await env.step(env.parse_action(pieces(f"so\nAnswer: {answer}")))
             assert (right.reward, right.done, right.state_key != "") == (1.0, True, True)
             assert env.success([right.reward])
-            env, _ = started(b.task(f"rg-{fam.name}-{index}"))
-            wrong = asyncio.run(env.step(env.parse_action(pieces("Answer: bananas"))))
+            env, _ = await started(b.task(f"rg-{fam.name}-{index}"))
+            wrong = await env.step(env.parse_action(pieces("Answer: bananas")))
             assert (wrong.reward, wrong.done) == (0.0, True) and not env.success([wrong.reward])
 
 
-def test_task_is_the_same_question_everywhere_and_survives_the_wire() -> None:
+async def test_task_is_the_same_question_everywhere_and_survives_the_wire() -> None:
     t = bank().task("rg-chain_sum.hard-17")
-    a, _ = started(t)
-    b, _ = started(bank().task("rg-chain_sum.hard-17"))
+    a, _ = await started(t)
+    b, _ = await started(bank().task("rg-chain_sum.hard-17"))
     assert a.entry["question"] == b.entry["question"] and a.entry["answer"] == b.entry["answer"]
     lease = P.Lease(lease_id="L", task=t, group_size=1, deadline_s=1.0)
     wire = P.decode(P.encode(P.TaskGrant(leases=[lease])))
-    c, _ = started(wire.leases[0].task)  # type: ignore[union-attr]
+    c, _ = await started(wire.leases[0].task)  # type: ignore[union-attr]
     assert c.entry == a.entry
-    other, _ = started(bank().task("rg-chain_sum.hard-18"))
+    other, _ = await started(bank().task("rg-chain_sum.hard-18"))
     assert other.entry["question"] != a.entry["question"]
 
 
-def test_answer_parsing_and_token_span() -> None:
-    env, _ = started(bank().task("rg-gcd.easy-0"))
+async def test_answer_parsing_and_token_span() -> None:
+    env, _ = await started(bank().task("rg-gcd.easy-0"))
     gen = Generation(
         token_ids=[1, 2, 3, 4, 5, 6],
         text_pieces=["Let me think.", "\nAns", "wer", ": ", "42", "</s>"],
@@ -82,34 +81,34 @@ def test_answer_parsing_and_token_span() -> None:
     assert find_answer("x<|eot_id|>\n") == (0, 1)
 
 
-def test_try_again_gives_feedback_until_solved() -> None:
-    env, _ = started(bank(rg_max_turns=3).task("rg-leg_counting.easy-3"))
+async def test_try_again_gives_feedback_until_solved() -> None:
+    env, _ = await started(bank(max_turns=3).task("rg-leg_counting.easy-3"))
     answer = str(env.entry["answer"])
-    first = asyncio.run(env.step(env.parse_action(pieces("Answer: -1"))))
+    first = await env.step(env.parse_action(pieces("Answer: -1")))
     assert (first.observation, first.reward, first.done) == (RETRY, 0.0, False)
-    invalid = asyncio.run(env.step(env.parse_action(pieces(""))))
+    invalid = await env.step(env.parse_action(pieces("")))
     assert (invalid.observation, invalid.done) == (RETRY, False)
     assert invalid.state_key != first.state_key  # attempts used is part of the state
-    last = asyncio.run(env.step(env.parse_action(pieces(f"Answer: {answer}"))))
+    last = await env.step(env.parse_action(pieces(f"Answer: {answer}")))
     assert (last.reward, last.done) == (1.0, True)
     assert env.success([first.reward, invalid.reward, last.reward])
 
 
-def test_try_again_ends_at_max_turns_unsolved() -> None:
-    env, _ = started(bank(rg_max_turns=2).task("rg-gcd.hard-3"))
+async def test_try_again_ends_at_max_turns_unsolved() -> None:
+    env, _ = await started(bank(max_turns=2).task("rg-gcd.hard-3"))
     rewards = []
     for _ in range(2):
-        res = asyncio.run(env.step(env.parse_action(pieces("Answer: 0"))))
+        res = await env.step(env.parse_action(pieces("Answer: 0")))
         rewards.append(res.reward)
     assert res.done and rewards == [0.0, 0.0] and not env.success(rewards)
 
 
-def test_broken_tasks_are_env_errors() -> None:
+async def test_broken_tasks_are_env_errors() -> None:
     with pytest.raises(EnvError):
         make_env(P.TaskSpec(task_id="x", env="reasoning_gym", payload={}), 0)
     env = make_env(P.TaskSpec(task_id="x", env="reasoning_gym", payload={"dataset": "nope"}), 0)
     with pytest.raises(EnvError):
-        asyncio.run(env.reset())
+        await env.reset()
 
 
 class CharTokenizer:
@@ -133,24 +132,22 @@ class ScriptedEngine:
         return GenResult(ids, [-0.5] * len(ids), [self.version] * len(ids), "stop")
 
 
-def test_full_episode_through_the_actor_loop() -> None:
-    task = bank(rg_max_turns=3).task("rg-chain_sum.easy-5")
-    probe, _ = started(task)
+async def test_full_episode_through_the_actor_loop() -> None:
+    task = bank(max_turns=3).task("rg-chain_sum.easy-5")
+    probe, _ = await started(task)
     answer = str(probe.entry["answer"])
     lease = P.Lease(lease_id="L", task=task, group_size=1, deadline_s=60)
     env = make_env(task, 0)
-    traj = asyncio.run(
-        run_episode(
-            ScriptedEngine(["hmm\nAnswer: 1000", f"sorry.\nAnswer: {answer}"]),
-            env,
-            CharTokenizer(),
-            lease,
-            "a",
-            temperature=1.0,
-            max_model_len=4096,
-            prefix_ids=(),
-            needs_text=env.needs_text,
-        )
+    traj = await run_episode(
+        ScriptedEngine(["hmm\nAnswer: 1000", f"sorry.\nAnswer: {answer}"]),
+        env,
+        CharTokenizer(),
+        lease,
+        "a",
+        temperature=1.0,
+        max_model_len=4096,
+        prefix_ids=(),
+        needs_text=env.needs_text,
     )
     assert traj.termination == P.Termination.DONE and traj.success and traj.n_turns == 2
     assert [t.reward for t in traj.turns] == [0.0, 1.0]

@@ -3,7 +3,6 @@ actions and sparse (pass) rewards."""
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 
 import pytest
@@ -12,11 +11,12 @@ from actor.envs.base import Generation
 from actor.envs.symbols import SymbolsEnv
 from broker.curriculum.banks import SymbolsBank
 from shared import symbols as S
-from shared.config import EnvConfig, SymbolsFamily
+from shared.config import EnvConfig, SymbolsConfig, SymbolsFamily
 
 
-def bank(**env) -> SymbolsBank:
-    return SymbolsBank(EnvConfig(**{"tasks_per_level": 64, "n_choices": 4, **env}))
+def bank(seed: int = 0, **symbols) -> SymbolsBank:
+    sy = SymbolsConfig(**{"tasks_per_level": 64, "n_choices": 4, **symbols})
+    return SymbolsBank(EnvConfig(seed=seed, symbols=sy))
 
 
 def test_permuted_map_is_balanced_and_depends_on_the_seed() -> None:
@@ -66,20 +66,17 @@ def test_bank_payload_symbols_answer_sequences_round_robin() -> None:
     assert len(seen) == 16  # every answer sequence once per 16 tasks
 
 
-def play(env: SymbolsEnv, answers: list[int], width: int) -> list[float]:
-    async def go() -> list[float]:
-        await env.reset()
-        rewards = []
-        for a in answers:
-            ids = [7] * (width - 1) + [4 * 10 + a]  # only the last token decides
-            r = await env.step(env.parse_action(Generation(ids, [])))
-            rewards.append(r.reward)
-        return rewards
-
-    return asyncio.run(go())
+async def play(env: SymbolsEnv, answers: list[int], width: int) -> list[float]:
+    await env.reset()
+    rewards = []
+    for a in answers:
+        ids = [7] * (width - 1) + [4 * 10 + a]  # only the last token decides
+        r = await env.step(env.parse_action(Generation(ids, [])))
+        rewards.append(r.reward)
+    return rewards
 
 
-def test_multi_token_action_span_and_the_deciding_token() -> None:
+async def test_multi_token_action_span_and_the_deciding_token() -> None:
     b = bank(levels=[6], n_turns=3, reasoning_tokens=4, action_tokens=3, seed=0)
     task = b.tasks[5]
     env = SymbolsEnv(dict(task.payload), 0)
@@ -87,22 +84,22 @@ def test_multi_token_action_span_and_the_deciding_token() -> None:
     act = env.parse_action(Generation(list(range(7)), []))
     assert act.span == (4, 7) and act.action == str(6 % 4)
     right = S.answers(6, env.symbols, 4, int(task.payload["map_seed"]))
-    assert play(SymbolsEnv(dict(task.payload), 0), right, 7) == [1.0, 1.0, 1.0]
+    assert await play(SymbolsEnv(dict(task.payload), 0), right, 7) == [1.0, 1.0, 1.0]
     wrong = [(a + 1) % 4 for a in right]
-    assert play(SymbolsEnv(dict(task.payload), 0), wrong, 7) == [0.0, 0.0, 0.0]
+    assert await play(SymbolsEnv(dict(task.payload), 0), wrong, 7) == [0.0, 0.0, 0.0]
 
 
-def test_pass_reward_is_sparse_and_shows_no_verdict() -> None:
+async def test_pass_reward_is_sparse_and_shows_no_verdict() -> None:
     fam = SymbolsFamily(name="long", level=6, n_turns=3, reward="pass")
     task = bank(families=[fam], reasoning_tokens=0).tasks[0]
     right = S.answers(
         6, [int(x) for x in str(task.payload["symbols"]).split()], 4, int(task.payload["map_seed"])
     )
     env = SymbolsEnv(dict(task.payload), 0)
-    rewards = play(env, right, 1)
+    rewards = await play(env, right, 1)
     assert rewards == [0.0, 0.0, 1.0] and env.success(rewards) and env.outcome(rewards) == 1.0
     env = SymbolsEnv(dict(task.payload), 0)
-    rewards = play(env, [right[0], right[1], (right[2] + 1) % 4], 1)
+    rewards = await play(env, [right[0], right[1], (right[2] + 1) % 4], 1)
     assert rewards == [0.0, 0.0, 0.0] and not env.success(rewards)
 
     async def first_obs() -> str:
@@ -110,7 +107,7 @@ def test_pass_reward_is_sparse_and_shows_no_verdict() -> None:
         await e.reset()
         return (await e.step(e.parse_action(Generation([4 * 10 + right[0]], [])))).observation
 
-    assert "ok" not in asyncio.run(first_obs()).split()
+    assert "ok" not in (await first_obs()).split()
 
 
 def test_families_share_the_level_map_and_noise_is_chance() -> None:

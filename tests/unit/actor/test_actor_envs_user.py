@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import sys
@@ -15,7 +14,13 @@ from actor.envs import make_env
 from actor.envs.base import EnvError, Generation
 from broker.curriculum.banks import ReasoningGymBank, SymbolsBank, TextArenaBank, make_bank
 from shared import protocol as P
-from shared.config import ConfigError, EnvConfig
+from shared.config import (
+    ConfigError,
+    EnvConfig,
+    ReasoningGymConfig,
+    SymbolsConfig,
+    TextArenaConfig,
+)
 from tests.unit import user_env_module as U
 
 ECHO = "tests.unit.user_env_module:EchoEnv"
@@ -29,14 +34,14 @@ def reply(text: str) -> Generation:
     )
 
 
-def play(task, options, text: str) -> tuple[str, float]:
+async def play(task, options, text: str) -> tuple[str, float]:
     env = make_env(task, 0, options)
-    first = asyncio.run(env.reset())
-    result = asyncio.run(env.step(env.parse_action(reply(text))))
+    first = await env.reset()
+    result = await env.step(env.parse_action(reply(text)))
     return first, result.reward
 
 
-def test_an_env_by_import_path_gives_its_tasks_and_plays_them_with_the_options() -> None:
+async def test_an_env_by_import_path_gives_its_tasks_and_plays_them_with_the_options() -> None:
     U.SEEN_OPTIONS.clear()
     bank = make_bank(EnvConfig(name=ECHO, options=OPTIONS))
     assert U.SEEN_OPTIONS == [OPTIONS]  # the broker side got [env.options]
@@ -48,12 +53,12 @@ def test_an_env_by_import_path_gives_its_tasks_and_plays_them_with_the_options()
     task = bank.task(f"{ECHO}-short-1")
     assert task.env == ECHO and task.family == "short" and task.payload["word"] == "ok"
     assert json.loads(str(task.payload["meta"])) == {"i": 1}
-    first, reward = play(task, OPTIONS, "ok then")
+    first, reward = await play(task, OPTIONS, "ok then")
     assert first == "please say ok" and reward == 1.0  # the actor side got them too
-    assert play(task, {}, "no")[1] == 0.0
+    assert (await play(task, {}, "no"))[1] == 0.0
 
 
-def test_an_env_by_entry_point(tmp_path, monkeypatch) -> None:
+async def test_an_env_by_entry_point(tmp_path, monkeypatch) -> None:
     dist = tmp_path / "fake_headrace_env-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-headrace-env\nVersion: 0.1\n")
@@ -63,7 +68,7 @@ def test_an_env_by_entry_point(tmp_path, monkeypatch) -> None:
     (task,) = list(bank.tasks)
     assert task.env == "echo-ep" and task.task_id == "echo_ep-long-0"
     assert bank.task(task.task_id) == task
-    assert play(task, {}, "yes")[1] == 1.0
+    assert (await play(task, {}, "yes"))[1] == 1.0
     with pytest.raises(ConfigError, match="no task bank"):
         make_bank(EnvConfig(name="not-an-entry-point"))
 
@@ -102,13 +107,11 @@ def test_user_heldout_tasks_given_or_split_by_eval_fraction() -> None:
 
 def test_heldout_on_every_procedural_bank() -> None:
     env = EnvConfig(
-        levels=[1, 5],
-        tasks_per_level=8,
-        rg_datasets=["chain_sum"],
-        rg_difficulties=["easy"],
-        rg_tasks_per_family=5,
-        ta_games=["guess_the_number.easy"],
-        ta_tasks_per_family=4,
+        symbols=SymbolsConfig(levels=[1, 5], tasks_per_level=8),
+        reasoning_gym=ReasoningGymConfig(
+            datasets=["chain_sum"], difficulties=["easy"], tasks_per_family=5
+        ),
+        textarena=TextArenaConfig(games=["guess_the_number.easy"], tasks_per_family=4),
         mixed=["symbols", "reasoning_gym", "textarena", ECHO],
         options={"words": ["yes"], "repeat": 8},
         eval_fraction=0.5,

@@ -3,7 +3,6 @@ engine generated scored offline by the task's own rewards (tests/unit/vf_toy_tas
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import pytest
@@ -26,19 +25,17 @@ def bank(**kw):
     return make_bank(EnvConfig(name="verifiers", options=options, max_tokens=9, **kw))
 
 
-def play(task: P.TaskSpec, reply: str) -> P.Trajectory:
+async def play(task: P.TaskSpec, reply: str) -> P.Trajectory:
     env = make_env(task, 0, {})
-    return asyncio.run(
-        run_episode(
-            ScriptedEngine([reply]),
-            env,
-            CharTokenizer(),
-            P.Lease(lease_id="L", task=task, group_size=1, deadline_s=60),
-            "a",
-            temperature=1.0,
-            max_model_len=4096,
-            needs_text=env.needs_text,
-        )
+    return await run_episode(
+        ScriptedEngine([reply]),
+        env,
+        CharTokenizer(),
+        P.Lease(lease_id="L", task=task, group_size=1, deadline_s=60),
+        "a",
+        temperature=1.0,
+        max_model_len=4096,
+        needs_text=env.needs_text,
     )
 
 
@@ -53,9 +50,9 @@ def test_the_tasksets_tasks_become_a_bank_grouped_by_a_data_field() -> None:
     assert [f.name for f in bank(options={"family_field": ""}).families()] == ["default"]
 
 
-def test_replies_are_scored_by_the_tasks_rewards() -> None:
+async def test_replies_are_scored_by_the_tasks_rewards() -> None:
     task = bank().task("vf-easy-3")  # 0 + 3
-    right, number, words = play(task, "3"), play(task, "7"), play(task, "three")
+    right, number, words = await play(task, "3"), await play(task, "7"), await play(task, "three")
     assert right.outcome_reward == 1.5 and right.success  # exact 1 + 0.5 x is_number 1
     assert number.outcome_reward == 0.5 and not number.success
     assert words.outcome_reward == 0.0
@@ -65,13 +62,13 @@ def test_replies_are_scored_by_the_tasks_rewards() -> None:
     assert "".join(chr(i) for i in ids[role == Role.PROMPT]) == "Reply with the number.\n\n0 + 3 ="
 
 
-def test_a_chat_prompt_and_a_failing_reward() -> None:
+async def test_a_chat_prompt_and_a_failing_reward() -> None:
     task = bank().task("vf-chat-0")
-    traj = play(task, "11")
+    traj = await play(task, "11")
     assert traj.outcome_reward == 1.5
     ids, role = traj.array("token_ids"), traj.array("role")
     assert "".join(chr(i) for i in ids[role == Role.PROMPT]) == "10 + 1 =\n\n12\n\nNo. 10 + 1 ="
-    assert play(task, "boom").termination == P.Termination.ENV_ERROR
+    assert (await play(task, "boom")).termination == P.Termination.ENV_ERROR
 
 
 def test_heldout_and_config_errors() -> None:
@@ -87,10 +84,10 @@ def test_heldout_and_config_errors() -> None:
         make_bank(EnvConfig(name="verifiers", options={"taskset": "no_such_taskset_pkg"}))
 
 
-def test_a_taskset_by_its_verifiers_id(monkeypatch, repo_root) -> None:
+async def test_a_taskset_by_its_verifiers_id(monkeypatch, repo_root) -> None:
     # verifiers resolves an id to an installed module exporting its Taskset in `__all__`
     monkeypatch.syspath_prepend(str(repo_root / "tests" / "unit"))
     b = make_bank(EnvConfig(name="verifiers", options={"taskset": "vf_toy_taskset"}))
     task = b.task("vf-default-3")
     assert task.payload["taskset"] == "vf_toy_taskset"
-    assert play(task, "3").outcome_reward == 1.5
+    assert (await play(task, "3")).outcome_reward == 1.5

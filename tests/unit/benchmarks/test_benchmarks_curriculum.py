@@ -22,7 +22,7 @@ def test_config_loads_and_pool_is_the_whole_bank(base: dict) -> None:
     cfg = load_config(str(C.BASE_CONFIG))
     bank = SymbolsBank(cfg.env)
     assert cfg.broker.curriculum.pool_size == len(bank)
-    names = [f.name for f in cfg.env.families]
+    names = [f.name for f in cfg.env.symbols.families]
     assert {"mid", "hard"} <= set(names)
     # every family in its own scorer bucket
     import zlib
@@ -30,7 +30,7 @@ def test_config_loads_and_pool_is_the_whole_bank(base: dict) -> None:
     buckets = {zlib.crc32(n.encode()) % cfg.broker.curriculum.family_buckets for n in names}
     assert len(buckets) == len(names)
     # uniform picking spends most groups on families that teach nothing at first
-    sizes = {f.name: f.tasks for f in cfg.env.families}
+    sizes = {f.name: f.tasks for f in cfg.env.symbols.families}
     idle = sizes["trivial"] + sizes["hard"] + sizes["noise"]
     assert idle / len(bank) > 0.75
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 
+import msgspec
 import pytest
 import torch
 
@@ -142,8 +143,8 @@ def test_alert_names_the_diagnostic_repeats_and_clears(caplog: pytest.LogCapture
 
 
 def test_config_rejects_bad_values() -> None:
-    with pytest.raises(ValueError, match="mode"):
-        CorrectionConfig(mode="ppo")
+    with pytest.raises(ValueError, match="mode"):  # a Literal: checked when decoded
+        msgspec.convert({"mode": "ppo"}, CorrectionConfig)
     with pytest.raises(ValueError, match="mis_threshold"):
         CorrectionConfig(mis_threshold=1.0)
 

@@ -24,25 +24,26 @@ def test_values_are_typed_by_the_schema(tmp_path: Path) -> None:
             "model.system_prompt=You are terse.",  # a bare string with spaces
             'model.chat_template="none"',  # a TOML string
             "broker.data_dir=123",  # a string field keeps digits as text
-            "env.levels=[1, 2]",  # a list
+            "env.symbols.levels=[1, 2]",  # a list
             'learner.entropy_roles=["action", "reasoning"]',
             "learner.lora.rank=8",  # nested table
             "learner.correction.alert.min_ess=0.1",  # two levels down
             "learner.weighting.role_weights.reasoning=0.5",  # a key of a dict field
-            'env.families=[{name = "a", level = 5, n_turns = 1}]',  # a list of tables
+            'env.symbols.families=[{name = "a", level = 5, n_turns = 1}]',  # a list of tables
+            "broker.replay.sampler=uniform",  # a choice (Literal) as a bare word
         ],
     )
     assert cfg.learner.steps == 12 and cfg.learner.lr == 1e-4 and cfg.learner.grad_clip == 2.0
     assert cfg.actor.enforce_eager is False
     assert cfg.model.path == "/x/y" and cfg.model.system_prompt == "You are terse."
     assert cfg.model.chat_template == "none" and cfg.broker.data_dir == "123"
-    assert cfg.env.levels == [1, 2]
+    assert cfg.env.symbols.levels == [1, 2] and cfg.broker.replay.sampler == "uniform"
     assert cfg.learner.entropy_roles == ["action", "reasoning"]
     assert cfg.learner.lora.rank == 8 and cfg.learner.lora.alpha == Config().learner.lora.alpha
     assert cfg.learner.correction.alert.min_ess == 0.1
     assert cfg.learner.weighting.role_weights["reasoning"] == 0.5
     assert cfg.learner.weighting.role_weights["action"] == 1.0  # the others keep defaults
-    assert [(f.name, f.level, f.n_turns) for f in cfg.env.families] == [("a", 5, 1)]
+    assert [(f.name, f.level, f.n_turns) for f in cfg.env.symbols.families] == [("a", 5, 1)]
     # the file's other keys stay; the last --set of a key wins
     assert load_config(p, ["learner.steps=1", "learner.steps=2"]).learner.steps == 2
     assert load_config(p, ["learner.steps=2"]).learner.lr == 0.5
@@ -77,14 +78,42 @@ def test_bad_values_and_bad_syntax_are_one_line_errors() -> None:
     with pytest.raises(ConfigError, match=r"actor\.enforce_eager=yes.*true or false"):
         load_config(None, ["actor.enforce_eager=yes"])
     with pytest.raises(ConfigError, match="TOML list"):
-        load_config(None, ["env.levels=1,2"])
+        load_config(None, ["env.symbols.levels=1,2"])
     with pytest.raises(ConfigError, match="SECTION.KEY=VALUE"):
         load_config(None, ["learner.steps"])
     with pytest.raises(ConfigError, match="not a table"):
         load_config(None, ["learner.steps.max=3"])
     # a schema check that fails because of an override names the overrides
-    with pytest.raises(ConfigError, match=r"--set model\.dtype=float64.*dtype must be one of"):
+    msg = r"--set model\.dtype=float64: dtype must be one of .*float32.*, not 'float64'"
+    with pytest.raises(ConfigError, match=msg):
         load_config(None, ["model.dtype=float64"])
+    # a choice inside a list names its key too
+    with pytest.raises(ConfigError, match=r"entropy_roles must be one of .*not 'answer'"):
+        load_config(None, ['learner.entropy_roles=["action", "answer"]'])
+
+
+def test_a_moved_key_names_its_new_place(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ['env.rg_datasets=["gcd"]'])
+    assert str(e.value) == (
+        '--set env.rg_datasets=["gcd"]: [env] rg_datasets moved to [env.reasoning_gym] datasets'
+    )
+    with pytest.raises(ConfigError, match=r"\[env\] levels moved to \[env.symbols\] levels"):
+        load_config(None, ["env.levels=[1]"])
+    p = tmp_path / "c.toml"
+    p.write_text('[env]\nta_games = ["guess_the_number.easy"]\n')
+    with pytest.raises(ConfigError, match=r"\[env\] ta_games moved to \[env.textarena\] games"):
+        load_config(p)
+
+
+def test_broker_flags_are_checked_by_the_section() -> None:
+    from broker.__main__ import build_config
+    from broker.__main__ import parse_args as broker_args
+
+    with pytest.raises(ConfigError, match="broker: port 70000 is not a port"):
+        build_config(broker_args(["--port", "70000"]))
+    with pytest.raises(ConfigError, match=r"--set broker\.group_size=0: .*group_size must be >= 1"):
+        build_config(broker_args(["--set", "broker.group_size=0"]))
 
 
 def _show(capsys: pytest.CaptureFixture, *argv: str) -> str:
@@ -103,13 +132,18 @@ def test_config_show_round_trips_to_an_equal_config(
     demo = repo_root / "ops/configs/demo.toml"
     sets = [
         "learner.lora.rank=4",
-        "env.levels=[5, 6]",
-        'env.families=[{name = "x", level = 6, reward = "pass"}]',
+        "env.symbols.levels=[5, 6]",
+        'env.symbols.families=[{name = "x", level = 6, reward = "pass"}]',
+        'env.reasoning_gym.difficulties=["easy"]',
+        "broker.replay.rate_limiter=sample_to_insert",
         "learner.correction.alert.max_kl_behaviour=-inf",
         'model.system_prompt=say "hi"\\n',
     ]
     out = _show(capsys, "--config", str(demo), *(a for s in sets for a in ("--set", s)))
     assert "[learner.lora]\n" in out and "rank = 4\n" in out and "[model]\n" in out
+    assert (
+        "[env.symbols]\n" in out and "[env.reasoning_gym]\n" in out and "[env.textarena]\n" in out
+    )
     shown = tmp_path / "shown.toml"
     shown.write_text(out)
     assert load_config(shown) == load_config(demo, sets)
@@ -156,7 +190,7 @@ def test_headrace_run_hands_its_set_flags_and_resume_mode_to_every_role(
             started[name] = argv
 
     monkeypatch.setattr(cli, "Role", Recorder)
-    sets = ["learner.lr=0.01", "env.levels=[1]"]
+    sets = ["learner.lr=0.01", "env.symbols.levels=[1]"]
     args = argparse.Namespace(
         config=None, overrides=sets, actors=1, steps=None, summary_json=None, resume="fresh"
     )

@@ -25,6 +25,7 @@ SYMBOLS_TOML = """
 path = "{model}"
 [env]
 name = "symbols"
+[env.symbols]
 levels = [5, 6]
 tasks_per_level = 16
 n_turns = 1
