@@ -57,7 +57,7 @@ class EpisodeBuffer:
         ids: list[int],
         logprobs: list[float],
         versions: list[int],
-        roles: list[int],
+        roles: Sequence[int],
         turn: int,
     ) -> None:
         self.token_ids += ids

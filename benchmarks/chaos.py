@@ -1,7 +1,7 @@
 """Chaos run: SIGKILL random roles (broker, learner, actors) of a live run, again and again.
 
 Builds the tiny model in a temp dir, starts a durable broker, a learner with checkpoints, real
-vLLM actors (`--real-actors`, default 1) and stub actors (`tests.chaos.stub_actor`, default
+vLLM actors (`--real-actors`, default 1) and stub actors (`tests.synthetic_actor`, default
 2), and kills `--kills` roles in a random order (broker, learner and actor in turn), starting
 each again at once with the same arguments; between kills the learner must take a step. Then
 the run must reach `--steps`. See `tests/chaos/harness.py` for what is checked.

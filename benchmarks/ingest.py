@@ -54,6 +54,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks.harness import free_port  # noqa: E402
 from shared import protocol as P  # noqa: E402
+from shared import synthetic  # noqa: E402
 
 GROUP = 16  # trajectories per TrajectoryBatch frame (one group)
 MIN_DISK_BATCH = 1 << 20
@@ -65,28 +66,22 @@ COMMIT_BYTES: dict[int, float] = {}  # N -> mean bytes per group commit of the d
 
 
 def template(n_tokens: int, seed: int = 0) -> P.Trajectory:
-    """A realistic multi-turn trajectory: every per-token array filled with plausible values."""
+    """A realistic multi-turn trajectory: every per-token array filled with plausible values,
+    ids of a 151k-token vocabulary (a Qwen-sized model's)."""
     rng = np.random.default_rng(seed)
-    n = n_tokens
-    n_turns = 8
-    turn = np.minimum(np.arange(n) * n_turns // n, n_turns - 1)
-    role = np.where(np.arange(n) < 256, P.Role.PROMPT, P.Role.ACTION).astype(np.uint8)
-    role[(np.arange(n) % 64) < 24] = P.Role.OBSERVATION
-    role[(np.arange(n) % 64) >= 56] = P.Role.REASONING
-    mask = ((role == P.Role.ACTION) | (role == P.Role.REASONING)).astype(np.uint8)
-    return P.Trajectory(
-        traj_id="",
-        group_id="",
-        task_id="reasoning_gym/arc_1d-000417",
-        env="reasoning_gym",
-        actor_id="bench-actor",
-        lease_id="",
-        token_ids=P.pack(rng.integers(0, 151_000, n), "token_ids"),
-        role=role.tobytes(),
-        loss_mask=mask.tobytes(),
-        behav_logprob=P.pack(-rng.exponential(0.7, n), "behav_logprob"),
-        policy_version=P.pack(np.full(n, 41) + (np.arange(n) > n // 2), "policy_version"),
-        turn_idx=P.pack(turn, "turn_idx"),
+    n, n_turns = n_tokens, 8
+    return synthetic.trajectory(
+        "",
+        "",
+        n_tokens=n,
+        n_prompt=256,
+        n_turns=n_turns,
+        n_observation=n // n_turns // 4,
+        reasoning=True,
+        vocab_size=151_000,
+        rng=rng,
+        behav_logprob=-rng.exponential(0.7, n),
+        policy_version=np.full(n, 41) + (np.arange(n) > n // 2),  # weights swapped mid-episode
         turns=[
             P.TurnInfo(
                 reward=0.1 * t,
@@ -98,10 +93,11 @@ def template(n_tokens: int, seed: int = 0) -> P.Trajectory:
             )  # fmt: skip
             for t in range(n_turns)
         ],
-        outcome_reward=0.7,
-        success=True,
-        termination=P.Termination.DONE,
-        n_turns=n_turns,
+        reward=0.7,
+        task_id="reasoning_gym/arc_1d-000417",
+        env="reasoning_gym",
+        actor_id="bench-actor",
+        lease_id="",
         sampling={"temperature": 1.0, "top_p": 1.0, "max_tokens": 512.0},
         timings={"generate_s": 3.2, "env_s": 0.05, "queue_s": 0.01},
     )

@@ -32,8 +32,8 @@ def child(args: argparse.Namespace) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from learner.synthetic import synthetic_batch
     from learner.train import Trainer
+    from shared.synthetic import synthetic_batch
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)

@@ -39,9 +39,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from shared import protocol as P  # noqa: E402
+from shared import synthetic  # noqa: E402
 from shared.transport import Client, PeerUnreachable  # noqa: E402
 from tests.helpers import free_port  # noqa: E402
-from tests.synthetic_actor import make_trajectory  # noqa: E402
 
 ENDPOINT = """
 import asyncio, sys, torch
@@ -71,10 +71,9 @@ async def actor(endpoint: str, i: int, stop: asyncio.Event, acked: list[float]) 
             try:
                 grant = await c.request(P.TaskRequest(n=1), P.TaskGrant, timeout=10, retries=0)
                 for lease in grant.leases:
-                    items = [
-                        make_trajectory(lease, k, f"soak-actor-{i}", 128)
-                        for k in range(lease.group_size)
-                    ]
+                    items = synthetic.lease_group(
+                        lease, f"soak-actor-{i}", n_tokens=128, n_turns=4, reasoning=True
+                    )
                     ack = await c.request(
                         P.TrajectoryBatch(items=items), P.Ack, timeout=30, retries=3
                     )

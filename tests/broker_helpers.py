@@ -1,4 +1,4 @@
-"""Synthetic trajectories for the broker tests (no model, no environment)."""
+"""The broker tests' trajectories (shared/synthetic.py) and an in-process broker to send them to."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 
 from broker.server import Broker
 from shared import protocol as P
+from shared import synthetic
 from shared.config import Config
 from shared.transport import Client
 
@@ -21,27 +22,20 @@ def make_traj(
     n_prompt: int = 2,
     task_id: str = "symbols-L1-0",
 ) -> P.Trajectory:
-    """Trajectory `i` of group `group_id`: a prompt, then loss-masked action tokens sampled by
-    policy `version`. Deterministic, so a resend is byte-identical (as an outbox's would be)."""
-    n = n_tokens
-    return P.Trajectory(
-        traj_id=f"{group_id}-{i}",
-        group_id=group_id,
+    """Trajectory `i` of group `group_id` (reward i): a prompt, then loss-masked action tokens
+    sampled by policy `version`. Deterministic, so a resend is byte-identical (as an outbox's
+    would be)."""
+    return synthetic.trajectory(
+        f"{group_id}-{i}",
+        group_id,
+        n_tokens=n_tokens,
+        n_prompt=n_prompt,
+        reward=float(i),
+        policy_version=version,
+        behav_logprob=-0.5,
         task_id=task_id,
         env="symbols",
         actor_id="actor-1",
-        lease_id=group_id,
-        token_ids=P.pack(range(n), "token_ids"),
-        role=P.pack([P.Role.PROMPT] * n_prompt + [P.Role.ACTION] * (n - n_prompt), "role"),
-        loss_mask=P.pack([0] * n_prompt + [1] * (n - n_prompt), "loss_mask"),
-        behav_logprob=P.pack([-0.5] * n, "behav_logprob"),
-        policy_version=P.pack([version] * n, "policy_version"),
-        turn_idx=P.pack([0] * n, "turn_idx"),
-        turns=[P.TurnInfo(reward=float(i), done=True, truncated=False, action_valid=True)],
-        outcome_reward=float(i),
-        success=i > 0,
-        termination=P.Termination.DONE,
-        n_turns=1,
     )
 
 

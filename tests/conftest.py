@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import asyncio
 import os
 from pathlib import Path
 
@@ -27,12 +26,3 @@ def tiny_model(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("models") / "tiny"
     build_tiny_model(out, seed=0)
     return out
-
-
-@pytest.fixture(scope="module")
-def loop():
-    """One event loop per test module, for fixtures that keep async objects (an engine)
-    across its tests."""
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()

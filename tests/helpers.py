@@ -108,7 +108,7 @@ class Proc:
 def write_config(path: Path, model: Path, **sections: dict) -> Path:
     base: dict[str, dict] = {
         "model": {"path": str(model), "build_tiny_if_missing": False},
-        "env": {"levels": [1], "tasks_per_level": 16, "n_turns": 2, "reasoning_tokens": 2},
+        "env.symbols": {"levels": [1], "tasks_per_level": 16, "n_turns": 2, "reasoning_tokens": 2},
         "broker": {"group_size": 4, "lease_deadline_s": 60.0, "heartbeat_timeout_s": 10.0},
         "actor": {"max_concurrent_episodes": 32, "max_model_len": 128, "connect_timeout_s": 30.0},
         "learner": {"batch_groups": 2, "checkpoint_every": 1000, "connect_timeout_s": 30.0},

@@ -3,8 +3,12 @@
 It speaks to the broker exactly as the real actor's broker side does - `shared.transport.Client`
 for Hello / leases / heartbeats and the real `actor.outbox.Outbox`, which keeps every trajectory
 until it is acked and resends after `--resend-s` - but fills each lease's group with synthetic
-trajectories at once instead of running episodes. Every acked traj_id is appended to `--acked`
-(flushed per Ack), so a test can compare what the broker promised with what it stored.
+trajectories (shared/synthetic.py) instead of running episodes. They are trainable: token ids
+inside the tiny model's vocabulary, stamped with the newest policy version this actor has heard
+of (Welcome, then the broker's PolicyPublished relays), so the broker's staleness remover treats
+them like a real actor's. `--group-delay-s` stands in for generation time. Every acked traj_id
+is appended to `--acked` (flushed per Ack), so a test can compare what the broker promised with
+what it stored.
 
 SIGTERM or SIGINT: stop taking leases, wait until the outbox is empty (everything acked), exit 0
 (3 if the outbox could not be drained in time).
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -24,7 +29,8 @@ from prometheus_client import REGISTRY
 
 from actor.outbox import Outbox
 from shared import protocol as P
-from shared.transport import Client, PeerUnreachable
+from shared import synthetic
+from shared.transport import Client
 
 log = logging.getLogger("synthetic_actor")
 
@@ -42,37 +48,35 @@ class LoggingOutbox(Outbox):
         self.log_file.flush()
 
 
-def make_trajectory(
-    lease: P.Lease, k: int, actor_id: str, n_tokens: int, n_prompt: int = 16
-) -> P.Trajectory:
-    """Trajectory `k` of `lease`'s group; every per-token array filled, deterministic."""
-    n, p = n_tokens, min(n_prompt, n_tokens - 1)
-    roles = [P.Role.PROMPT] * p + [P.Role.REASONING, P.Role.ACTION] * ((n - p + 1) // 2)
-    return P.Trajectory(
-        traj_id=f"{lease.lease_id}-{k}",
-        group_id=lease.lease_id,
-        task_id=lease.task.task_id,
-        env=lease.task.env,
-        actor_id=actor_id,
-        lease_id=lease.lease_id,
-        # inside the tiny model's vocabulary: the broker refuses ids it does not have
-        token_ids=P.pack([(i * 7919 + k) % 256 for i in range(n)], "token_ids"),
-        role=P.pack(roles[:n], "role"),
-        loss_mask=P.pack([0] * p + [1] * (n - p), "loss_mask"),
-        behav_logprob=P.pack([-0.01 * (i % 100) for i in range(n)], "behav_logprob"),
-        policy_version=P.pack([0] * n, "policy_version"),
-        turn_idx=P.pack([i * 4 // n for i in range(n)], "turn_idx"),
-        turns=[
-            P.TurnInfo(reward=0.25 * t, done=t == 3, truncated=False, action_valid=True)
-            for t in range(4)
-        ],
-        outcome_reward=float(k % 2),
-        success=k % 2 == 1,
-        termination=P.Termination.DONE,
-        n_turns=4,
-        sampling={"temperature": 1.0},
-        timings={"generate_s": 0.1},
-    )
+class PolicyTracker:
+    """The newest policy version announced to this actor (never goes back)."""
+
+    def __init__(self) -> None:
+        self.version = 0
+
+    def see(self, version: int) -> None:
+        self.version = max(self.version, version)
+
+    def on_policy(self, msg: P.PolicyPublished) -> None:
+        self.see(msg.version)
+
+
+async def next_grant(client: Client, n: int) -> P.TaskGrant | None:
+    """The next TaskGrant, asking for `n` leases unless one is already here; None when the
+    broker does not answer (down or restarting: ZMQ reconnects, the caller asks again).
+
+    Like the real actor's lease loop, and not `client.request`: that drops a reply which comes
+    after its timeout, and the broker would renew a late grant's leases with our heartbeats
+    for ever, never re-granting their tasks.
+    """
+    try:
+        return await client.recv(P.TaskGrant, timeout=0.01)
+    except TimeoutError:
+        await client.send(P.TaskRequest(n=n))
+        try:
+            return await client.recv(P.TaskGrant, timeout=1.0)
+        except TimeoutError:
+            return None
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -81,31 +85,44 @@ async def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     client = Client(args.broker, args.peer_id)
+    policy = PolicyTracker()
+    client.on(P.PolicyPublished, policy.on_policy)
     with open(args.acked, "a") as acked:  # noqa: ASYNC230 - tiny appends, flushed per Ack
         outbox = LoggingOutbox(
             client, acked, batch=args.batch, flush_s=0.05, resend_s=args.resend_s
         )
         client.start()
         hello = P.Hello(role="actor", peer_id=args.peer_id, protocol_version=P.PROTOCOL_VERSION)
-        await client.request(hello, P.Welcome, timeout=2.0, retries=15)
+        welcome = await client.request(hello, P.Welcome, timeout=2.0, retries=30)
+        policy.see(welcome.policy_version)
         tasks = [loop.create_task(outbox.run()), loop.create_task(heartbeats(client, args))]
         groups = 0
         while not stop.is_set() and (not args.max_groups or groups < args.max_groups):
             if len(outbox) >= args.max_outbox:  # like a real actor: bounded episodes in flight
                 await asyncio.sleep(0.01)
                 continue
-            try:
-                grant = await client.request(
-                    P.TaskRequest(n=args.leases), P.TaskGrant, timeout=1.0, retries=0
-                )
-            except PeerUnreachable:  # broker down or restarting: ZMQ reconnects, we ask again
+            grant = await next_grant(client, args.leases)
+            if grant is None:
                 continue
             if not grant.leases:
                 await asyncio.sleep(grant.retry_after_s or 0.05)
                 continue
             for lease in grant.leases:
-                for k in range(lease.group_size):
-                    outbox.put(make_trajectory(lease, k, args.peer_id, args.n_tokens))
+                if args.group_delay_s:
+                    await asyncio.sleep(args.group_delay_s)
+                group = synthetic.lease_group(
+                    lease,
+                    args.peer_id,
+                    policy.version,
+                    n_tokens=args.n_tokens,
+                    n_turns=args.n_turns,
+                    reasoning=True,
+                    vocab_size=args.vocab,
+                    sampling={"temperature": 1.0},
+                    timings={"generate_s": args.group_delay_s},
+                )
+                for traj in group:
+                    outbox.put(traj)
                 groups += 1
         drained = await outbox.drain(timeout=args.drain_s)
         for t in tasks:
@@ -130,10 +147,13 @@ async def heartbeats(client: Client, args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="synthetic_actor", description=__doc__.splitlines()[0])
     ap.add_argument("--broker", required=True)
-    ap.add_argument("--peer-id", default="synthetic-actor")
+    ap.add_argument("--peer-id", default=f"synthetic-actor-{os.getpid()}")
     ap.add_argument("--acked", required=True, help="file to append acked traj_ids to")
     ap.add_argument("--n-tokens", type=int, default=256)
+    ap.add_argument("--n-turns", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=synthetic.TINY_VOCAB_SIZE, help="ids below it")
     ap.add_argument("--leases", type=int, default=2, help="leases asked for per TaskRequest")
+    ap.add_argument("--group-delay-s", type=float, default=0.0, help="'generation' time a group")
     ap.add_argument("--batch", type=int, default=8, help="outbox batch (trajectories)")
     ap.add_argument("--max-outbox", type=int, default=64)
     ap.add_argument("--resend-s", type=float, default=1.0)

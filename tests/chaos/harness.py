@@ -1,7 +1,7 @@
 """The chaos driver shared by `tests/chaos/test_chaos.py` and `benchmarks/chaos.py`.
 
 A whole run on loopback - a durable broker on a data dir, a learner with checkpoints and a
-summary file, actors (real vLLM ones and/or `tests.chaos.stub_actor`s) - while the driver
+summary file, actors (real vLLM ones and/or `tests.synthetic_actor`s) - while the driver
 SIGKILLs roles (the process group: a vLLM actor's engine dies with it) and starts each again
 with the same arguments. A monitor thread scrapes the learner's summary and every actor's
 `headrace_actor_policy_version` meanwhile. At the end the store is opened read-only and
@@ -46,6 +46,8 @@ from tests.helpers import Proc, free_port, metric, wait_for, write_config
 
 REPO = Path(__file__).resolve().parents[2]
 ROLES = ("broker", "learner", "actor")
+# The stand-in actors' trajectories: short, one turn, one lease a request, few in flight
+STUB_SHAPE = ("--n-tokens", "48", "--n-turns", "1", "--leases", "1", "--max-outbox", "32")
 
 
 def orphan_engines() -> set[int]:
@@ -193,8 +195,9 @@ class Chaos:
             self.roles[name] = Role(name, "actor", argv, free_port())
         for i in range(stub_actors):
             name = f"stub{i}"
-            argv = ["tests.chaos.stub_actor", "--broker", self.endpoint, "--peer-id", name]
+            argv = ["tests.synthetic_actor", "--broker", self.endpoint, "--peer-id", name]
             argv += ["--acked", str(self.acked_file(name)), "--group-delay-s", str(stub_delay_s)]
+            argv += [*STUB_SHAPE]
             self.roles[name] = Role(name, "stub", argv)
         self.kills: Counter[str] = Counter()
         self.real_acked: dict[tuple[str, int], float] = {}  # (actor, incarnation) -> acked

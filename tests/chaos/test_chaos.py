@@ -5,7 +5,7 @@ arguments. One actor is a real vLLM actor: it runs on the broker alone first, is
 killed and must be acked again after its restart (an engine takes 20-110 s to start on two
 shared cores, so this happens before the learner starts, or the stubs would finish the run
 meanwhile); then it must load the learner's policy. The other actors are
-`tests.chaos.stub_actor`s (the real outbox and client, no vLLM); the other kills - both broker
+`tests.synthetic_actor`s (the real outbox and client, no vLLM); the other kills - both broker
 kills, both learner kills and one stub kill - come in a seeded random order, and between kills
 the learner must take at least one more step. Then: the learner reached its step count and
 exited 0, every trajectory acked to a stub is in the store (and no real actor was acked more

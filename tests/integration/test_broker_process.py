@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import socket
@@ -102,61 +101,58 @@ def broker(tmp_path: Path):
         b.proc.wait()
 
 
-def test_broker_process_end_to_end_with_crash_restart(broker: BrokerProcess) -> None:
-    async def main() -> None:
-        actor = Client(broker.endpoint, "actor-1")
-        learner = Client(broker.endpoint, "learner-1")
-        for c in (actor, learner):
-            c.start()
-        try:
-            await wait_ready(broker, actor)
-            hello = P.Hello(role="actor", peer_id="actor-1", protocol_version=P.PROTOCOL_VERSION)
-            welcome = await actor.request(hello, P.Welcome)
-            assert welcome.run_id and welcome.policy_version == 0
-            grant = await actor.request(P.TaskRequest(n=2), P.TaskGrant)
-            assert len(grant.leases) == 2 and all(x.group_size == GROUP for x in grant.leases)
-            gids = [x.lease_id for x in grant.leases]
-            for x in grant.leases:
-                items = [make_traj(x.lease_id, i, task_id=x.task.task_id) for i in range(GROUP)]
-                batch = P.TrajectoryBatch(items=items)
-                ack = await actor.request(batch, P.Ack)
-                assert ack.traj_ids == [t.traj_id for t in batch.items] and ack.duplicates == 0
-            assert broker.metric("headrace_broker_trajectories_acked_total") == 2 * GROUP
+async def test_broker_process_end_to_end_with_crash_restart(broker: BrokerProcess) -> None:
+    actor = Client(broker.endpoint, "actor-1")
+    learner = Client(broker.endpoint, "learner-1")
+    for c in (actor, learner):
+        c.start()
+    try:
+        await wait_ready(broker, actor)
+        hello = P.Hello(role="actor", peer_id="actor-1", protocol_version=P.PROTOCOL_VERSION)
+        welcome = await actor.request(hello, P.Welcome)
+        assert welcome.run_id and welcome.policy_version == 0
+        grant = await actor.request(P.TaskRequest(n=2), P.TaskGrant)
+        assert len(grant.leases) == 2 and all(x.group_size == GROUP for x in grant.leases)
+        gids = [x.lease_id for x in grant.leases]
+        for x in grant.leases:
+            items = [make_traj(x.lease_id, i, task_id=x.task.task_id) for i in range(GROUP)]
+            batch = P.TrajectoryBatch(items=items)
+            ack = await actor.request(batch, P.Ack)
+            assert ack.traj_ids == [t.traj_id for t in batch.items] and ack.duplicates == 0
+        assert broker.metric("headrace_broker_trajectories_acked_total") == 2 * GROUP
 
-            first = await take(learner, P.SampleRequest(batch_size=GROUP), P.Batch)
-            assert [t.group_id for t in first.items] == [gids[0]] * GROUP
+        first = await take(learner, P.SampleRequest(batch_size=GROUP), P.Batch)
+        assert [t.group_id for t in first.items] == [gids[0]] * GROUP
 
-            # bad frames: each answered with an Error and counted, the broker keeps serving
-            await actor.sock.send(b"\xc1 definitely not msgpack")
-            assert (await actor.recv(P.Error, timeout=5)).reason == "malformed"
-            await actor.sock.send(b"\x00" * (MAX_FRAME + 1000))
-            assert (await actor.recv(P.Error, timeout=5)).reason == "oversize"
-            old = P.Hello(role="actor", peer_id="actor-1", protocol_version=999)
-            with pytest.raises(P.ProtocolError, match="version_mismatch"):
-                await actor.request(old, P.Welcome)
-            for reason in ("malformed", "oversize", "version_mismatch"):
-                assert broker.metric("headrace_rejected_frames_total", reason=reason) == 1
-            info = (await actor.request(P.Status(), P.StatusReply)).info
-            assert info["stored_trajectories"] == 2 * GROUP and info["replay_size"] == GROUP
+        # bad frames: each answered with an Error and counted, the broker keeps serving
+        await actor.sock.send(b"\xc1 definitely not msgpack")
+        assert (await actor.recv(P.Error, timeout=5)).reason == "malformed"
+        await actor.sock.send(b"\x00" * (MAX_FRAME + 1000))
+        assert (await actor.recv(P.Error, timeout=5)).reason == "oversize"
+        old = P.Hello(role="actor", peer_id="actor-1", protocol_version=999)
+        with pytest.raises(P.ProtocolError, match="version_mismatch"):
+            await actor.request(old, P.Welcome)
+        for reason in ("malformed", "oversize", "version_mismatch"):
+            assert broker.metric("headrace_rejected_frames_total", reason=reason) == 1
+        info = (await actor.request(P.Status(), P.StatusReply)).info
+        assert info["stored_trajectories"] == 2 * GROUP and info["replay_size"] == GROUP
 
-            # crash after acks; restart on the same data dir: same clients, same routing ids
-            broker.stop(signal.SIGKILL)
-            broker.start()
-            info = await wait_ready(broker, learner)
-            assert info["stored_trajectories"] == 2 * GROUP  # every acked trajectory survived
-            assert info["replay_size"] == GROUP and info["run_id"] == welcome.run_id
-            again = P.TrajectoryBatch(items=[make_traj(gids[0], i) for i in range(GROUP)])
-            assert (await actor.request(again, P.Ack)).duplicates == GROUP  # outbox resend
-            second = await take(learner, P.SampleRequest(batch_size=GROUP), P.Batch)
-            assert [t.group_id for t in second.items] == [gids[1]] * GROUP
-            assert not set(second.sample_ids) & set(first.sample_ids)
-            reply = await take(learner, P.SampleRequest(batch_size=1), (P.Batch, P.NotReady))
-            assert isinstance(reply, P.NotReady)  # nothing is handed out twice
-        finally:
-            actor.close()
-            learner.close()
-
-    asyncio.run(main())
+        # crash after acks; restart on the same data dir: same clients, same routing ids
+        broker.stop(signal.SIGKILL)
+        broker.start()
+        info = await wait_ready(broker, learner)
+        assert info["stored_trajectories"] == 2 * GROUP  # every acked trajectory survived
+        assert info["replay_size"] == GROUP and info["run_id"] == welcome.run_id
+        again = P.TrajectoryBatch(items=[make_traj(gids[0], i) for i in range(GROUP)])
+        assert (await actor.request(again, P.Ack)).duplicates == GROUP  # outbox resend
+        second = await take(learner, P.SampleRequest(batch_size=GROUP), P.Batch)
+        assert [t.group_id for t in second.items] == [gids[1]] * GROUP
+        assert not set(second.sample_ids) & set(first.sample_ids)
+        reply = await take(learner, P.SampleRequest(batch_size=1), (P.Batch, P.NotReady))
+        assert isinstance(reply, P.NotReady)  # nothing is handed out twice
+    finally:
+        actor.close()
+        learner.close()
     assert broker.stop(signal.SIGTERM) == 0  # graceful stop flushes and exits 0
 
 

@@ -146,12 +146,12 @@ async def sample(learner: Client, n_batches: int | None, acked: dict[int, int]) 
     return got
 
 
-def test_sigkill_mid_ingest_loses_nothing_and_never_resamples(tmp_path: Path) -> None:
+async def test_sigkill_mid_ingest_loses_nothing_and_never_resamples(tmp_path: Path) -> None:
     t0 = time.monotonic()
     procs = Processes(tmp_path)
     procs.start_broker()
     try:
-        asyncio.run(scenario(procs))
+        await scenario(procs)
     finally:
         procs.kill_all()
     elapsed = time.monotonic() - t0

@@ -5,7 +5,6 @@ unacked is kept, and the batch that never reached the learner is handed to it (s
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sqlite3
 import subprocess
@@ -68,56 +67,52 @@ def group(gid: str) -> P.TrajectoryBatch:
     return P.TrajectoryBatch(items=[make_traj(gid, i) for i in range(2)])
 
 
-def test_kill_between_sync_and_commit_keeps_nothing_unacked(tmp_path: Path) -> None:
+async def test_kill_between_sync_and_commit_keeps_nothing_unacked(tmp_path: Path) -> None:
     broker = BrokerProc(tmp_path)
 
-    async def main() -> None:
-        actor = Client(broker.endpoint, "actor-1")
-        actor.start()
-        try:
-            broker.start("store.after_sync:1")
-            await ready(actor)
-            with pytest.raises(PeerUnreachable):  # never acked: the broker died first
-                await actor.request(group("g1"), P.Ack, timeout=3, retries=0)
-            assert broker.died_of_sigkill()
-            broker.start()  # same data dir, no crash point
-            await ready(actor)
-            assert broker.rows() == []  # synced bytes without a committed row are dropped
-            ack = await actor.request(group("g1"), P.Ack, timeout=5)  # the outbox resends
-            assert ack.traj_ids == ["g1-0", "g1-1"] and ack.duplicates == 0
-        finally:
-            actor.close()
-            broker.stop()
-
-    asyncio.run(main())
+    actor = Client(broker.endpoint, "actor-1")
+    actor.start()
+    try:
+        broker.start("store.after_sync:1")
+        await ready(actor)
+        with pytest.raises(PeerUnreachable):  # never acked: the broker died first
+            await actor.request(group("g1"), P.Ack, timeout=3, retries=0)
+        assert broker.died_of_sigkill()
+        broker.start()  # same data dir, no crash point
+        await ready(actor)
+        assert broker.rows() == []  # synced bytes without a committed row are dropped
+        ack = await actor.request(group("g1"), P.Ack, timeout=5)  # the outbox resends
+        assert ack.traj_ids == ["g1-0", "g1-1"] and ack.duplicates == 0
+    finally:
+        actor.close()
+        broker.stop()
     assert sorted(broker.rows()) == [("g1-0", 0), ("g1-1", 0)]
 
 
-def test_kill_between_claim_and_send_hands_the_batch_out_after_restart(tmp_path: Path) -> None:
+async def test_kill_between_claim_and_send_hands_the_batch_out_after_restart(
+    tmp_path: Path,
+) -> None:
     broker = BrokerProc(tmp_path)
 
-    async def main() -> None:
-        actor, learner = Client(broker.endpoint, "actor-1"), Client(broker.endpoint, "learner")
-        actor.start()
-        learner.start()
-        try:
-            broker.start("broker.after_claim:1")
-            await ready(actor)
-            await actor.request(group("g1"), P.Ack, timeout=5)
-            with pytest.raises(PeerUnreachable):  # claimed and recorded, never sent
-                await learner.request(P.SampleRequest(batch_size=2), P.Batch, timeout=3, retries=0)
-            assert broker.died_of_sigkill()
-            assert broker.rows() == [("g1-0", 1), ("g1-1", 1)]  # counted as sampled
-            broker.start()
-            await ready(learner)
-            batch = await learner.request(P.SampleRequest(batch_size=2), P.Batch, timeout=5)
-            assert batch.batch_id == 1 and [t.traj_id for t in batch.items] == ["g1-0", "g1-1"]
-            await learner.send(P.BatchTrained(batch_id=batch.batch_id, step=1))
-            reply = await learner.request(P.SampleRequest(batch_size=2), P.NotReady, timeout=5)
-            assert reply.replay_size == 0  # handed out once, now acknowledged
-        finally:
-            actor.close()
-            learner.close()
-            broker.stop()
-
-    asyncio.run(main())
+    actor, learner = Client(broker.endpoint, "actor-1"), Client(broker.endpoint, "learner")
+    actor.start()
+    learner.start()
+    try:
+        broker.start("broker.after_claim:1")
+        await ready(actor)
+        await actor.request(group("g1"), P.Ack, timeout=5)
+        with pytest.raises(PeerUnreachable):  # claimed and recorded, never sent
+            await learner.request(P.SampleRequest(batch_size=2), P.Batch, timeout=3, retries=0)
+        assert broker.died_of_sigkill()
+        assert broker.rows() == [("g1-0", 1), ("g1-1", 1)]  # counted as sampled
+        broker.start()
+        await ready(learner)
+        batch = await learner.request(P.SampleRequest(batch_size=2), P.Batch, timeout=5)
+        assert batch.batch_id == 1 and [t.traj_id for t in batch.items] == ["g1-0", "g1-1"]
+        await learner.send(P.BatchTrained(batch_id=batch.batch_id, step=1))
+        reply = await learner.request(P.SampleRequest(batch_size=2), P.NotReady, timeout=5)
+        assert reply.replay_size == 0  # handed out once, now acknowledged
+    finally:
+        actor.close()
+        learner.close()
+        broker.stop()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import pytest_asyncio
 import torch
 
 from actor.engine import Engine
@@ -15,15 +16,13 @@ from actor.episode import run_episode, special_prefix
 from shared import protocol as P
 from shared.protocol import Role
 
-pytestmark = pytest.mark.integration
+# One engine per module (it takes a minute to start): its tests share the loop it lives in.
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model, loop):
-    async def make():
-        return Engine(str(tiny_model), seed=0, max_model_len=512, max_num_seqs=32)
-
-    eng = loop.run_until_complete(make())
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def engine(tiny_model):
+    eng = Engine(str(tiny_model), seed=0, max_model_len=512, max_num_seqs=32)
     yield eng
     eng.shutdown()
 
@@ -49,7 +48,7 @@ def hf_logprobs(model_dir: Path | dict, base: Path, ids: list[int]) -> np.ndarra
     return np.concatenate([[0.0], lp.numpy()])
 
 
-def test_episode_tokens_are_prompt_plus_generated_plus_observations(engine, tokenizer, loop):
+async def test_episode_tokens_are_prompt_plus_generated_plus_observations(engine, tokenizer):
     prompts: list[list[int]] = []
     real_generate = engine.generate
 
@@ -66,17 +65,15 @@ def test_episode_tokens_are_prompt_plus_generated_plus_observations(engine, toke
         )
         lease = P.Lease(lease_id="L", task=task, group_size=1, deadline_s=60)
         env = make_env(task, 0)
-        traj = loop.run_until_complete(
-            run_episode(
-                engine,
-                env,
-                tokenizer,
-                lease,
-                "a",
-                temperature=1.0,
-                max_model_len=512,
-                prefix_ids=special_prefix(tokenizer),
-            )
+        traj = await run_episode(
+            engine,
+            env,
+            tokenizer,
+            lease,
+            "a",
+            temperature=1.0,
+            max_model_len=512,
+            prefix_ids=special_prefix(tokenizer),
         )
     finally:
         engine.generate = real_generate  # type: ignore[method-assign]
@@ -108,7 +105,7 @@ def test_episode_tokens_are_prompt_plus_generated_plus_observations(engine, toke
     assert (lp[np.array(mask) == 1] < 0).all() and (lp[np.array(mask) == 0] == 0).all()
 
 
-def test_a_seeded_episode_samples_the_same_tokens_again(engine, tokenizer, loop):
+async def test_a_seeded_episode_samples_the_same_tokens_again(engine, tokenizer):
     """`headrace eval` seeds each episode (actor/evaluate.py): the same seed, the same
     episode, whatever else the engine is running; training episodes stay unseeded."""
     task = P.TaskSpec(task_id="t", env="symbols", payload={"level": 2, "seed": 1, "n_turns": 3})
@@ -132,20 +129,20 @@ def test_a_seeded_episode_samples_the_same_tokens_again(engine, tokenizer, loop)
         seeded = await asyncio.gather(*(play(7) for _ in range(4)), *(play(None) for _ in range(4)))
         return list(seeded[:4]), list(seeded[4:])
 
-    seeded, unseeded = loop.run_until_complete(both())
+    seeded, unseeded = await both()
     assert all(ids == seeded[0] for ids in seeded)
     assert len({tuple(ids) for ids in unseeded}) > 1  # unseeded: they differ (temperature 1)
 
 
-def test_behaviour_logprobs_match_transformers(engine, tiny_model, loop):
-    out = loop.run_until_complete(engine.generate([1, 10, 11, 12], max_tokens=24, ignore_eos=True))
+async def test_behaviour_logprobs_match_transformers(engine, tiny_model):
+    out = await engine.generate([1, 10, 11, 12], max_tokens=24, ignore_eos=True)
     ids = [1, 10, 11, 12] + out.token_ids
     ref = hf_logprobs(tiny_model, tiny_model, ids)[4:]
     # vLLM's processed logprobs (temperature 1) vs the learner's stack, fp32 on CPU
     assert np.max(np.abs(np.array(out.logprobs) - ref)) < 1e-4
 
 
-def test_learner_recomputes_vllm_behaviour_logprobs_to_1e_6(engine, tiny_model, loop):
+async def test_learner_recomputes_vllm_behaviour_logprobs_to_1e_6(engine, tiny_model):
     """Same weights, fp32, CPU: the learner's recomputation (decoder + chunked logprob kernel)
     agrees with vLLM's sampled-token logprobs to ~1e-6, so a ratio pi/mu away from 1 means
     the policies differ, not the two stacks."""
@@ -157,8 +154,8 @@ def test_learner_recomputes_vllm_behaviour_logprobs_to_1e_6(engine, tiny_model, 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, torch_dtype=torch.float32)
     # plain sampling, then truncated sampling (the learner applies the same top-k / top-p)
     for top_k, top_p in ((0, 1.0), (8, 0.9)):
-        out = loop.run_until_complete(
-            engine.generate(prompt, max_tokens=64, ignore_eos=True, top_k=top_k or -1, top_p=top_p)
+        out = await engine.generate(
+            prompt, max_tokens=64, ignore_eos=True, top_k=top_k or -1, top_p=top_p
         )
         ids = prompt + out.token_ids
         trainer = Trainer(
@@ -175,7 +172,7 @@ def test_learner_recomputes_vllm_behaviour_logprobs_to_1e_6(engine, tiny_model, 
         assert np.max(np.abs(np.array(out.logprobs) - logp.numpy())) < 5e-6, (top_k, top_p)
 
 
-def test_swap_mid_generation_stamps_exact_token_versions(engine, tiny_model, tmp_path, loop):
+async def test_swap_mid_generation_stamps_exact_token_versions(engine, tiny_model, tmp_path):
     from safetensors.torch import load_file, save_file
 
     old = load_file(str(tiny_model / "model.safetensors"))
@@ -196,7 +193,7 @@ def test_swap_mid_generation_stamps_exact_token_versions(engine, tiny_model, tmp
         await engine.update_weights(str(path), version=1)
         return await asyncio.gather(*tasks)
 
-    results = loop.run_until_complete(scenario())
+    results = await scenario()
     assert engine.version == 1
     for r in results:
         k = r.versions.index(1)

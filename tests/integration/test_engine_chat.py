@@ -56,7 +56,7 @@ def smollm2(tmp_path_factory) -> Path:
     return convert(tmp_path_factory.mktemp("models") / "smollm2")
 
 
-def _episodes(model: Path, envs: list[TwoTurns]):
+async def _episodes(model: Path, envs: list[TwoTurns]):
     tok = AutoTokenizer.from_pretrained(model)
     chat = chat_format(tok, "auto", "You are brief.")
     assert chat is not None and chat.prefix_problem is None
@@ -87,14 +87,14 @@ def _episodes(model: Path, envs: list[TwoTurns]):
         finally:
             eng.shutdown()
 
-    return tok, chat, prompts, asyncio.run(main())
+    return tok, chat, prompts, await main()
 
 
-def test_chat_episodes_on_smollm2(smollm2) -> None:
+async def test_chat_episodes_on_smollm2(smollm2) -> None:
     envs = [TwoTurns("Say hello in one short sentence.", 64) for _ in range(3)]
     envs.append(TwoTurns("Count from 1 to 100, separated by commas.", 6))
     envs.append(TwoTurns("Repeat after me: " + "la " * 600, 16))  # over max_model_len
-    tok, chat, prompts, trajs = _episodes(smollm2, envs)
+    tok, chat, prompts, trajs = await _episodes(smollm2, envs)
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     overflow = trajs.pop()
     for traj in trajs:

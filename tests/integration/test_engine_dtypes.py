@@ -9,8 +9,6 @@ the importance ratio carries that noise; float16's 10 mantissa bits cut it sever
 
 from __future__ import annotations
 
-import asyncio
-
 import numpy as np
 import pytest
 import torch
@@ -24,7 +22,7 @@ TOLERANCE = {"bfloat16": (1e-2, 2e-3), "float16": (2e-3, 4e-4)}
 
 
 @pytest.mark.parametrize("dtype", sorted(TOLERANCE))
-def test_learner_recomputes_vllm_logprobs_at_each_dtype(dtype, tiny_model) -> None:
+async def test_learner_recomputes_vllm_logprobs_at_each_dtype(dtype, tiny_model) -> None:
     from transformers import AutoModelForCausalLM
 
     from learner.train import Trainer
@@ -38,7 +36,7 @@ def test_learner_recomputes_vllm_logprobs_at_each_dtype(dtype, tiny_model) -> No
         finally:
             eng.shutdown()
 
-    outs = asyncio.run(sample())
+    outs = await sample()
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     trainer = Trainer(
         model, torch.optim.SGD(model.parameters(), lr=0.0), autocast_dtype=getattr(torch, dtype)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import pytest_asyncio
 import torch
 
 from actor.engine import Engine, PolicyRejected
@@ -17,7 +18,8 @@ from learner.publish import serialize_state_dict
 from learner.train import Trainer
 from shared.lora_config import LoraConfig
 
-pytestmark = pytest.mark.integration
+# One engine per module (it takes a minute to start): its tests share the loop it lives in.
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
 RANK = 8
 # fp32 on CPU, same weights: vLLM's LoRA (punica torch ops) vs peft + the learner's kernel.
@@ -25,14 +27,11 @@ RANK = 8
 TOL = 2e-6
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model, loop):
-    async def make():
-        return Engine(
-            str(tiny_model), seed=0, max_model_len=512, max_num_seqs=32, lora=LoraConfig(rank=RANK)
-        )
-
-    eng = loop.run_until_complete(make())
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def engine(tiny_model):
+    eng = Engine(
+        str(tiny_model), seed=0, max_model_len=512, max_num_seqs=32, lora=LoraConfig(rank=RANK)
+    )
     yield eng
     eng.shutdown()
 
@@ -58,13 +57,13 @@ def current(tiny_model) -> dict[str, torch.nn.Module]:
     return {"model": policy(tiny_model, None)}
 
 
-def load(engine: Engine, loop, model: torch.nn.Module, version: int, tmp: Path) -> dict:
+async def load(engine: Engine, model: torch.nn.Module, version: int, tmp: Path) -> dict:
     """Publish `model` as the learner does and load it into the engine as `version`."""
     tensors, kind, cfg = publishable(model, model.state_dict())
     assert kind == "lora"
     path = tmp / f"v{version}.safetensors"
     path.write_bytes(serialize_state_dict(tensors))
-    return loop.run_until_complete(engine.update_weights(str(path), version, cfg))
+    return await engine.update_weights(str(path), version, cfg)
 
 
 def learner_logprobs(model: torch.nn.Module, ids: list[int], start: int, **kw) -> np.ndarray:
@@ -81,15 +80,15 @@ def learner_logprobs(model: torch.nn.Module, ids: list[int], start: int, **kw) -
     return logp.numpy()
 
 
-def test_version_0_is_the_zero_adapter_and_the_base_model(engine, tiny_model, current, loop):
+async def test_version_0_is_the_zero_adapter_and_the_base_model(engine, tiny_model, current):
     from transformers import AutoModelForCausalLM
 
     assert engine.version == 0 and engine.lora_enabled
     prompt = [1, 10, 11, 12]
-    out = loop.run_until_complete(engine.generate(prompt, max_tokens=48, ignore_eos=True))
+    out = await engine.generate(prompt, max_tokens=48, ignore_eos=True)
     assert out.versions == [0] * 48
     # the request ran through the LoRA slot (vLLM loaded the zero adapter for it)
-    assert set(loop.run_until_complete(engine.llm.list_loras())) == {1}
+    assert set(await engine.llm.list_loras()) == {1}
     ids = prompt + out.token_ids
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
     for model in (base, current["model"]):  # the base model, and the learner's version 0
@@ -97,8 +96,8 @@ def test_version_0_is_the_zero_adapter_and_the_base_model(engine, tiny_model, cu
         assert err < TOL, err
 
 
-def test_adapter_swap_mid_generation_stamps_exact_token_versions(
-    engine, tiny_model, current, loop, tmp_path
+async def test_adapter_swap_mid_generation_stamps_exact_token_versions(
+    engine, tiny_model, current, tmp_path
 ):
     # From version 0 (the zero adapter) to the first trained adapter: the requests in flight
     # must already run through the LoRA slot for the new adapter to reach them.
@@ -121,7 +120,7 @@ def test_adapter_swap_mid_generation_stamps_exact_token_versions(
         await engine.update_weights(str(path), v_new, cfg)
         return await asyncio.gather(*tasks)
 
-    results = loop.run_until_complete(scenario())
+    results = await scenario()
     current["model"] = new
     assert engine.version == v_new
     for r in results:
@@ -138,18 +137,18 @@ def test_adapter_swap_mid_generation_stamps_exact_token_versions(
         assert np.max(np.abs(lp[k:] - old_ref[k:])) > 1e-2
 
 
-def test_adapter_logprobs_match_the_learners_recomputation(
-    engine, tiny_model, current, loop, tmp_path
+async def test_adapter_logprobs_match_the_learners_recomputation(
+    engine, tiny_model, current, tmp_path
 ):
     model = policy(tiny_model, seed=1)
-    phases = load(engine, loop, model, engine.version + 1, tmp_path)
+    phases = await load(engine, model, engine.version + 1, tmp_path)
     assert set(phases) == {"pause", "reload", "resume"}
     current["model"] = model
     prompt = [1, 10, 11, 12]
     base = policy(tiny_model, None)
     for top_k, top_p in ((0, 1.0), (8, 0.9)):
-        out = loop.run_until_complete(
-            engine.generate(prompt, max_tokens=64, ignore_eos=True, top_k=top_k or -1, top_p=top_p)
+        out = await engine.generate(
+            prompt, max_tokens=64, ignore_eos=True, top_k=top_k or -1, top_p=top_p
         )
         assert out.versions == [engine.version] * 64
         ids = prompt + out.token_ids
@@ -161,20 +160,20 @@ def test_adapter_logprobs_match_the_learners_recomputation(
         assert np.max(np.abs(lp - off)) > 1e-2
 
 
-def test_refused_policies_leave_the_served_adapter_in_place(
-    engine, tiny_model, current, loop, tmp_path
+async def test_refused_policies_leave_the_served_adapter_in_place(
+    engine, tiny_model, current, tmp_path
 ):
     v = engine.version
     full = tmp_path / "full.safetensors"
     full.write_bytes(serialize_state_dict({"lm_head.weight": torch.zeros(256, 64)}))
     with pytest.raises(PolicyRejected, match="LoRA adapter only"):
-        loop.run_until_complete(engine.update_weights(str(full), v + 1))
+        await engine.update_weights(str(full), v + 1)
     # rank 16 does not fit the slot vLLM reserved (max_lora_rank 8): refused inside the pause
     with pytest.raises(PolicyRejected, match="refused"):
-        load(engine, loop, policy(tiny_model, seed=3, rank=16), v + 1, tmp_path)
+        load(engine, policy(tiny_model, seed=3, rank=16), v + 1, tmp_path)
     assert engine.version == v
     prompt = [1, 30, 31, 32]
-    out = loop.run_until_complete(engine.generate(prompt, max_tokens=24, ignore_eos=True))
+    out = await engine.generate(prompt, max_tokens=24, ignore_eos=True)
     assert out.versions == [v] * 24  # generation resumed, on the old adapter
     ref = learner_logprobs(current["model"], prompt + out.token_ids, len(prompt))
     assert np.max(np.abs(np.array(out.logprobs) - ref)) < TOL

@@ -37,7 +37,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 
 def _batch() -> tuple[list[Any], list[float]]:
-    from learner.synthetic import synthetic_batch
+    from shared.synthetic import synthetic_batch
 
     trajs = synthetic_batch(n_groups=2, group_size=3, n_tokens=24, seed=1)[:5]
     return trajs, [1.0, 0.5, 0.8, 0.25, 0.9]  # replay IS weights, normalised by their max

@@ -4,7 +4,7 @@ Network: a hub namespace holds a bridge; broker, learner and two actors each liv
 namespace with one veth into the hub and a 10.x address (nothing touches the root namespace).
 The broker binds 0.0.0.0, the learner announces its namespace address as `weights_host`, the
 actors dial the broker's 10.x address. One actor is a real vLLM actor (it must load the
-learner's policy over that network); the other is a `tests.chaos.stub_actor` (real outbox and
+learner's policy over that network); the other is a `tests.synthetic_actor` (real outbox and
 client, no vLLM: two engines on two shared cores would not fit the time budget), whose link
 is cut (`ip link set DEV down` on its hub side) for a few seconds and restored. Then the stub
 must be acked again, drain and exit 0, and the trajectories acked to it must be exactly its
@@ -234,8 +234,9 @@ def test_roles_in_separate_namespaces_survive_a_cut_link(
         procs["stub"] = NsProc(
             ns["stub"],
             "stub",
-            ["tests.chaos.stub_actor", "--broker", broker_ep, "--peer-id", "stub"]
-            + ["--acked", str(stub_acked), "--group-delay-s", "0.5"],
+            ["tests.synthetic_actor", "--broker", broker_ep, "--peer-id", "stub"]
+            + ["--acked", str(stub_acked), "--group-delay-s", "0.5", "--n-tokens", "48"]
+            + ["--n-turns", "1", "--leases", "1", "--max-outbox", "32"],
             tmp_path,
         )
         # The real actor fetched the learner's weights from the learner's namespace address.

@@ -8,7 +8,6 @@ must give bit-identical losses and final weights.
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import subprocess
@@ -18,11 +17,11 @@ from pathlib import Path
 import msgspec
 import numpy as np
 import pytest
+import pytest_asyncio
 
 from broker.store import Store
 from broker.store.export import export
-from learner.synthetic import synthetic_trajectory
-from shared import framefile
+from shared import framefile, synthetic
 from shared import protocol as P
 
 pytestmark = pytest.mark.integration
@@ -39,7 +38,9 @@ def _trajectories() -> tuple[list[P.Trajectory], list[str]]:
 
     def traj(gid: str, k: int, version: int) -> P.Trajectory:
         n = 24 + int(rng.integers(0, 8))
-        return synthetic_trajectory(f"{gid}-{k}", gid, float(k % 2), n, rng, 256, version)
+        return synthetic.trajectory(
+            f"{gid}-{k}", gid, n_tokens=n, reward=float(k % 2), rng=rng, policy_version=version
+        )
 
     groups = {
         f"g{g}": [traj(f"g{g}", k, g // 2) for k in range(GROUP_SIZE)] for g in range(N_GROUPS)
@@ -54,24 +55,21 @@ def _trajectories() -> tuple[list[P.Trajectory], list[str]]:
     return order, list(groups)
 
 
-def _record(data_dir: Path, trajs: list[P.Trajectory]) -> None:
-    async def go() -> None:
-        store = Store(data_dir)
-        await store.open()
-        try:
-            for i in range(0, len(trajs), 5):  # several commits, as a live broker makes
-                await store.put(trajs[i : i + 5])
-        finally:
-            await store.close()
-
-    asyncio.run(go())
+async def _record(data_dir: Path, trajs: list[P.Trajectory]) -> None:
+    store = Store(data_dir)
+    await store.open()
+    try:
+        for i in range(0, len(trajs), 5):  # several commits, as a live broker makes
+            await store.put(trajs[i : i + 5])
+    finally:
+        await store.close()
 
 
-@pytest.fixture(scope="module")
-def recorded(tmp_path_factory) -> tuple[Path, list[P.Trajectory], list[str]]:
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def recorded(tmp_path_factory) -> tuple[Path, list[P.Trajectory], list[str]]:
     data_dir = tmp_path_factory.mktemp("recorded") / "broker"
     trajs, order = _trajectories()
-    _record(data_dir, trajs)
+    await _record(data_dir, trajs)
     return data_dir, trajs, order
 
 
@@ -163,8 +161,8 @@ def test_missing_data_dir_is_one_line(tmp_path) -> None:
     assert "no data dir" in out.stderr
 
 
-def test_empty_store_is_one_line(tmp_path) -> None:
-    _record(tmp_path / "broker", [])
+async def test_empty_store_is_one_line(tmp_path) -> None:
+    await _record(tmp_path / "broker", [])
     out = _headrace("replay", "--data-dir", str(tmp_path), timeout=60)
     assert out.returncode == 2
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from actor.envs import REGISTRY, make_env
@@ -21,32 +19,29 @@ def task(level=1, seed=3, n_turns=3, r=4, k=4):
     return P.TaskSpec(task_id="t", env="symbols", payload=payload)
 
 
-def play(env, actions):
-    async def go():
-        obs = [await env.reset()]
-        rewards = []
-        for a in actions:
-            gen = Generation(token_ids=[0] * env.reasoning_tokens + [a], text_pieces=[])
-            parsed = env.parse_action(gen)
-            assert parsed.span == (env.reasoning_tokens, env.reasoning_tokens + 1)
-            res = await env.step(parsed)
-            obs.append(res.observation)
-            rewards.append(res.reward)
-            if res.done:
-                break
-        return obs, rewards
-
-    return asyncio.run(go())
+async def play(env, actions):
+    obs = [await env.reset()]
+    rewards = []
+    for a in actions:
+        gen = Generation(token_ids=[0] * env.reasoning_tokens + [a], text_pieces=[])
+        parsed = env.parse_action(gen)
+        assert parsed.span == (env.reasoning_tokens, env.reasoning_tokens + 1)
+        res = await env.step(parsed)
+        obs.append(res.observation)
+        rewards.append(res.reward)
+        if res.done:
+            break
+    return obs, rewards
 
 
-def test_correct_actions_score_and_wrong_ones_do_not():
+async def test_correct_actions_score_and_wrong_ones_do_not():
     env = make_env(task(level=2), 0)
     right = [correct_choice(2, s, t, 4) for t, s in enumerate(env.symbols)]
-    obs, rewards = play(make_env(task(level=2), 0), right)
+    obs, rewards = await play(make_env(task(level=2), 0), right)
     assert rewards == [1.0, 1.0, 1.0]
     assert obs[0].startswith("turn sym") and obs[1].startswith("ok turn sym")
     wrong = [(c + 1) % 4 + 4 * 7 for c in right]  # token ids mapping to other choices
-    _, rewards = play(make_env(task(level=2), 0), wrong)
+    _, rewards = await play(make_env(task(level=2), 0), wrong)
     assert rewards == [0.0, 0.0, 0.0]
 
 

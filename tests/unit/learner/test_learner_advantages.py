@@ -15,7 +15,7 @@ from learner.advantages import (
     turn_level_advantages,
     turn_returns,
 )
-from learner.synthetic import synthetic_trajectory
+from shared import synthetic
 from shared.config import AdvantageConfig
 from shared.protocol import TurnInfo
 
@@ -97,7 +97,7 @@ def test_gigpo_hand_computed() -> None:
 
 
 def _traj(i: int, group: str, rewards: list[float], termination: str = "done"):
-    t = synthetic_trajectory(f"t{i}", group, sum(rewards), 8, np.random.default_rng(i))
+    t = synthetic.trajectory(f"t{i}", group, n_tokens=8, reward=sum(rewards), rng=i)
     turns = [TurnInfo(reward=r, done=False, truncated=False, action_valid=True) for r in rewards]
     return msgspec.structs.replace(t, turns=turns, termination=termination)
 

@@ -14,10 +14,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from learner.checkpoint import latest, load_checkpoint, save_checkpoint
-from learner.synthetic import synthetic_batch
 from learner.tiny_model import build_tiny_model
 from learner.train import Trainer
 from learner.util import seed_everything
+from shared.synthetic import synthetic_batch
 
 
 @pytest.fixture(scope="module")

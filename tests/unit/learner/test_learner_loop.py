@@ -15,11 +15,11 @@ from safetensors.torch import load as st_load
 from learner.__main__ import main
 from learner.checkpoint import latest
 from learner.loop import Learner, LearnerExit, Options, run_learner
-from learner.synthetic import synthetic_batch
 from learner.trained_log import TrainedLog
 from learner.trained_log import read as read_trained_log
 from shared import protocol as P
 from shared.config import Config
+from shared.synthetic import synthetic_batch
 from shared.transport import Client, Server
 from shared.weights import fetch_blob as fetch_weights
 
@@ -115,7 +115,7 @@ async def _run(cfg: Config, opts: Options, broker: FakeBroker) -> tuple[int, lis
     return code, broker.received
 
 
-def test_train_publish_checkpoint_resume(tmp_path: Path) -> None:
+async def test_train_publish_checkpoint_resume(tmp_path: Path) -> None:
     cfg = _config(tmp_path)
     broker = FakeBroker(group_size=2)
     opts = Options(
@@ -126,7 +126,7 @@ def test_train_publish_checkpoint_resume(tmp_path: Path) -> None:
         summary_json=tmp_path / "summary.json",
         progress=False,
     )
-    code, _ = asyncio.run(_run(cfg, opts, broker))
+    code, _ = await _run(cfg, opts, broker)
     assert code == 0
     steps = json.loads(opts.summary_json.read_text())["steps"]
     assert [s["step"] for s in steps] == [1, 2, 3]
@@ -160,7 +160,7 @@ def test_train_publish_checkpoint_resume(tmp_path: Path) -> None:
     broker2.offer_first = broker.first and msgspec.structs.replace(broker.first, batch_id=3)
     opts.broker = broker2.server.endpoint
     opts.steps = 4
-    code, _ = asyncio.run(_run(cfg, opts, broker2))
+    code, _ = await _run(cfg, opts, broker2)
     assert code == 0
     assert broker2.of(P.Hello)[0].capabilities["policy_version"] == "3"
     assert broker2.of(P.Hello)[0].capabilities["step"] == "3"  # what the broker re-offers after
@@ -173,13 +173,13 @@ def test_train_publish_checkpoint_resume(tmp_path: Path) -> None:
     assert [(e["step"], e["batch_id"]) for e in log] == [(1, 1), (2, 2), (3, 3), (4, 4)]
 
 
-def test_a_batch_handed_again_is_acknowledged_again_not_retrained(tmp_path: Path) -> None:
+async def test_a_batch_handed_again_is_acknowledged_again_not_retrained(tmp_path: Path) -> None:
     cfg = _config(tmp_path)
     broker = FakeBroker(group_size=2, repeat_first=True)
     opts = Options(
         broker=broker.server.endpoint, steps=2, checkpoint_dir=tmp_path / "c", weights_port=0
     )
-    code, _ = asyncio.run(_run(cfg, opts, broker))
+    code, _ = await _run(cfg, opts, broker)
     assert code == 0
     acks = [(m.batch_id, m.step) for m in broker.of(P.BatchTrained)]
     assert acks == [(1, 1), (1, 1), (2, 2)]
@@ -187,7 +187,7 @@ def test_a_batch_handed_again_is_acknowledged_again_not_retrained(tmp_path: Path
     assert [(e["step"], e["batch_id"]) for e in log] == [(1, 1), (2, 2)]
 
 
-def test_a_fenced_learner_exits_without_checkpointing(tmp_path: Path) -> None:
+async def test_a_fenced_learner_exits_without_checkpointing(tmp_path: Path) -> None:
     cfg = _config(tmp_path)
     cfg.broker.heartbeat_timeout_s = 0.4  # heartbeats every 0.5 s
     cfg.learner.checkpoint_every = 100
@@ -196,7 +196,7 @@ def test_a_fenced_learner_exits_without_checkpointing(tmp_path: Path) -> None:
         broker=broker.server.endpoint, steps=10, checkpoint_dir=tmp_path / "c", weights_port=0
     )
     with pytest.raises(LearnerExit) as e:
-        asyncio.run(_run(cfg, opts, broker))
+        await _run(cfg, opts, broker)
     assert e.value.code == 5 and "refused this learner" in str(e.value)
     assert latest(tmp_path / "c") is None  # another learner owns the run now
     assert broker.of(P.Heartbeat) and broker.of(P.Heartbeat)[0].peer_id.startswith("learner")
@@ -238,18 +238,18 @@ async def _fetch_during_run(tmp_path: Path) -> None:
     serve.cancel()
 
 
-def test_weights_fetchable_while_running(tmp_path: Path) -> None:
-    asyncio.run(_fetch_during_run(tmp_path))
+async def test_weights_fetchable_while_running(tmp_path: Path) -> None:
+    await _fetch_during_run(tmp_path)
 
 
-def test_no_broker_exits_with_reason(tmp_path: Path) -> None:
+async def test_no_broker_exits_with_reason(tmp_path: Path) -> None:
     cfg = _config(tmp_path)
     cfg.learner.connect_timeout_s = 1.0
     opts = Options(
         broker="tcp://127.0.0.1:1", steps=1, checkpoint_dir=tmp_path / "c", weights_port=0
     )
     with pytest.raises(LearnerExit) as e:
-        asyncio.run(run_learner(cfg, opts))
+        await run_learner(cfg, opts)
     assert e.value.code == 3 and "did not answer Hello" in str(e.value)
 
 
@@ -271,8 +271,8 @@ async def _stop_mid_run(tmp_path: Path) -> tuple[int, Learner]:
     return code, learner
 
 
-def test_stop_request_checkpoints_and_exits_zero(tmp_path: Path) -> None:
-    code, learner = asyncio.run(_stop_mid_run(tmp_path))
+async def test_stop_request_checkpoints_and_exits_zero(tmp_path: Path) -> None:
+    code, learner = await _stop_mid_run(tmp_path)
     assert code == 0 and 2 <= learner.step < 1000
     assert latest(tmp_path / "c").name == f"step_{learner.step:06d}"
 
@@ -291,7 +291,7 @@ def test_cli_no_broker_one_line_reason(tmp_path: Path, capsys: pytest.CaptureFix
     assert main(["--config", str(tmp_path / "missing.toml")]) == 2
 
 
-def test_warmup_entropy_and_monitor_across_a_restart(
+async def test_warmup_entropy_and_monitor_across_a_restart(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The lr warm-up continues where the checkpoint left it; the per-role entropy and the
@@ -312,7 +312,7 @@ def test_warmup_entropy_and_monitor_across_a_restart(
     for steps in (3, 5):  # the second run resumes from step 3's checkpoint
         broker = FakeBroker(group_size=2)
         opts.broker, opts.steps = broker.server.endpoint, steps
-        assert asyncio.run(_run(cfg, opts, broker))[0] == 0
+        assert (await _run(cfg, opts, broker))[0] == 0
     steps = json.loads(opts.summary_json.read_text())["steps"]
     lr = cfg.learner.lr
     assert [s["lr"] for s in steps] == pytest.approx([k * lr / 8 for k in range(1, 6)])
@@ -325,19 +325,21 @@ def test_warmup_entropy_and_monitor_across_a_restart(
     assert any(" H act " in r.getMessage() for r in caplog.records)
 
 
-def test_a_restarted_learner_waits_for_its_dead_predecessor_to_go_silent(tmp_path: Path) -> None:
+async def test_a_restarted_learner_waits_for_its_dead_predecessor_to_go_silent(
+    tmp_path: Path,
+) -> None:
     cfg = _config(tmp_path)
     broker = FakeBroker(group_size=2)
     broker.refuse_hellos = 2  # the broker still hears the dead learner for 2 s
     opts = Options(
         broker=broker.server.endpoint, steps=1, checkpoint_dir=tmp_path / "c", weights_port=0
     )
-    code, _ = asyncio.run(_run(cfg, opts, broker))
+    code, _ = await _run(cfg, opts, broker)
     assert code == 0 and len(broker.of(P.Hello)) == 3
     cfg.learner.connect_timeout_s = 1.0  # a live learner next to it: refused for good
     broker = FakeBroker(group_size=2)
     broker.refuse_hellos = 100
     opts.broker = broker.server.endpoint
     with pytest.raises(LearnerExit) as e:
-        asyncio.run(_run(cfg, opts, broker))
+        await _run(cfg, opts, broker)
     assert e.value.code == 3 and "is active" in str(e.value)

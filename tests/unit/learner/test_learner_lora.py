@@ -14,12 +14,12 @@ from learner.checkpoint import load_checkpoint, save_checkpoint
 from learner.distributed import ShardedTrainer
 from learner.lora import adapter_keys, is_lora, publishable
 from learner.publish import WeightPublisher, serialize_state_dict
-from learner.synthetic import synthetic_batch
 from learner.tiny_model import build_tiny_model
 from learner.train import Trainer
 from shared import protocol as P
 from shared.config import Config, ConfigError, load_config
 from shared.lora_config import LLAMA_PROJECTIONS, LoraConfig
+from shared.synthetic import synthetic_batch
 
 RANK = 8
 

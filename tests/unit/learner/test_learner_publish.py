@@ -64,8 +64,8 @@ async def _roundtrip() -> None:
         await pub.aclose()
 
 
-def test_publish_fetch_roundtrip() -> None:
-    asyncio.run(asyncio.wait_for(_roundtrip(), 20))
+async def test_publish_fetch_roundtrip() -> None:
+    await asyncio.wait_for(_roundtrip(), 20)
 
 
 def test_tied_tensors_serialise() -> None:
@@ -78,7 +78,7 @@ def test_tied_tensors_serialise() -> None:
         pub.server.close()
 
 
-def test_a_peer_that_never_reads_pins_a_bounded_number_of_chunks() -> None:
+async def test_a_peer_that_never_reads_pins_a_bounded_number_of_chunks() -> None:
     """400 chunk requests pipelined by a peer that does not read: the endpoint queues at most
     PEER_CHUNK_CREDIT replies for it (ZeroMQ drops the rest), and keeps serving others."""
     import zmq
@@ -117,4 +117,4 @@ def test_a_peer_that_never_reads_pins_a_bounded_number_of_chunks() -> None:
             ctx.term()
             await pub.aclose()
 
-    asyncio.run(asyncio.wait_for(main(), 60))
+    await asyncio.wait_for(main(), 60)

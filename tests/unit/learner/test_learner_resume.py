@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from pathlib import Path
@@ -78,15 +77,15 @@ def test_fresh_moves_the_checkpoint_dir_aside_and_says_where(
     assert str(aside) in caplog.text
 
 
-def test_nothing_to_resume_needs_no_broker(tmp_path: Path) -> None:
+async def test_nothing_to_resume_needs_no_broker(tmp_path: Path) -> None:
     """No checkpoint: the broker is not asked (this endpoint has nobody behind it)."""
     cfg = Config()
     cfg.learner.connect_timeout_s = 0.2
-    choice = asyncio.run(choose(cfg, tmp_path / "none", None, "tcp://127.0.0.1:9", "x"))
+    choice = await choose(cfg, tmp_path / "none", None, "tcp://127.0.0.1:9", "x")
     assert choice.checkpoint is None
     _fake_checkpoint(tmp_path / "c", 1, OURS)
     with pytest.raises(Refused) as e:  # a checkpoint: the run id is needed
-        asyncio.run(choose(cfg, tmp_path / "c", None, "tcp://127.0.0.1:9", "x"))
+        await choose(cfg, tmp_path / "c", None, "tcp://127.0.0.1:9", "x")
     assert e.value.code == 3
 
 
@@ -99,7 +98,7 @@ def test_the_digest_covers_what_is_trained_not_how_the_run_is_operated() -> None
     assert config_digest(cfg) == base
     for change in (
         lambda c: setattr(c.learner, "lr", 0.5),
-        lambda c: setattr(c.env, "levels", [7]),
+        lambda c: setattr(c.env.symbols, "levels", [7]),
         lambda c: setattr(c.model, "path", "/other"),
         lambda c: setattr(c.learner.lora, "rank", 4),
     ):
@@ -116,7 +115,7 @@ def test_headrace_run_resume_and_fresh_are_exclusive(capsys: pytest.CaptureFixtu
     assert e.value.code == 2 and "not allowed with" in capsys.readouterr().err
 
 
-def test_a_learner_keeps_its_checkpoints_and_judges_them_by_run(tmp_path: Path) -> None:
+async def test_a_learner_keeps_its_checkpoints_and_judges_them_by_run(tmp_path: Path) -> None:
     """keep_checkpoints prunes; a new broker's run refuses the old checkpoint (exit 2, before
     any Hello); --fresh starts over; a restart in that run resumes; --resume takes any."""
     cfg = _config(tmp_path)
@@ -124,14 +123,14 @@ def test_a_learner_keeps_its_checkpoints_and_judges_them_by_run(tmp_path: Path) 
     root = tmp_path / "ckpt"
     opts = Options(broker="", steps=2, checkpoint_dir=root, weights_port=0, progress=False)
 
-    def run(run_id: str, steps: int, mode: str | None = None) -> FakeBroker:
+    async def run(run_id: str, steps: int, mode: str | None = None) -> FakeBroker:
         broker = FakeBroker(group_size=2)
         broker.run_id = run_id
         opts.broker, opts.steps, opts.resume = broker.server.endpoint, steps, mode
-        assert asyncio.run(_run(cfg, opts, broker))[0] == 0
+        assert (await _run(cfg, opts, broker))[0] == 0
         return broker
 
-    first = run("run-a", 2)
+    first = await run("run-a", 2)
     assert [p.name for p in root.iterdir() if p.name.startswith("step_")] == ["step_000002"]
     assert recorded(root / "step_000002") == RunIdentity("run-a", config_digest(cfg))
     assert not first.of(P.Status)  # nothing to resume: the broker was not asked
@@ -140,24 +139,24 @@ def test_a_learner_keeps_its_checkpoints_and_judges_them_by_run(tmp_path: Path) 
     broker.run_id = "run-b"
     opts.broker, opts.steps = broker.server.endpoint, 3
     with pytest.raises(LearnerExit) as e:
-        asyncio.run(_run(cfg, opts, broker))
+        await _run(cfg, opts, broker)
     assert e.value.code == 2 and "run-a" in str(e.value) and "--fresh" in str(e.value)
     assert broker.of(P.Status) and not broker.of(P.Hello)
 
-    fresh = run("run-b", 1, "fresh")
+    fresh = await run("run-b", 1, "fresh")
     assert fresh.of(P.Hello)[0].capabilities["step"] == "0"
     (aside,) = tmp_path.glob("ckpt.aside-*")
     assert (aside / "step_000002").is_dir()
     assert recorded(latest(root)) == RunIdentity("run-b", config_digest(cfg))
 
-    again = run("run-b", 2)  # a restart of the same run: resumed without a flag
+    again = await run("run-b", 2)  # a restart of the same run: resumed without a flag
     assert again.of(P.Hello)[0].capabilities["step"] == "1"
     assert [p.name for p in root.iterdir() if p.name.startswith("step_")] == ["step_000002"]
 
     cfg.learner.lr *= 2  # another config: refused, unless --resume
     with pytest.raises(LearnerExit, match="config digest"):
-        run("run-b", 3)
-    anyway = run("run-b", 3, "resume")
+        await run("run-b", 3)
+    anyway = await run("run-b", 3, "resume")
     assert anyway.of(P.Hello)[0].capabilities["step"] == "2"
     assert recorded(latest(root)) == RunIdentity("run-b", config_digest(cfg))
 

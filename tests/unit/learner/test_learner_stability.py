@@ -14,11 +14,11 @@ from transformers import AutoModelForCausalLM
 
 from learner.checkpoint import load_checkpoint, save_checkpoint
 from learner.monitor import actfocus_monitor
-from learner.synthetic import synthetic_batch
 from learner.tiny_model import build_tiny_model
 from learner.train import Trainer, collate, stability_settings
 from shared.config import AlertConfig, CorrectionConfig, LearnerConfig
 from shared.protocol import Role, pack
+from shared.synthetic import synthetic_batch
 
 LR = 1e-2
 

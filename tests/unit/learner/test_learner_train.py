@@ -12,11 +12,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from learner.synthetic import synthetic_batch as make_batch
 from learner.tiny_model import build_tiny_model
 from learner.train import Trainer, collate
 from shared.config import AdvantageConfig, AlertConfig, CorrectionConfig, WeightingConfig
 from shared.protocol import Role, pack
+from shared.synthetic import synthetic_batch as make_batch
 
 
 @pytest.fixture(scope="module")

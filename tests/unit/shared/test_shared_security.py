@@ -120,88 +120,73 @@ def test_security_config(tmp_path: Path) -> None:
         server_keys(cfg.security, "broker")
 
 
-def test_broker_admits_only_listed_clients(sec: SecurityConfig) -> None:
-    async def main() -> None:
-        async with running(secured(sec)) as (broker, _):
-            assert broker.server is not None
-            endpoint = broker.server.endpoint
-            listed = Client(endpoint, "actor-1", curve=client_keys(sec, "actor", "broker"))
-            listed.start()
-            welcome = await listed.request(HELLO, P.Welcome, timeout=5, retries=0)
-            assert welcome.run_id == broker.run_id
-            peers = [listed]
-            for name, keys in strangers(sec, "broker").items():
-                c = Client(endpoint, f"stranger-{name}", curve=keys)
-                peers.append(c)
-                await refused(c, HELLO, P.Welcome, "broker")
-                assert AUTH_FAILURES.labels(server="broker", reason=name)._value.get() >= 1
-            assert not [ident for ident in broker.peers if ident.startswith(b"stranger")]
-            # The listed client is unaffected by the refusals around it.
-            assert (await listed.request(P.Status(), P.StatusReply, timeout=5)).info
-            for c in peers:
-                c.close()
-
-    asyncio.run(main())
+async def test_broker_admits_only_listed_clients(sec: SecurityConfig) -> None:
+    async with running(secured(sec)) as (broker, _):
+        assert broker.server is not None
+        endpoint = broker.server.endpoint
+        listed = Client(endpoint, "actor-1", curve=client_keys(sec, "actor", "broker"))
+        listed.start()
+        welcome = await listed.request(HELLO, P.Welcome, timeout=5, retries=0)
+        assert welcome.run_id == broker.run_id
+        peers = [listed]
+        for name, keys in strangers(sec, "broker").items():
+            c = Client(endpoint, f"stranger-{name}", curve=keys)
+            peers.append(c)
+            await refused(c, HELLO, P.Welcome, "broker")
+            assert AUTH_FAILURES.labels(server="broker", reason=name)._value.get() >= 1
+        assert not [ident for ident in broker.peers if ident.startswith(b"stranger")]
+        # The listed client is unaffected by the refusals around it.
+        assert (await listed.request(P.Status(), P.StatusReply, timeout=5)).info
+        for c in peers:
+            c.close()
 
 
 def _state_dict() -> dict[str, torch.Tensor]:
     return {"w": torch.arange(600, dtype=torch.float32).reshape(20, 30), "b": torch.ones(7)}
 
 
-def test_weight_endpoint_admits_only_listed_clients(sec: SecurityConfig) -> None:
-    async def main() -> None:
-        pub = WeightPublisher(
-            "tcp://127.0.0.1:0", chunk_bytes=512, curve=server_keys(sec, "learner")
-        )
-        pub.start()
-        manifest = pub.publish(1, _state_dict())
-        listed = Client(pub.endpoint, "actor-1", curve=client_keys(sec, "actor", "learner"))
-        others = []
-        try:
-            blob = await fetch_blob(listed, manifest, timeout=5)
-            assert blake2b_128(blob) == manifest.digest
-            for name, keys in strangers(sec, "learner").items():
-                c = Client(pub.endpoint, f"stranger-{name}", curve=keys)
-                others.append(c)
-                await refused(c, P.WeightRequest(version=1, chunk=0), P.WeightChunk, "learner")
-        finally:
-            for c in (listed, *others):
-                c.close()
-            await pub.aclose()
-
-    asyncio.run(main())
+async def test_weight_endpoint_admits_only_listed_clients(sec: SecurityConfig) -> None:
+    pub = WeightPublisher("tcp://127.0.0.1:0", chunk_bytes=512, curve=server_keys(sec, "learner"))
+    pub.start()
+    manifest = pub.publish(1, _state_dict())
+    listed = Client(pub.endpoint, "actor-1", curve=client_keys(sec, "actor", "learner"))
+    others = []
+    try:
+        blob = await fetch_blob(listed, manifest, timeout=5)
+        assert blake2b_128(blob) == manifest.digest
+        for name, keys in strangers(sec, "learner").items():
+            c = Client(pub.endpoint, f"stranger-{name}", curve=keys)
+            others.append(c)
+            await refused(c, P.WeightRequest(version=1, chunk=0), P.WeightChunk, "learner")
+    finally:
+        for c in (listed, *others):
+            c.close()
+        await pub.aclose()
 
 
-def test_actor_rejects_weights_not_matching_the_brokers_manifest(
+async def test_actor_rejects_weights_not_matching_the_brokers_manifest(
     sec: SecurityConfig, tmp_path: Path
 ) -> None:
     """The endpoint serves v1's bytes; the manifest the broker relayed says otherwise."""
 
-    async def main() -> None:
-        pub = WeightPublisher(
-            "tcp://127.0.0.1:0", chunk_bytes=512, curve=server_keys(sec, "learner")
-        )
-        pub.start()
-        keys = client_keys(sec, "actor", "learner")
-        try:
-            manifest = pub.publish(1, _state_dict())
-            path = await fetch_weights(
-                pub.endpoint, manifest, "a", curve=keys, out_dir=str(tmp_path)
-            )
-            assert blake2b_128(Path(path).read_bytes()) == manifest.digest
-            forged = [
-                msgspec.structs.replace(
-                    manifest, chunk_digests=["0" * 32, *manifest.chunk_digests[1:]]
-                ),
-                msgspec.structs.replace(manifest, digest="0" * 32),
-            ]
-            for bad in forged:
-                before = rejected("digest")
-                with pytest.raises(WeightDigestMismatch):
-                    await fetch_weights(pub.endpoint, bad, "a", curve=keys, out_dir=str(tmp_path))
-                assert rejected("digest") == before + 1
-            assert len(list(tmp_path.glob("*.safetensors"))) == 1  # nothing written for them
-        finally:
-            await pub.aclose()
-
-    asyncio.run(main())
+    pub = WeightPublisher("tcp://127.0.0.1:0", chunk_bytes=512, curve=server_keys(sec, "learner"))
+    pub.start()
+    keys = client_keys(sec, "actor", "learner")
+    try:
+        manifest = pub.publish(1, _state_dict())
+        path = await fetch_weights(pub.endpoint, manifest, "a", curve=keys, out_dir=str(tmp_path))
+        assert blake2b_128(Path(path).read_bytes()) == manifest.digest
+        forged = [
+            msgspec.structs.replace(
+                manifest, chunk_digests=["0" * 32, *manifest.chunk_digests[1:]]
+            ),
+            msgspec.structs.replace(manifest, digest="0" * 32),
+        ]
+        for bad in forged:
+            before = rejected("digest")
+            with pytest.raises(WeightDigestMismatch):
+                await fetch_weights(pub.endpoint, bad, "a", curve=keys, out_dir=str(tmp_path))
+            assert rejected("digest") == before + 1
+        assert len(list(tmp_path.glob("*.safetensors"))) == 1  # nothing written for them
+    finally:
+        await pub.aclose()
