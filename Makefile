@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test lint contracts pytest model clean
+.PHONY: setup demo test lint contracts typecheck pytest model clean
 
 setup: $(STAMP)
 
@@ -52,10 +52,13 @@ lint: setup
 contracts: setup
 	$(VENV)/bin/lint-imports
 
+typecheck: setup
+	$(VENV)/bin/mypy
+
 pytest: setup
 	$(PY) -m pytest -q -ra
 
-test: setup lint contracts pytest
+test: setup lint contracts typecheck pytest
 
 clean:
-	rm -rf runs .pytest_cache .ruff_cache
+	rm -rf runs .pytest_cache .ruff_cache .mypy_cache

@@ -53,6 +53,7 @@ import msgspec  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.harness import free_port  # noqa: E402
+from benchmarks.ingest_report import Result, Results, print_table, summary  # noqa: E402
 from shared import protocol as P  # noqa: E402
 from shared import synthetic  # noqa: E402
 
@@ -352,14 +353,6 @@ class BrokerProc:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-@dataclass
-class Result:
-    traj_per_s: float
-    mb_per_s: float
-    note: str = ""
-    cpu_us_per_traj: float | None = None  # the broker process's CPU time per acked trajectory
-
-
 def bench_broker(mode: str, n: int, a: argparse.Namespace, work: Path, tb: int) -> Result:
     import psutil
 
@@ -475,7 +468,7 @@ def disk_bandwidth(directory: Path, batch_bytes: int, duration: float) -> float:
         path.unlink(missing_ok=True)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="short windows, N in (1, 2)")
     ap.add_argument("--senders", default=None, help="comma-separated N (default 1,2,4)")
@@ -489,8 +482,54 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     a.duration = a.duration or (1.0 if a.quick else 3.0)
     a.warmup = a.warmup if a.warmup is not None else (0.3 if a.quick else 0.5)
+    return a
+
+
+def run_modes(
+    a: argparse.Namespace, ns: list[int], modes: list[str], work: Path, tb: int
+) -> tuple[Results, dict[str, str]]:
+    """Every requested mode at every N; the disk baseline last, batched like the best
+    durable run."""
+    results: Results = {}
+    skipped: dict[str, str] = {}
+
+    def record(mode: str, n: int, r: Result) -> None:
+        results.setdefault(mode, {})[n] = r
+        extra = f"  ({r.note})" if r.note else ""
+        print(f"  {mode:8s} N={n}: {r.traj_per_s:9.0f} traj/s {r.mb_per_s:8.1f} MB/s{extra}")
+
+    for n in ns:
+        if "raw_zmq" in modes:
+            record("raw_zmq", n, bench_zmq(n, a, tb))
+        for mode in ("memory", "durable"):
+            if mode in modes:
+                record(mode, n, bench_broker(mode, n, a, work, tb))
+    if "redis" in modes:
+        proc, port, why = start_redis(a)
+        if proc is None:
+            skipped["redis"] = why
+            print(f"  redis baseline skipped: {why}")
+        else:
+            try:
+                for n in ns:
+                    record("redis", n, bench_redis(n, a, tb, port))
+            finally:
+                proc.terminate()
+                proc.wait(10)
+    if "disk" in modes:
+        # the same batching as the broker's best durable run: its mean bytes per commit
+        durable = results.get("durable", {})
+        best_n = max(durable, key=lambda n: durable[n].mb_per_s) if durable else 0
+        batch = max(MIN_DISK_BATCH, int(COMMIT_BYTES.get(best_n, 0)) or 4 << 20)
+        mbps = disk_bandwidth(work, batch, max(1.0, a.duration))
+        results["disk"] = {0: Result(mbps * 1e6 / tb, mbps, f"{batch / 2**20:.1f} MiB/fsync")}
+        print(f"  disk     fdatasync per {batch / 2**20:.1f} MiB batch: {mbps:8.1f} MB/s")
+    return results, skipped
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
     ns = [int(x) for x in (a.senders or ("1,2" if a.quick else "1,2,4")).split(",")]
-    modes = a.modes.split(",")
     work = Path(a.data_dir or tempfile.mkdtemp(prefix="headrace-ingest-"))
     work.mkdir(parents=True, exist_ok=True)
     tb = traj_bytes(a.n_tokens)
@@ -500,92 +539,15 @@ def main(argv: list[str] | None = None) -> int:
         f" {os.cpu_count()} cores, data dir {work}",
         flush=True,
     )
-    results: dict[str, dict[int, Result]] = {}
-    skipped: dict[str, str] = {}
-
-    def record(mode: str, n: int, r: Result) -> None:
-        results.setdefault(mode, {})[n] = r
-        extra = f"  ({r.note})" if r.note else ""
-        print(f"  {mode:8s} N={n}: {r.traj_per_s:9.0f} traj/s {r.mb_per_s:8.1f} MB/s{extra}")
-
     t_start = time.monotonic()
     try:
-        for n in ns:
-            if "raw_zmq" in modes:
-                record("raw_zmq", n, bench_zmq(n, a, tb))
-            for mode in ("memory", "durable"):
-                if mode in modes:
-                    record(mode, n, bench_broker(mode, n, a, work, tb))
-        if "redis" in modes:
-            proc, port, why = start_redis(a)
-            if proc is None:
-                skipped["redis"] = why
-                print(f"  redis baseline skipped: {why}")
-            else:
-                try:
-                    for n in ns:
-                        record("redis", n, bench_redis(n, a, tb, port))
-                finally:
-                    proc.terminate()
-                    proc.wait(10)
-        if "disk" in modes:
-            # the same batching as the broker's best durable run: its mean bytes per commit
-            durable = results.get("durable", {})
-            best_n = max(durable, key=lambda n: durable[n].mb_per_s) if durable else 0
-            batch = max(MIN_DISK_BATCH, int(COMMIT_BYTES.get(best_n, 0)) or 4 << 20)
-            mbps = disk_bandwidth(work, batch, max(1.0, a.duration))
-            results["disk"] = {0: Result(mbps * 1e6 / tb, mbps, f"{batch / 2**20:.1f} MiB/fsync")}
-            print(f"  disk     fdatasync per {batch / 2**20:.1f} MiB batch: {mbps:8.1f} MB/s")
+        results, skipped = run_modes(a, ns, a.modes.split(","), work, tb)
     finally:
         if a.data_dir is None:
             shutil.rmtree(work, ignore_errors=True)
-
-    def best(mode: str) -> Result | None:
-        rs = results.get(mode)
-        return max(rs.values(), key=lambda r: r.mb_per_s) if rs else None
-
-    def ratio(x: str, y: str) -> float | None:
-        rx, ry = best(x), best(y)
-        return round(rx.mb_per_s / ry.mb_per_s, 3) if rx and ry and ry.mb_per_s else None
-
-    print()
-    print(f"{'mode':10s}" + "".join(f"{'N=' + str(n):>22s}" for n in ns) + f"{'best MB/s':>12s}")
-    for mode in ("memory", "durable", "raw_zmq", "redis", "disk"):
-        rs = results.get(mode)
-        if not rs:
-            continue
-        cells = "".join(
-            f"{rs[n].traj_per_s:8.0f} t/s {rs[n].mb_per_s:7.1f} MB/s" if n in rs else " " * 22
-            for n in ns
-        )
-        if mode == "disk":
-            cells = f"{rs[0].note:>22s}" + " " * 22 * (len(ns) - 1)
-        b = best(mode)
-        print(f"{mode:10s}{cells}{b.mb_per_s if b else 0:12.1f}")
-    goals = {"ratio_vs_raw_zmq": 0.8, "ratio_vs_redis": 3.0, "ratio_vs_disk": 0.6}
-    out = {
-        "traj_per_s": {m: round(best(m).traj_per_s, 1) for m in ("durable", "memory") if best(m)},
-        "mb_per_s": {m: round(best(m).mb_per_s, 1) for m in results},
-        "ratio_vs_raw_zmq": ratio("memory", "raw_zmq"),
-        "ratio_vs_redis": ratio("memory", "redis"),
-        "ratio_vs_disk": ratio("durable", "disk"),
-        "best_n": {
-            m: max(rs, key=lambda n: rs[n].mb_per_s) for m, rs in results.items() if m != "disk"
-        },
-        "goals": goals,
-        "broker_cpu_us_per_traj": {
-            m: round(min(r.cpu_us_per_traj for r in results[m].values()), 1)
-            for m in ("durable", "memory")
-            if m in results
-        },
-        "raw_zmq_receiver_cpu_us_per_traj": round(
-            min(r.cpu_us_per_traj or 0.0 for r in results["raw_zmq"].values()), 1
-        )
-        if "raw_zmq" in results
-        else None,
-        "traj_bytes": tb,
-        "seconds": round(time.monotonic() - t_start, 1),
-    }
+    print_table(results, ns)
+    out = summary(results, tb)
+    out["seconds"] = round(time.monotonic() - t_start, 1)
     if skipped:
         out["skipped"] = skipped
     print()

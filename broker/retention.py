@@ -100,41 +100,49 @@ class Retention:
         if self.cfg.max_age_s > 0:
             before_seq = await self.store.first_seq_since(self.clock() - self.cfg.max_age_s)
         for closed in (True, False):
-            while True:
-                need = await self._excess_rows()
-                if need > 0:  # count or bytes: the oldest, whatever their age
-                    limit, bound = min(self.batch_rows, need), None
-                elif before_seq is not None:  # age: everything older than the cutoff
-                    limit, bound = self.batch_rows, before_seq
-                else:
-                    break
-                if closed:
-                    keep = self.keep_from() if self.keep_from else None
-                    if keep is not None:
-                        bound = keep if bound is None else min(bound, keep)
-                    got = await self.store.delete_closed(self.max_times_sampled, limit, bound)
-                else:
-                    got = await self._delete_open(limit, bound)
-                if not sum(got.values()):
-                    break  # nothing of this kind left to delete
-                deleted.update(got)
+            deleted.update(await self._delete_kind(closed, before_seq))
         deleted = +deleted  # drop zero counts
         if deleted:
-            await self.store.compact()
-            for reason, n in deleted.items():
-                RETENTION_DELETED.labels(reason=reason).inc(n)
-            self.deleted.update(deleted)
-            usage = await self.store.usage()
-            (log.warning if deleted["unconsumed"] else log.info)(
-                "retention deleted %d trajectories (%s); %d stored, %.1f MB on disk",
-                sum(deleted.values()),
-                ", ".join(f"{k} {v}" for k, v in sorted(deleted.items())),
-                self.store.stored,
-                usage.file_bytes / 1e6,
-            )
+            await self._report(deleted)
         else:
             await self.store.usage()
         return deleted
+
+    async def _delete_kind(self, closed: bool, before_seq: int | None) -> Counter[str]:
+        """Delete closed (fully consumed) or open trajectories while a limit is exceeded."""
+        deleted: Counter[str] = Counter()
+        while True:
+            need = await self._excess_rows()
+            if need > 0:  # count or bytes: the oldest, whatever their age
+                limit, bound = min(self.batch_rows, need), None
+            elif before_seq is not None:  # age: everything older than the cutoff
+                limit, bound = self.batch_rows, before_seq
+            else:
+                return deleted
+            if closed:
+                keep = self.keep_from() if self.keep_from else None
+                if keep is not None:
+                    bound = keep if bound is None else min(bound, keep)
+                got = await self.store.delete_closed(self.max_times_sampled, limit, bound)
+            else:
+                got = await self._delete_open(limit, bound)
+            if not sum(got.values()):
+                return deleted  # nothing of this kind left to delete
+            deleted.update(got)
+
+    async def _report(self, deleted: Counter[str]) -> None:
+        await self.store.compact()
+        for reason, n in deleted.items():
+            RETENTION_DELETED.labels(reason=reason).inc(n)
+        self.deleted.update(deleted)
+        usage = await self.store.usage()
+        (log.warning if deleted["unconsumed"] else log.info)(
+            "retention deleted %d trajectories (%s); %d stored, %.1f MB on disk",
+            sum(deleted.values()),
+            ", ".join(f"{k} {v}" for k, v in sorted(deleted.items())),
+            self.store.stored,
+            usage.file_bytes / 1e6,
+        )
 
     async def _delete_open(self, limit: int, before_seq: int | None) -> dict[str, int]:
         groups = await self.store.oldest_open(self.max_times_sampled, limit, before_seq)

@@ -203,7 +203,8 @@ def stability_settings(lc: LearnerConfig, optimizer: torch.optim.Optimizer) -> d
 class Trainer:
     """Holds model + optimiser and the loss settings; `step()` trains on one batch."""
 
-    def __init__(
+    # Many settings, all keyword-only with defaults: build_trainer passes them from the config.
+    def __init__(  # noqa: PLR0913
         self,
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,

@@ -17,7 +17,7 @@ import asyncio
 import logging
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import zmq
 import zmq.asyncio
@@ -204,13 +204,21 @@ class Client:
         while not q.empty():
             q.get_nowait()
 
+    @overload
+    async def request(
+        self, msg: P.Base, reply: type[T], timeout: float = ..., retries: int = ...
+    ) -> T: ...
+    @overload
+    async def request(
+        self, msg: P.Base, reply: tuple[type, ...], timeout: float = ..., retries: int = ...
+    ) -> Any: ...
     async def request(
         self,
         msg: P.Base,
         reply: type[T] | tuple[type, ...],
         timeout: float = 5.0,
         retries: int = 3,
-    ) -> T:
+    ) -> Any:
         """Send and wait for the first reply of one of `reply` types (or an Error).
 
         Resends on timeout up to `retries` times, then raises PeerUnreachable. An `Error`
