@@ -6,33 +6,28 @@
   relay.Relay          policies out to the actors, evaluation rounds requested
   peers.LearnerFence   one learner per run
 
-This module builds them, restores their state from the store, routes, answers Hello and
-Status, and reaps. One event loop owns every in-memory structure (peers, leases, pending
-groups, replay table), so no locks are needed; the only awaits that take time (store commits
-and claims) run in spawned tasks, so a slow disk never stalls heartbeats, task requests or
-status replies.
+This module builds them, restores their state from the store (broker/restore.py), routes,
+answers Hello and Status, and reaps. One event loop owns every in-memory structure (peers,
+leases, pending groups, replay table), so no locks are needed; the only awaits that take time
+(store commits and claims) run in spawned tasks, so a slow disk never stalls heartbeats, task
+requests or status replies.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-import msgspec
-
-from broker import metrics as M
 from broker.admission import Admission
-from broker.batches import NEXT_ID_KEY, PREFIX
 from broker.curriculum.service import STATE_KEY as CURRICULUM_STATE_KEY
 from broker.intake import Ingest, model_vocab_size
-from broker.leases import LeaseRecord
 from broker.parts import Wiring, build_books
 from broker.peers import LearnerFence, Peer, Peers, may_not_send
 from broker.relay import Relay
+from broker.restore import restore
 from broker.retention import Retention
 from broker.sampling import Sampling
 from broker.status import refresh_gauges, report
@@ -147,27 +142,8 @@ class Broker:
             self.server.close()
 
     async def _load_state(self) -> None:
-        kv = self.store
-        run_id = await kv.kv_get("run_id")
-        if run_id is None:
-            self.run_id = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
-            await kv.kv_set("run_id", self.run_id.encode())
-        else:
-            self.run_id = run_id.decode()
-        policy = await kv.kv_get("policy")
-        if policy is not None:
-            self.relay.restore(msgspec.msgpack.decode(policy, type=P.PolicyPublished))
-        leases = await kv.kv_scan("lease/")
-        self.leases.restore(msgspec.msgpack.decode(v, type=LeaseRecord) for _, v in leases)
-        for _, v in await kv.kv_scan("feedback/"):
-            self.bank.feedback(msgspec.msgpack.decode(v, type=P.TaskFeedback))
-        self.curriculum.load(await kv.kv_get(CURRICULUM_STATE_KEY))
-        self.books.batches.load(await kv.kv_scan(PREFIX), await kv.kv_get(NEXT_ID_KEY))
-        M.BATCHES_KEPT.set(len(self.books.batches.records))
-        # Rebuild the replay index: open trajectories regrouped, complete groups in FIFO order.
-        now = self.clock()
-        for meta in await kv.scan_open(self.cfg.broker.max_times_sampled):
-            self.ingest.add_to_group(meta, now, times_sampled=meta.times_sampled, restoring=True)
+        max_sampled = self.cfg.broker.max_times_sampled
+        self.run_id = await restore(self.books, self.relay, self.ingest, max_sampled, self.clock())
         self._update_gauges()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
