@@ -15,7 +15,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from broker.curriculum.banks import TaskBank, make_bank
+from broker.curriculum.banks import TaskBank
+from broker.curriculum.factory import make_bank
 from shared import heldout as H
 from shared import protocol as P
 from shared.config import ConfigError, load_config

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from broker.batches import BatchBook
-from broker.curriculum.banks import TaskBank, make_bank
+from broker.curriculum.banks import TaskBank
+from broker.curriculum.factory import make_bank
 from broker.curriculum.service import Curriculum
 from broker.evaluation import EvalRounds
 from broker.groups import GroupAssembler, Retirement

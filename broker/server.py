@@ -244,4 +244,12 @@ class Broker:
         await self._send(ident, P.StatusReply(info=self.status()))
 
     def status(self) -> dict[str, object]:
-        return report(self)
+        return report(
+            self.cfg,
+            self.run_id,
+            self.books,
+            self.peers,
+            self.relay,
+            self.admission,
+            self.clock(),
+        )

@@ -2,30 +2,36 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from broker import metrics as M
+from broker.admission import Admission
 from broker.parts import Books
 from broker.peers import Peer, Peers
+from broker.relay import Relay
 from shared import protocol as P
-
-if TYPE_CHECKING:
-    from broker.server import Broker
+from shared.config import Config
 
 
-def report(b: Broker) -> dict[str, object]:
-    now, books, p = b.clock(), b.books, b.relay.policy
+def report(
+    cfg: Config,
+    run_id: str,
+    books: Books,
+    peers: Peers,
+    relay: Relay,
+    admission: Admission,
+    now: float,
+) -> dict[str, object]:
+    p = relay.policy
 
     def describe(peer: Peer) -> dict[str, object]:
         return peer.describe(now, books.leases.count_for(peer.ident))
 
-    peers = b.peers.values()
+    known = peers.values()
     return {
-        "run_id": b.run_id,
+        "run_id": run_id,
         "protocol_version": P.PROTOCOL_VERSION,
-        "config_digest": b.cfg.digest(),
-        "durability": b.cfg.broker.durability,
-        "policy_version": b.relay.version,
+        "config_digest": cfg.digest(),
+        "durability": cfg.broker.durability,
+        "policy_version": relay.version,
         "weights_endpoint": p.weights_endpoint if p else "",
         "stored_trajectories": books.store.stored,
         "replay_size": books.table.size,
@@ -33,16 +39,16 @@ def report(b: Broker) -> dict[str, object]:
         "pending_groups": len(books.groups),
         "leases_active": len(books.leases),
         "leases_requeued": len(books.leases.requeued),
-        "outstanding": b.admission.outstanding(),
-        "backpressure_bound": b.admission.backpressure_bound(),
+        "outstanding": admission.outstanding(),
+        "backpressure_bound": admission.backpressure_bound(),
         "rate_limiter": books.table.rate_limiter.state(books.table.size),
         "sampler": books.table.sampler.state(),
         "evicted": dict(books.retirement.counts),
         "learner_batches": books.batches.state(),
         "curriculum": books.curriculum.summary(),
         "evaluations": books.evals.status(),  # policy version -> tasks done / in the round
-        "actors": [describe(p) for p in peers if p.role == "actor"],
-        "learners": [describe(p) for p in peers if p.role == "learner"],
+        "actors": [describe(x) for x in known if x.role == "actor"],
+        "learners": [describe(x) for x in known if x.role == "learner"],
     }
 
 

@@ -23,7 +23,7 @@ from shared.config import CorrectionConfig
 from shared.protocol import Role, Trajectory
 
 if TYPE_CHECKING:
-    from learner.train import Proximal, TrainBatch
+    from learner.batch import Proximal, TrainBatch
 
 
 def _no_ratios() -> Tensor:

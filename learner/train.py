@@ -1,12 +1,13 @@
 """One optimisation step on a batch of trajectories, independent of any broker or socket.
 
-`collate` turns wire `Trajectory`s into right-padded token tensors plus a flat list of the
-trained tokens; `Trainer.step` forms advantages (`[learner.advantage]`), computes the proximal
-logprobs and entropies with the fused kernel, derives the off-policy correction
-(`[learner.correction]`) and token weights (`[learner.weighting]`) from them once, and then
-runs `ppo_epochs` x `minibatches` clipped updates against those fixed proximal logprobs. The
-token at position t is predicted from the hidden state at t-1, so token 0 of an episode is never
-trained (it is prompt anyway) and `behav_logprob[t]` is compared with the hidden state at t-1.
+`collate` (learner/batch.py) turns wire `Trajectory`s into right-padded token tensors plus a
+flat list of the trained tokens; `Trainer.step` forms advantages (`[learner.advantage]`),
+computes the proximal logprobs and entropies with the fused kernel, derives the off-policy
+correction (`[learner.correction]`) and token weights (`[learner.weighting]`) from them once,
+and then runs `ppo_epochs` x `minibatches` clipped updates against those fixed proximal
+logprobs. The token at position t is predicted from the hidden state at t-1, so token 0 of an
+episode is never trained (it is prompt anyway) and `behav_logprob[t]` is compared with the
+hidden state at t-1.
 
 Stability controls (`[learner]`, `stability_settings`): asymmetric clip bounds
 (ratio in [1 - eps_low, 1 + eps_high]), an entropy bonus on the tokens of `entropy_roles`
@@ -20,7 +21,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,6 +31,7 @@ from kernels.logprobs import token_logprobs_and_entropy
 from learner import correction as C
 from learner import weighting as W
 from learner.advantages import compute_advantages
+from learner.batch import Proximal, TrainBatch, collate, micro_batches
 from learner.diagnostics import UpdateStats, per_trajectory_advantage, step_diagnostics
 from learner.lora import unwrap
 from learner.losses import clipped_pg_loss
@@ -38,116 +39,6 @@ from shared.config import AdvantageConfig, CorrectionConfig, LearnerConfig, Weig
 from shared.protocol import Role, Trajectory
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainBatch:
-    input_ids: Tensor  # [B, L] right-padded
-    attention_mask: Tensor  # [B, L]
-    row: Tensor  # [N] batch row of each trained token (tokens of a row contiguous, in order)
-    pos: Tensor  # [N] its position (>= 1); the logit comes from position pos - 1
-    targets: Tensor  # [N] its token id
-    behav_logp: Tensor  # [N] behaviour-policy logprob from the actor
-    advantages: Tensor  # [N]
-    token_weights: Tensor  # [N] replay IS weight of the token's trajectory
-    role: Tensor  # [N] `Role` of the token
-    turn: Tensor  # [N] turn index
-    version: Tensor  # [N] policy version that sampled the token
-
-    @property
-    def n_tokens(self) -> int:
-        return int(self.targets.numel())
-
-
-def collate(
-    trajs: Sequence[Trajectory],
-    advantages: Sequence[float | np.ndarray],
-    pad_id: int = 0,
-    traj_weights: Sequence[float] | np.ndarray | None = None,
-) -> TrainBatch:
-    """Pad trajectories into [B, L] and list every loss-masked token with its per-token data.
-
-    `advantages[i]` is trajectory i's advantage, or an array of per-turn advantages that its
-    tokens index by `turn_idx` (clamped to the last turn).
-    """
-    lengths = [t.n_tokens for t in trajs]
-    width = max(lengths, default=1)
-    input_ids = np.full((len(trajs), width), pad_id, dtype=np.int64)
-    attention = np.zeros((len(trajs), width), dtype=np.int64)
-    parts: dict[str, list[np.ndarray]] = {
-        k: [] for k in ("row", "pos", "behav", "adv", "tw", "role", "turn", "version")
-    }
-    for i, t in enumerate(trajs):
-        ids = t.array("token_ids")
-        input_ids[i, : len(ids)] = ids
-        attention[i, : len(ids)] = 1
-        pos = np.flatnonzero(t.array("loss_mask"))
-        pos = pos[pos >= 1]  # token 0 has no preceding context to be predicted from
-        turn = t.array("turn_idx")[pos].astype(np.int64)
-        a = np.atleast_1d(np.asarray(advantages[i], dtype=np.float32))
-        w = 1.0 if traj_weights is None else float(traj_weights[i])
-        parts["row"].append(np.full(pos.size, i))
-        parts["pos"].append(pos)
-        parts["behav"].append(t.array("behav_logprob")[pos])
-        parts["adv"].append(a[np.clip(turn, 0, a.size - 1)])
-        parts["tw"].append(np.full(pos.size, w, dtype=np.float32))
-        parts["role"].append(t.array("role")[pos].astype(np.int64))
-        parts["turn"].append(turn)
-        parts["version"].append(t.array("policy_version")[pos].astype(np.int64))
-
-    def cat(name: str, dtype: torch.dtype) -> Tensor:
-        arr = np.concatenate(parts[name]) if parts[name] else np.zeros(0)
-        return torch.as_tensor(arr).to(dtype)
-
-    row, pos_t = cat("row", torch.long), cat("pos", torch.long)
-    ids_t = torch.from_numpy(input_ids)
-    return TrainBatch(
-        input_ids=ids_t,
-        attention_mask=torch.from_numpy(attention),
-        row=row,
-        pos=pos_t,
-        targets=ids_t[row, pos_t],
-        behav_logp=cat("behav", torch.float32),
-        advantages=cat("adv", torch.float32),
-        token_weights=cat("tw", torch.float32),
-        role=cat("role", torch.long),
-        turn=cat("turn", torch.long),
-        version=cat("version", torch.long),
-    )
-
-
-def _micro_batches(batch: TrainBatch, max_tokens: int, rows: Tensor | None = None) -> list[Tensor]:
-    """Groups of `rows` (default all) whose padded size (rows x longest row) stays under
-    `max_tokens`."""
-    lengths = batch.attention_mask.sum(1).tolist()
-    order = range(len(lengths)) if rows is None else rows.tolist()
-    groups: list[list[int]] = [[]]
-    longest = 0
-    for i in sorted(order, key=lengths.__getitem__):
-        longest_if = max(longest, lengths[i])
-        if groups[-1] and longest_if * (len(groups[-1]) + 1) > max_tokens:
-            groups.append([])
-            longest_if = lengths[i]
-        groups[-1].append(i)
-        longest = longest_if
-    return [torch.tensor(g, dtype=torch.long) for g in groups if g]
-
-
-@dataclass
-class Proximal:
-    """Per trained token, fixed for the whole step (float64, CPU): the proximal policy's logp
-    and entropy, the correction weight and the token weight derived from them."""
-
-    logp: Tensor
-    ent: Tensor
-    is_w: Tensor
-    dropped: Tensor
-    tok_w: Tensor  # role / ActFocus weight x replay IS weight
-
-    @classmethod
-    def empty(cls, n: int) -> Proximal:
-        z = torch.zeros(n, dtype=torch.float64)
-        return cls(z, z.clone(), z.clone(), torch.zeros(n, dtype=torch.bool), z.clone())
 
 
 def _role_ids(roles: Sequence[str]) -> Tensor:
@@ -334,7 +225,7 @@ class Trainer:
         cfg = self.correction
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum, bonus_sum, n_clipped, ratios = 0.0, 0.0, 0.0, []
-        for micro in _micro_batches(batch, self.micro_batch_tokens, rows):
+        for micro in micro_batches(batch, self.micro_batch_tokens, rows):
             sel, logp, ent = self._micro_logprobs(batch, micro)
             if sel.numel() == 0:
                 continue
@@ -438,7 +329,7 @@ class Trainer:
         single = self.ppo_epochs * n_mb == 1
         if not single and n:
             with torch.no_grad():  # pi_prox: the weights as fetched, before any update
-                for micro in _micro_batches(batch, self.micro_batch_tokens):
+                for micro in micro_batches(batch, self.micro_batch_tokens):
                     sel, logp, ent = self._micro_logprobs(batch, micro)
                     if sel.numel():
                         self._fill_proximal(batch, sel, logp, ent, prox)

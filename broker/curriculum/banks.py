@@ -459,31 +459,3 @@ class MixedBank(ProceduralBank):
             for family, tasks in b.heldout(n).items():
                 out.setdefault(family, []).extend(tasks)
         return out
-
-
-_BANKS: dict[str, Callable[[EnvConfig], ProceduralBank]] = {
-    "symbols": SymbolsBank,
-    "reasoning_gym": ReasoningGymBank,
-    "textarena": TextArenaBank,
-}
-
-
-def _bank(name: str, env: EnvConfig) -> ProceduralBank:
-    if name in _BANKS:
-        return _BANKS[name](env)
-    # Datasets, verifiers and users' environments (modules that import this one)
-    from broker.curriculum.user_banks import user_bank
-
-    bank = user_bank(name, env)
-    if bank is None:
-        known = ", ".join([*_BANKS, "mixed", "dataset", "verifiers", "pkg.module:Name"])
-        raise ConfigError(f"env.name: no task bank for environment {name!r} (known: {known})")
-    return bank
-
-
-def make_bank(env: EnvConfig) -> TaskBank:
-    if env.name == "mixed":
-        if "mixed" in env.mixed:
-            raise ConfigError("env.mixed: a mixed bank cannot contain itself")
-        return MixedBank([_bank(b, env) for b in env.mixed], env.seed)
-    return _bank(env.name, env)

@@ -7,9 +7,9 @@ dataset's `eval_path`) or a deterministic share of the tasks (`[env] eval_fracti
 hash of each task's payload and `[env] seed`, so every process splits alike and a task is
 never on both sides).
 
-`user_bank(name, env)` builds the bank `[env] name` asks for when it is not a built-in one:
-"dataset", "verifiers", or a user's environment class ("pkg.module:Name" or a
-`headrace.envs` entry point), whose `tasks(options)` are loaded here on the broker.
+`user_env_bank(name, env)` builds the bank of a user's environment class ("pkg.module:Name"
+or a `headrace.envs` entry point), whose `tasks(options)` are loaded here on the broker;
+broker/curriculum/factory.py decides which bank a config names.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from broker.curriculum.banks import Family, Part, ProceduralBank
 from shared import protocol as P
 from shared.config import ConfigError, EnvConfig
 from shared.env_api import Task
-from shared.env_loader import EnvLoadError, entry_point_names, is_import_path, load_env_class
+from shared.env_loader import EnvLoadError, load_env_class
 
 log = logging.getLogger(__name__)
 
@@ -129,18 +129,3 @@ def user_env_bank(name: str, env: EnvConfig) -> ListBank:
         train, held = tasks, [as_task(t, f"{name} held-out task {i}") for i, t in enumerate(given)]
     # Task ids split at the first "-": the prefix must not contain one.
     return ListBank(name.replace("-", "_"), name, train, held, env.seed)
-
-
-def user_bank(name: str, env: EnvConfig) -> ProceduralBank | None:
-    """The bank for `name` beyond the built-in procedural ones; None when nothing has it."""
-    if name == "dataset":
-        from broker.curriculum.dataset_bank import DatasetBank
-
-        return DatasetBank(env)
-    if name == "verifiers":
-        from broker.curriculum.verifiers_bank import VerifiersBank
-
-        return VerifiersBank(env)
-    if is_import_path(name) or name in entry_point_names():
-        return user_env_bank(name, env)
-    return None

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.curriculum.banks import make_bank
+from broker.curriculum.factory import make_bank
 from broker.store.schema import DB_NAME
 from shared.config import load_config
 from tests.helpers import free_port

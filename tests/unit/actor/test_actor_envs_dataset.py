@@ -16,7 +16,7 @@ from actor.chat import ChatFormat
 from actor.envs import make_env
 from actor.envs.base import EnvError, Generation
 from actor.episode import run_episode
-from broker.curriculum.banks import make_bank
+from broker.curriculum.factory import make_bank
 from shared import protocol as P
 from shared.config import ConfigError, EnvConfig
 from shared.protocol import Role

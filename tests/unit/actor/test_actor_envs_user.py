@@ -12,7 +12,8 @@ import pytest
 
 from actor.envs import make_env
 from actor.envs.base import EnvError, Generation
-from broker.curriculum.banks import ReasoningGymBank, SymbolsBank, TextArenaBank, make_bank
+from broker.curriculum.banks import ReasoningGymBank, SymbolsBank, TextArenaBank
+from broker.curriculum.factory import make_bank
 from shared import protocol as P
 from shared.config import (
     ConfigError,
@@ -148,7 +149,7 @@ def test_the_broker_side_of_user_code_imports_no_heavy_stack(tmp_path, repo_root
     rows.write_text('{"prompt": "1 + 1 =", "answer": "2"}\n')
     code = textwrap.dedent(f"""
         import sys
-        from broker.curriculum.banks import make_bank
+        from broker.curriculum.factory import make_bank
         from shared.config import EnvConfig, load_config
         make_bank(EnvConfig(name={ECHO!r}))
         reward = "tests.unit.user_rewards:exact"

@@ -11,7 +11,7 @@ pytest.importorskip("verifiers.v1")
 
 from actor.envs import make_env  # noqa: E402
 from actor.episode import run_episode  # noqa: E402
-from broker.curriculum.banks import make_bank  # noqa: E402
+from broker.curriculum.factory import make_bank  # noqa: E402
 from shared import protocol as P  # noqa: E402
 from shared.config import ConfigError, EnvConfig  # noqa: E402
 from shared.protocol import Role  # noqa: E402

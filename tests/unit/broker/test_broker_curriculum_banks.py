@@ -19,8 +19,8 @@ from broker.curriculum.banks import (
     SymbolsBank,
     TextArenaBank,
     _task_seed,
-    make_bank,
 )
+from broker.curriculum.factory import make_bank
 from shared import protocol as P
 from shared.config import (
     ConfigError,

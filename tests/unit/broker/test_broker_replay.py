@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from broker.curriculum.banks import SymbolsBank, make_bank
+from broker.curriculum.banks import SymbolsBank
+from broker.curriculum.factory import make_bank
 from broker.groups import GroupAssembler
 from broker.replay import (
     CapacityRemover,

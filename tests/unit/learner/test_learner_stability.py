@@ -12,10 +12,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from learner.batch import collate
 from learner.checkpoint import load_checkpoint, save_checkpoint
 from learner.monitor import actfocus_monitor
 from learner.tiny_model import build_tiny_model
-from learner.train import Trainer, collate, stability_settings
+from learner.train import Trainer, stability_settings
 from shared.config import AlertConfig, CorrectionConfig, LearnerConfig
 from shared.protocol import Role, pack
 from shared.synthetic import synthetic_batch

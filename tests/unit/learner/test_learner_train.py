@@ -12,8 +12,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from learner.batch import collate
 from learner.tiny_model import build_tiny_model
-from learner.train import Trainer, collate
+from learner.train import Trainer
 from shared.config import AdvantageConfig, AlertConfig, CorrectionConfig, WeightingConfig
 from shared.protocol import Role, pack
 from shared.synthetic import synthetic_batch as make_batch
