@@ -27,6 +27,7 @@ from actor.envs.base import (
     Generation,
     GenerationLimits,
     Opening,
+    ParsedAction,
     StepResult,
     Tokenizer,
 )
@@ -169,8 +170,7 @@ async def run_episode(
                 top_k=top_k if top_k > 0 else -1,  # vLLM: -1 is off
                 stop_token_ids=stops,
                 ignore_eos=limits.ignore_eos,
-                # evaluation: a seed per episode and turn makes its samples repeatable
-                seed=None if seed is None else (seed + turn) % 2**31,
+                seed=_turn_seed(seed, turn),
             )
             gen_seconds += time.monotonic() - tg
             action = env.parse_action(_action_view(out, chat, tokenizer, needs_text))
@@ -183,16 +183,7 @@ async def run_episode(
                 termination = P.Termination.MAX_TOKENS
                 break
             result = await env.step(action)
-            turns.append(
-                P.TurnInfo(
-                    reward=result.reward,
-                    done=result.done,
-                    truncated=result.truncated,
-                    action_valid=action.valid,
-                    state_key=result.state_key,
-                    action=action.action,
-                )
-            )
+            turns.append(_turn_info(result, action))
             if result.done or result.truncated:
                 termination = P.Termination.DONE if result.done else P.Termination.MAX_TURNS
                 break
@@ -208,17 +199,25 @@ async def run_episode(
 
     buf.clip(max_model_len)
     rewards = [t.reward for t in turns]
+    sampling = {"temperature": temperature, "top_p": top_p, "top_k": float(top_k)}
     return _trajectory(
-        buf,
-        turns,
-        termination,
-        env,
-        lease,
-        actor_id,
-        rewards,
-        t0,
-        gen_seconds,
-        {"temperature": temperature, "top_p": top_p, "top_k": float(top_k)},
+        buf, turns, termination, env, lease, actor_id, rewards, t0, gen_seconds, sampling
+    )
+
+
+def _turn_seed(seed: int | None, turn: int) -> int | None:
+    # Evaluation: a seed per episode and turn makes its samples repeatable.
+    return None if seed is None else (seed + turn) % 2**31
+
+
+def _turn_info(result: StepResult, action: ParsedAction) -> P.TurnInfo:
+    return P.TurnInfo(
+        reward=result.reward,
+        done=result.done,
+        truncated=result.truncated,
+        action_valid=action.valid,
+        state_key=result.state_key,
+        action=action.action,
     )
 
 
