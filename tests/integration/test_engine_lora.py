@@ -170,7 +170,7 @@ async def test_refused_policies_leave_the_served_adapter_in_place(
         await engine.update_weights(str(full), v + 1)
     # rank 16 does not fit the slot vLLM reserved (max_lora_rank 8): refused inside the pause
     with pytest.raises(PolicyRejected, match="refused"):
-        load(engine, policy(tiny_model, seed=3, rank=16), v + 1, tmp_path)
+        await load(engine, policy(tiny_model, seed=3, rank=16), v + 1, tmp_path)
     assert engine.version == v
     prompt = [1, 30, 31, 32]
     out = await engine.generate(prompt, max_tokens=24, ignore_eos=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import random
 import tracemalloc
 from collections import Counter
@@ -168,21 +167,17 @@ def test_big_banks_hold_no_object_per_task() -> None:
     assert last == bank.tasks[len(bank) - 1]
 
 
-def test_trivial_level_always_rewards() -> None:
+async def test_trivial_level_always_rewards() -> None:
     bank = SymbolsBank(EnvConfig(symbols=SymbolsConfig(levels=[0], tasks_per_level=3)))
     for spec in bank.tasks:
         assert spec.payload["n_choices"] == 1
         env = make_env(spec, 0)
-
-        async def play(env=env) -> list[float]:
-            await env.reset()
-            rewards = []
-            for tok in range(env.max_turns):
-                gen = Generation(token_ids=[0] * env.reasoning_tokens + [tok * 7], text_pieces=[])
-                rewards.append((await env.step(env.parse_action(gen))).reward)
-            return rewards
-
-        assert asyncio.run(play()) == [1.0, 1.0, 1.0]
+        await env.reset()
+        rewards = []
+        for tok in range(env.max_turns):
+            gen = Generation(token_ids=[0] * env.reasoning_tokens + [tok * 7], text_pieces=[])
+            rewards.append((await env.step(env.parse_action(gen))).reward)
+        assert rewards == [1.0, 1.0, 1.0]
 
 
 def test_rg_and_ta_payloads_are_self_contained() -> None:
