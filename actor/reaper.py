@@ -44,7 +44,8 @@ class Reaper:
         mine = [
             p
             for p in psutil.Process().children(recursive=True)
-            if not _is_reaper(p) and _created(p) >= since
+            # By pid first: a loaded machine can show the just-exec'd reaper's cmdline empty.
+            if p.pid != self.proc.pid and not _is_reaper(p) and _created(p) >= since
         ]
         stdin = self.proc.stdin
         assert stdin is not None
