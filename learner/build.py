@@ -72,6 +72,7 @@ def build_trainer(cfg: Config) -> ShardedTrainer:
         top_p=cfg.actor.top_p,
         pad_id=0 if pad_id is None else int(pad_id),
         micro_batch_tokens=lc.micro_batch_tokens,
+        packing=lc.packing,
         autocast_dtype=None if dtype == "float32" else getattr(torch, dtype),
         ppo_epochs=lc.ppo_epochs,
         minibatches=lc.minibatches,

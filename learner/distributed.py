@@ -18,12 +18,13 @@ Design:
   normalisation, the minibatch permutation, loss denominators and diagnostics. That costs
   O(tokens) and keeps control flow and RNG draws identical on all ranks, so every collective
   is matched, whatever the batch. Only the model compute is split: inside each micro-batch
-  rank r runs forward and backward for rows r, r+N, r+2N, ... (micro-batches are sorted by
-  length, so the deal is balanced) and the per-token (logp, entropy) are all-gathered, so
-  each rank evaluates the same whole-micro-batch loss with the whole-batch token denominator.
-  The gather's backward hands each rank the gradient of its own tokens times N, and FSDP's
-  reduce-scatter averages over N, so the summed gradient is the single-process gradient of
-  the whole-batch token-mean loss (up to float summation order).
+  rank r runs forward and backward for rows r, r+N, r+2N, ... (padded micro-batches are sorted
+  by length, packed rows filled first-fit decreasing, so the deal is balanced) and the
+  per-token (logp, entropy) are all-gathered, so each rank evaluates the same
+  whole-micro-batch loss with the whole-batch token denominator. The gather's backward hands
+  each rank the gradient of its own tokens times N, and FSDP's reduce-scatter averages over N,
+  so the summed gradient is the single-process gradient of the whole-batch token-mean loss (up
+  to float summation order).
 * The trainer feeds the LM head's weight to the fused logprob kernel instead of calling the
   head module, so no root `forward` would ever all-gather the root's parameters; the logprob
   method is registered as an FSDP forward method instead.
@@ -302,30 +303,31 @@ class ShardedTrainer(Trainer):
                 raise RuntimeError(f"unknown command from rank 0: {cmd.op!r}")
 
     def token_logprobs(
-        self, input_ids: Tensor, attention_mask: Tensor, row: Tensor, pos: Tensor
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        row: Tensor,
+        pos: Tensor,
+        position_ids: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         if not is_sharded(self.model):
-            return super().token_logprobs(input_ids, attention_mask, row, pos)
+            return super().token_logprobs(input_ids, attention_mask, row, pos, position_ids)
         n_ranks, r = world_size(), rank()
-        owner = row % n_ranks  # rows are dealt round-robin
+        owner = row % n_ranks  # rows (packed or padded) are dealt round-robin
         counts = torch.bincount(owner, minlength=n_ranks).tolist()
         mine = owner == r
         if counts[r]:
             rows = torch.arange(r, input_ids.shape[0], n_ranks)
-            ids, mask, lrow, lpos = (
-                input_ids[rows],
-                attention_mask[rows],
-                row[mine] // n_ranks,
-                pos[mine],
-            )
+            lrow, lpos = row[mine] // n_ranks, pos[mine]
         else:
             # Nothing of ours here, but FSDP's all-gathers and reduce-scatters must still be
             # matched: run one token of the micro-batch and keep none of it (zero gradient).
-            first = row[:1]
-            ids, mask, lrow, lpos = input_ids[first], attention_mask[first], first * 0, pos[:1]
-        width = int(mask.sum(1).max())
+            rows, lrow, lpos = row[:1], row[:1] * 0, pos[:1]
+        ids, mask = input_ids[rows], attention_mask[rows]
+        width = int(mask.sum(1).max())  # real tokens are a prefix of every row
+        pids = None if position_ids is None else position_ids[rows, :width]
         logp, ent = getattr(self.model, _LOGPROB_METHOD)(
-            ids[:, :width], mask[:, :width], lrow, lpos
+            ids[:, :width], mask[:, :width], lrow, lpos, pids
         )
         local = torch.stack([logp, ent], 1)[: counts[r]]
         gathered = _GatherTokens.apply(local, counts)

@@ -51,6 +51,7 @@ OPERATIONAL_KEYS = frozenset(
         "steps",
         "publish_every",
         "micro_batch_tokens",
+        "packing",
         "activation_checkpointing",
         "checkpoint_every",
         "checkpoint_dir",

@@ -1,7 +1,8 @@
 """One optimisation step on a batch of trajectories, independent of any broker or socket.
 
 `collate` (learner/batch.py) turns wire `Trajectory`s into right-padded token tensors plus a
-flat list of the trained tokens; `Trainer.step` forms advantages (`[learner.advantage]`),
+flat list of the trained tokens, and `plan_micro_batches` the forward passes over them, padded
+or (`packing`) packed without padding; `Trainer.step` forms advantages (`[learner.advantage]`),
 computes the proximal logprobs and entropies with the fused kernel, derives the off-policy
 correction (`[learner.correction]`) and token weights (`[learner.weighting]`) from them once,
 and then runs `ppo_epochs` x `minibatches` clipped updates against those fixed proximal
@@ -31,7 +32,7 @@ from kernels.logprobs import token_logprobs_and_entropy
 from learner import correction as C
 from learner import weighting as W
 from learner.advantages import compute_advantages
-from learner.batch import Proximal, TrainBatch, collate, micro_batches
+from learner.batch import Micro, Proximal, TrainBatch, collate, plan_micro_batches
 from learner.diagnostics import UpdateStats, per_trajectory_advantage, step_diagnostics
 from learner.lora import unwrap
 from learner.losses import clipped_pg_loss
@@ -113,6 +114,7 @@ class Trainer:
         pad_id: int = 0,
         chunk_size: int | None = None,  # None: sized from a memory budget by the kernel
         micro_batch_tokens: int = 16384,
+        packing: bool = True,  # trajectories concatenated per row, no padding (learner/batch.py)
         ppo_epochs: int = 1,
         minibatches: int = 1,
         correction: CorrectionConfig | None = None,
@@ -134,6 +136,11 @@ class Trainer:
         self.pad_id = pad_id
         self.chunk_size = chunk_size
         self.micro_batch_tokens = micro_batch_tokens
+        self.packing = packing
+        # Flash attention unpacks a packed batch of one row only (its varlen path); sdpa, eager
+        # and flex take several rows, each with a block-diagonal mask.
+        impl = getattr(getattr(unwrap(model), "config", None), "_attn_implementation", None)
+        self.one_row = "flash" in str(impl)
         self.ppo_epochs, self.minibatches = max(1, ppo_epochs), max(1, minibatches)
         self.correction = correction or CorrectionConfig()
         self.advantage = advantage or AdvantageConfig()
@@ -142,9 +149,17 @@ class Trainer:
         self.device = next(model.parameters()).device
 
     def token_logprobs(
-        self, input_ids: Tensor, attention_mask: Tensor, row: Tensor, pos: Tensor
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        row: Tensor,
+        pos: Tensor,
+        position_ids: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """(logp, entropy) of input_ids[row, pos] under the current weights, via the kernel."""
+        """(logp, entropy) of input_ids[row, pos] under the current weights, via the kernel.
+
+        With `position_ids` (packed rows, restarting at 0 per sequence) the decoder gets no
+        attention mask: transformers separates the sequences at the restarts."""
         # The bare decoder returns final (post-norm) hidden states without the [B, L, V] logits.
         # Under LoRA, peft's wrapper would answer `.model` with the whole causal LM; its LoRA
         # layers live inside the HF model, so its decoder runs with the adapters.
@@ -158,8 +173,13 @@ class Trainer:
             dtype=self.autocast_dtype or torch.float32,
             enabled=self.autocast_dtype is not None,
         ):
+            masks: dict[str, Tensor | None]
+            if position_ids is None:
+                masks = {"attention_mask": attention_mask.to(dev)}
+            else:
+                masks = {"attention_mask": None, "position_ids": position_ids.to(dev)}
             hidden = decoder(
-                input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev), use_cache=False
+                input_ids=input_ids.to(dev), use_cache=False, **masks
             ).last_hidden_state
         h = hidden[row.to(dev), pos.to(dev) - 1]  # only the trained tokens reach the LM head
         head = m.get_output_embeddings().weight
@@ -175,22 +195,17 @@ class Trainer:
             top_p=self.top_p,
         )
 
-    def _micro_logprobs(self, batch: TrainBatch, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(sel, logp, entropy) for the trained tokens `sel` of the micro-batch `rows`."""
-        sel = torch.isin(batch.row, rows).nonzero().squeeze(1)
-        if sel.numel() == 0:
-            return sel, torch.zeros(0), torch.zeros(0)
-        # Re-index the selected rows to 0..len(rows)-1 within the micro-batch.
-        remap = torch.full((batch.input_ids.shape[0],), -1, dtype=torch.long)
-        remap[rows] = torch.arange(rows.numel())
-        width = int(batch.attention_mask[rows].sum(1).max())
-        logp, ent = self.token_logprobs(
-            batch.input_ids[rows, :width],
-            batch.attention_mask[rows, :width],
-            remap[batch.row[sel]],
-            batch.pos[sel],
+    def _micro_batches(self, batch: TrainBatch, rows: Tensor | None = None) -> list[Micro]:
+        return plan_micro_batches(
+            batch, self.micro_batch_tokens, rows, packing=self.packing, one_row=self.one_row
         )
-        return sel, logp, ent
+
+    def _micro_logprobs(self, m: Micro) -> tuple[Tensor, Tensor, Tensor]:
+        """(sel, logp, entropy) for the trained tokens `sel` of the micro-batch `m`."""
+        if m.sel.numel() == 0:
+            return m.sel, torch.zeros(0), torch.zeros(0)
+        logp, ent = self.token_logprobs(m.input_ids, m.attention_mask, m.row, m.pos, m.position_ids)
+        return m.sel, logp, ent
 
     @torch.no_grad()
     def _fill_proximal(
@@ -225,8 +240,8 @@ class Trainer:
         cfg = self.correction
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum, bonus_sum, n_clipped, ratios = 0.0, 0.0, 0.0, []
-        for micro in micro_batches(batch, self.micro_batch_tokens, rows):
-            sel, logp, ent = self._micro_logprobs(batch, micro)
+        for micro in self._micro_batches(batch, rows):
+            sel, logp, ent = self._micro_logprobs(micro)
             if sel.numel() == 0:
                 continue
             if fill:
@@ -329,8 +344,8 @@ class Trainer:
         single = self.ppo_epochs * n_mb == 1
         if not single and n:
             with torch.no_grad():  # pi_prox: the weights as fetched, before any update
-                for micro in micro_batches(batch, self.micro_batch_tokens):
-                    sel, logp, ent = self._micro_logprobs(batch, micro)
+                for micro in self._micro_batches(batch):
+                    sel, logp, ent = self._micro_logprobs(micro)
                     if sel.numel():
                         self._fill_proximal(batch, sel, logp, ent, prox)
         updates = []

@@ -145,6 +145,10 @@ class LearnerConfig(_Section):
     # Gradient accumulation by token budget: each forward/backward pass takes at most this
     # many (padded) tokens; an optimiser step still covers the whole (mini)batch
     micro_batch_tokens: int = 16384
+    # Pack each micro-batch's trajectories into rows without padding: positions restart at 0
+    # per trajectory and attention stops at its boundaries (learner/batch.py); the same losses
+    # and gradients as the right-padded rows of `false`, fewer tokens through the decoder
+    packing: bool = True
     # Recompute each decoder layer's activations in the backward pass (HF gradient
     # checkpointing): memory for time, for models whose activations do not fit
     activation_checkpointing: bool = False
