@@ -224,6 +224,10 @@ class Engine:
     ) -> dict[str, float]:
         """Swap in the safetensors file at `path` as policy `version`; returns phase seconds.
 
+        Full weights are read in place: the engine's process maps `path` (the actor's shared
+        memory buffer, actor/weights.py) and copies each tensor into its parameter; the file
+        must not change before this returns.
+
         Under LoRA, `path` holds a PEFT adapter's tensors and `adapter_config` is its
         adapter_config.json; otherwise every weight, and no config. Raises PolicyRejected
         (the engine keeps its policy) for the other kind or an adapter vLLM refuses.

