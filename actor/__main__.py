@@ -10,6 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
+from shared import transport
 from shared.config import ConfigError, load_config
 from shared.logs import setup_logging
 from shared.metrics import serve_metrics
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     setup_logging(args.log_level, role="actor")
     try:
-        code = asyncio.run(_amain(args))
+        code = transport.run(_amain(args))
     except ConfigError as e:
         print(f"headrace-actor: bad config: {e}", file=sys.stderr)
         code = 2

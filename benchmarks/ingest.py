@@ -26,6 +26,10 @@ MB/s), `ratio_vs_disk` (durable MB/s / fdatasync'd disk MB/s). `--quick` runs sh
 with N in (1, 2).
 
     python benchmarks/ingest.py [--quick] [--senders 1,2,4] [--duration 3] [--data-dir DIR]
+
+HEADRACE_EVENT_LOOP=asyncio runs the broker on the standard event loop instead of uvloop
+(shared/transport.py `run`); HEADRACE_BENCH_PROFILE=DIR samples each broker with py-spy
+(where installed) into DIR for the length of its window.
 """
 
 from __future__ import annotations
@@ -308,6 +312,20 @@ def run_children(
     return results
 
 
+def profile(pid: int, mode: str, seconds: float) -> subprocess.Popen | None:
+    """HEADRACE_BENCH_PROFILE=DIR (benchmark only): sample the broker process `pid` with
+    py-spy for `seconds` (all threads), into DIR/broker-MODE-PID.txt (collapsed stacks)."""
+    out = os.environ.get("HEADRACE_BENCH_PROFILE")
+    spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+    if not out or not spy:
+        return None
+    Path(out).mkdir(parents=True, exist_ok=True)
+    dest = Path(out) / f"broker-{mode}-{pid}.txt"
+    argv = [spy, "record", "--threads", "-r", "200", "-f", "raw", "-o", str(dest)]
+    argv += ["--pid", str(pid), "--duration", str(max(1, round(seconds)))]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 class BrokerProc:
     def __init__(self, work: Path, mode: str, n_tokens: int) -> None:
         self.dir = work / f"broker-{mode}-{time.monotonic_ns()}"
@@ -361,7 +379,10 @@ def bench_broker(mode: str, n: int, a: argparse.Namespace, work: Path, tb: int) 
         proc = psutil.Process(broker.p.pid)
         cpu0, acked0 = sum(proc.cpu_times()[:4]), broker.metrics()[ACKED]
         targets = [(broker_sender, (broker.endpoint, i, a.n_tokens, a.window)) for i in range(n)]
+        spy = profile(broker.p.pid, mode, a.duration + a.warmup + 1)
         res = run_children(targets, a.duration, a.warmup)
+        if spy is not None:
+            spy.wait(30)
         m = broker.metrics()
         # CPU per trajectory does not depend on what else the machine runs, unlike traj/s.
         cpu = sum(proc.cpu_times()[:4]) - cpu0

@@ -27,7 +27,7 @@ from broker.store import Incoming, StoreError, TrajMeta
 from shared import protocol as P
 from shared.config import Config
 from shared.metrics import REJECTED_FRAMES
-from shared.validation import Invalid, Limits, check_trajectory
+from shared.validation import Invalid, Limits, check_batch
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,17 @@ class Screened:
     errors: list[P.Error] = field(default_factory=list)  # undecodable, not even a traj_id
 
 
+@dataclass(slots=True)
+class Arrival:
+    """A screened TrajectoryBatch waiting for its commit: what its Ack will say."""
+
+    ident: bytes
+    peer: Peer
+    items: list[Incoming]
+    rejected: list[P.Rejected]
+    nbytes: int
+
+
 def screen(
     frames: list[msgspec.Raw],
     limits: Limits,
@@ -47,28 +58,35 @@ def screen(
 ) -> Screened:
     """`lease_check`: what the broker's lease book says of a trajectory's lease."""
     out = Screened()
+    views: list[P.TrajectoryView] = []
+    decoded: list[msgspec.Raw] = []
     for frame in frames:
         try:
-            view = P.decode_view(frame)
+            views.append(P.decode_view(frame))
+            decoded.append(frame)
         except P.ProtocolError as e:
             REJECTED_FRAMES.labels(reason=e.reason).inc()
             tid = P.peek_traj_id(frame)
             if not tid:  # nothing to name: the sender can only be told
                 out.errors.append(P.Error(reason=e.reason, detail=e.detail[:500]))
                 continue
-            bad: Invalid | None = Invalid(e.reason, f"{tid}: {e.detail}")
-        else:
-            tid, bad = view.traj_id, check_trajectory(view, limits)
-            if bad is None and lease_check is not None:
-                bad = lease_check(view)
+            _refuse(out, sender, tid, Invalid(e.reason, f"{tid}: {e.detail}"))
+    # the per-token checks of the whole batch at once (shared/validation.py)
+    for view, frame, bad in zip(views, decoded, check_batch(views, limits), strict=True):
+        if bad is None and lease_check is not None:
+            bad = lease_check(view)
         if bad is None:
             out.items.append(Incoming(view, frame))
-            continue
-        M.TRAJ_REJECTED.labels(reason=bad.reason).inc()
-        log.warning("refused a trajectory from %s (%s): %s", sender, bad.reason, bad.detail)
-        out.rejected.append(P.Rejected(traj_id=tid, reason=bad.reason, detail=bad.detail[:300]))
+        else:
+            _refuse(out, sender, view.traj_id, bad)
     M.TRAJ_RECEIVED.inc(len(out.items))
     return out
+
+
+def _refuse(out: Screened, sender: str, tid: str, bad: Invalid) -> None:
+    M.TRAJ_REJECTED.labels(reason=bad.reason).inc()
+    log.warning("refused a trajectory from %s (%s): %s", sender, bad.reason, bad.detail)
+    out.rejected.append(P.Rejected(traj_id=tid, reason=bad.reason, detail=bad.detail[:300]))
 
 
 def model_vocab_size(path: str) -> int:
@@ -101,6 +119,7 @@ class Ingest:
         self.clock = clock
         self.io = io
         self.bytes_waiting = 0  # received, not yet committed (bounded by max_ingest_bytes)
+        self._arrived: list[Arrival] = []  # screened, for the store_and_ack task spawned
 
     # ------------------------------------------------------------ trajectories
 
@@ -116,9 +135,18 @@ class Ingest:
         if got.items:
             self.bytes_waiting += nbytes
             M.INGEST_BYTES.set(self.bytes_waiting)
-            self.io.spawn(self.store_and_ack(ident, peer, got.items, got.rejected, nbytes))
+            # Every batch screened before the loop next runs this task (all the frames one
+            # wake-up drained) shares one store put, one commit and one wait.
+            if not self._arrived:
+                self.io.spawn(self.store_and_ack())
+            self._arrived.append(Arrival(ident, peer, got.items, got.rejected, nbytes))
         elif got.rejected:
             await self.io.send(ident, P.Ack(traj_ids=[], rejected=got.rejected))
+
+    @property
+    def arrived(self) -> int:
+        """Batches screened and waiting for their store put to start."""
+        return len(self._arrived)
 
     def lease_check(self, ident: bytes) -> Callable[[P.TrajectoryView], Invalid | None]:
         """A trajectory belongs to its lease's group, and a live lease to the actor it was
@@ -153,33 +181,34 @@ class Ingest:
             policy_version=policy.version + 1 if policy else None,
         )
 
-    async def store_and_ack(
-        self,
-        ident: bytes,
-        peer: Peer,
-        items: list[Incoming],
-        rejected: list[P.Rejected],
-        nbytes: int,
-    ) -> None:
+    async def store_and_ack(self) -> None:
+        """Store every batch that arrived since this task was spawned; ack each (one Ack per
+        TrajectoryBatch, to its sender) once the commit holding them all is done."""
+        arrived, self._arrived = self._arrived, []
+        nbytes = sum(a.nbytes for a in arrived)
         try:
-            result = await self.store.put(items)
+            results = await self.store.put_many([a.items for a in arrived])
         except StoreError as e:
             # No ack: the actor's outbox keeps the batch and resends it; dedupe makes that safe.
             # The store logged the failure (once per streak) and counted it.
-            log.debug("not acking %d trajectories from %s: %s", len(items), peer.peer_id, e)
+            n = sum(len(a.items) for a in arrived)
+            log.debug("not acking %d trajectories of %d batches: %s", n, len(arrived), e)
             return
         finally:
             self.bytes_waiting -= nbytes
             M.INGEST_BYTES.set(self.bytes_waiting)
         now = self.clock()
-        peer.episodes += len(result.new)
-        for meta in result.new:
-            self.add_to_group(meta, now)
-        M.TRAJ_ACKED.inc(len(items))
-        M.DUPLICATES.inc(len(result.duplicates))
+        for a, result in zip(arrived, results, strict=True):
+            a.peer.episodes += len(result.new)
+            for meta in result.new:
+                self.add_to_group(meta, now)
+            M.TRAJ_ACKED.inc(len(a.items))
+            M.DUPLICATES.inc(len(result.duplicates))
         self.io.changed()
-        ids = [t.view.traj_id for t in items]
-        await self.io.send(ident, P.Ack(ids, duplicates=len(result.duplicates), rejected=rejected))
+        for a, result in zip(arrived, results, strict=True):
+            ids = [t.view.traj_id for t in a.items]
+            ack = P.Ack(ids, duplicates=len(result.duplicates), rejected=a.rejected)
+            await self.io.send(a.ident, ack)
 
     # ------------------------------------------------------------ groups
 

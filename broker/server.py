@@ -42,6 +42,10 @@ from shared.transport import Server
 log = logging.getLogger(__name__)
 
 Handler = Callable[[bytes, Peer, Any], Coroutine[Any, Any, None]]
+# Frames routed per wake-up of the loop at most, before the tasks they started get a turn:
+# enough to fold a burst of batches into one commit, few enough to ack while more arrive.
+DRAIN_LIMIT = 16
+GAUGES_EVERY_S = 0.1  # the gauges trail a change by this much at most
 
 
 class Broker:
@@ -60,7 +64,8 @@ class Broker:
         self.server: Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
-        io = Wiring(self._send, self._spawn, self._update_gauges)
+        self._gauge_timer: asyncio.TimerHandle | None = None
+        io = Wiring(self._send, self._spawn, self._gauges_soon)
         self.fence = LearnerFence(self.peers, b.heartbeat_timeout_s, clock)
         self.relay = Relay(books, self.peers, 10 * b.heartbeat_timeout_s, io)
         self.sampling = Sampling(cfg, books, lambda: self.relay.version, io)
@@ -129,6 +134,9 @@ class Broker:
 
     async def stop(self) -> None:
         """Stop serving, let in-flight commits finish (and be acked), flush and close."""
+        if self._gauge_timer is not None:
+            self._gauge_timer.cancel()
+            self._gauge_timer = None
         for t in self._loops:
             t.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
@@ -161,31 +169,39 @@ class Broker:
     async def _serve(self) -> None:
         assert self.server is not None
         while True:
-            ident, msg = await self.server.recv()
-            keyed = self.server.roles is not None  # under curve: a peer's role is its key's
-            peer = self.peers.heard(
-                ident, msg, (self.server.role_of(ident) or "") if keyed else None
-            )
-            why = may_not_send(peer, msg, keyed) or self.fence.refusal(ident, msg)
-            if why is not None and type(msg) in self._handlers:
-                REJECTED_FRAMES.labels(reason="forbidden").inc()
-                log.warning("refused %s from %s: %s", type(msg).__name__, peer.peer_id, why)
-                await self._send(ident, P.Error(reason="forbidden", detail=why))
-                continue
-            handler = self._handlers.get(type(msg))
-            if handler is None:
-                if not isinstance(msg, P.Error):  # never answer an Error with an Error
-                    REJECTED_FRAMES.labels(reason="unexpected").inc()
-                    detail = f"the broker does not accept {type(msg).__name__}"
-                    await self._send(ident, P.Error(reason="unexpected", detail=detail))
-                else:
-                    log.warning("peer %s sent error %s: %s", peer.peer_id, msg.reason, msg.detail)
-                continue
-            try:
-                await handler(ident, peer, msg)
-            except Exception as e:  # a bug in one handler must not take the broker down
-                log.exception("handling %s from %s", type(msg).__name__, peer.peer_id)
-                await self._send(ident, P.Error(reason="internal", detail=repr(e)[:300]))
+            # Every frame ready at this wake-up (DRAIN_LIMIT at most), routed in order; the
+            # trajectory batches among them share one store put (broker/intake.py), whose task
+            # gets its turn here: a socket that never runs dry does not hold back commits and
+            # acks (awaiting a frame that is already there does not yield to other tasks).
+            for ident, msg in await self.server.recv_ready(DRAIN_LIMIT):
+                await self._route(ident, msg)
+            if self.ingest.arrived:
+                await asyncio.sleep(0)
+
+    async def _route(self, ident: bytes, msg: Any) -> None:
+        assert self.server is not None
+        keyed = self.server.roles is not None  # under curve: a peer's role is its key's
+        peer = self.peers.heard(ident, msg, (self.server.role_of(ident) or "") if keyed else None)
+        why = may_not_send(peer, msg, keyed) or self.fence.refusal(ident, msg)
+        if why is not None and type(msg) in self._handlers:
+            REJECTED_FRAMES.labels(reason="forbidden").inc()
+            log.warning("refused %s from %s: %s", type(msg).__name__, peer.peer_id, why)
+            await self._send(ident, P.Error(reason="forbidden", detail=why))
+            return
+        handler = self._handlers.get(type(msg))
+        if handler is None:
+            if not isinstance(msg, P.Error):  # never answer an Error with an Error
+                REJECTED_FRAMES.labels(reason="unexpected").inc()
+                detail = f"the broker does not accept {type(msg).__name__}"
+                await self._send(ident, P.Error(reason="unexpected", detail=detail))
+            else:
+                log.warning("peer %s sent error %s: %s", peer.peer_id, msg.reason, msg.detail)
+            return
+        try:
+            await handler(ident, peer, msg)
+        except Exception as e:  # a bug in one handler must not take the broker down
+            log.exception("handling %s from %s", type(msg).__name__, peer.peer_id)
+            await self._send(ident, P.Error(reason="internal", detail=repr(e)[:300]))
 
     async def _send(self, ident: bytes, msg: P.Base) -> None:
         assert self.server is not None
@@ -219,6 +235,17 @@ class Broker:
     def _update_gauges(self) -> None:
         refresh_gauges(self.books, self.peers, self.cfg.broker.heartbeat_timeout_s)
 
+    def _gauges_soon(self) -> None:
+        """Sizes changed: refresh the gauges once within GAUGES_EVERY_S, however many
+        changes (every acked batch is one) come meanwhile."""
+        if self._gauge_timer is None:
+            loop = asyncio.get_running_loop()
+            self._gauge_timer = loop.call_later(GAUGES_EVERY_S, self._gauges_now)
+
+    def _gauges_now(self) -> None:
+        self._gauge_timer = None
+        self._update_gauges()
+
     # ------------------------------------------------------------ hello, status
 
     async def _on_hello(self, ident: bytes, peer: Peer, msg: P.Hello) -> None:
@@ -241,6 +268,9 @@ class Broker:
         await self._send(ident, welcome)
 
     async def _on_status(self, ident: bytes, peer: Peer, msg: P.Status) -> None:
+        if self._gauge_timer is not None:  # a change waits for the timer: the gauges agree now
+            self._gauge_timer.cancel()
+            self._gauges_now()
         await self._send(ident, P.StatusReply(info=self.status()))
 
     def status(self) -> dict[str, object]:

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar, overload
 
 import zmq
@@ -40,6 +41,21 @@ T = TypeVar("T")
 # trying to make us allocate without bound); frames between the protocol cap and this are
 # received, rejected with an Error reply and counted.
 _HARD_CAP_FACTOR = 2
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """`asyncio.run(main)` on uvloop where it is installed: the broker's and the actor's
+    loops (fewer microseconds per wake-up, per future, per socket event). The environment
+    variable HEADRACE_EVENT_LOOP=asyncio keeps the standard loop."""
+    if os.environ.get("HEADRACE_EVENT_LOOP", "uvloop") != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                return runner.run(main)
+    return asyncio.run(main)
 
 
 class PeerUnreachable(RuntimeError):
@@ -85,27 +101,49 @@ class Server:
             self.close()  # e.g. port in use: do not leave the monitor thread behind
             raise
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        # the same socket, read without a future where a frame is known to be waiting
+        self._sync: zmq.Socket[bytes] = zmq.Socket.shadow(self.sock.underlying)
 
     async def recv(self) -> tuple[bytes, Any]:
         """Next well-formed message; bad frames are answered and counted here."""
         while True:
-            parts = await self.sock.recv_multipart(copy=False)
-            if len(parts) != 2:
-                REJECTED_FRAMES.labels(reason="multipart").inc()
-                if parts:
-                    await self._reply_error(parts[0].bytes, "multipart", f"{len(parts) - 1} parts")
-                continue
-            ident, frame = parts[0].bytes, parts[1].buffer
-            if self.roles is not None and not self._bound(ident, parts[1]):
-                REJECTED_FRAMES.labels(reason="forbidden").inc()
-                await self._reply_error(ident, "forbidden", "routing id bound to another key")
-                continue
+            got = await self._accept(await self.sock.recv_multipart(copy=False))
+            if got is not None:
+                return got
+
+    async def recv_ready(self, limit: int) -> list[tuple[bytes, Any]]:
+        """The next well-formed message and those already queued behind it, up to `limit`:
+        what one wake-up of the loop can take without waiting (never empty)."""
+        out = [await self.recv()]
+        while len(out) < limit:
             try:
-                return ident, P.decode(frame, self.max_frame_bytes, self._decoder)
-            except P.ProtocolError as e:
-                REJECTED_FRAMES.labels(reason=e.reason).inc()
-                log.warning("rejected frame from %r: %s", ident, e)
-                await self._reply_error(ident, e.reason, e.detail[:500])
+                parts = self._sync.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            got = await self._accept(parts)
+            if got is not None:
+                out.append(got)
+        return out
+
+    async def _accept(self, parts: list[zmq.Frame]) -> tuple[bytes, Any] | None:
+        """The message `parts` hold, or None for a bad frame (answered and counted)."""
+        if len(parts) != 2:
+            REJECTED_FRAMES.labels(reason="multipart").inc()
+            if parts:
+                await self._reply_error(parts[0].bytes, "multipart", f"{len(parts) - 1} parts")
+            return None
+        ident, frame = parts[0].bytes, parts[1].buffer
+        if self.roles is not None and not self._bound(ident, parts[1]):
+            REJECTED_FRAMES.labels(reason="forbidden").inc()
+            await self._reply_error(ident, "forbidden", "routing id bound to another key")
+            return None
+        try:
+            return ident, P.decode(frame, self.max_frame_bytes, self._decoder)
+        except P.ProtocolError as e:
+            REJECTED_FRAMES.labels(reason=e.reason).inc()
+            log.warning("rejected frame from %r: %s", ident, e)
+            await self._reply_error(ident, e.reason, e.detail[:500])
+            return None
 
     def _bound(self, ident: bytes, frame: zmq.Frame) -> bool:
         key = str(frame.get("User-Id"))

@@ -19,7 +19,8 @@ from broker.store.records import Incoming, PutResult, StoreError
 log = logging.getLogger(__name__)
 
 Commit = Callable[[list[list[Incoming]]], Awaitable[list[PutResult]]]
-Waiting = list[tuple[list[Incoming], asyncio.Future[PutResult]]]
+# one entry per caller: its batches, answered together with one result per batch
+Waiting = list[tuple[list[list[Incoming]], asyncio.Future[list[PutResult]]]]
 
 
 class GroupCommit:
@@ -51,10 +52,15 @@ class GroupCommit:
             await self._task
 
     async def put(self, items: list[Incoming]) -> PutResult:
+        return (await self.put_many([items]))[0]
+
+    async def put_many(self, batches: list[list[Incoming]]) -> list[PutResult]:
+        """Several batches (e.g. every frame one wake-up of the broker drained) in the next
+        commit, for one wait: one result per batch, as if each had been `put`."""
         if self.closing:
             raise StoreError("store is closing")
-        fut: asyncio.Future[PutResult] = asyncio.get_running_loop().create_future()
-        self._pending.append((items, fut))
+        fut: asyncio.Future[list[PutResult]] = asyncio.get_running_loop().create_future()
+        self._pending.append((batches, fut))
         self._wake.set()
         return await fut
 
@@ -81,9 +87,9 @@ class GroupCommit:
     async def _flush(self, batch: Waiting) -> None:
         t0 = time.perf_counter()
         try:
-            results = await self._commit([trajs for trajs, _ in batch])
+            results = await self._commit([trajs for batches, _ in batch for trajs in batches])
         except StoreError as e:
-            self._failed(e, sum(len(trajs) for trajs, _ in batch))
+            self._failed(e, sum(len(trajs) for batches, _ in batch for trajs in batches))
             for _, fut in batch:
                 if not fut.done():
                     fut.set_exception(e)
@@ -99,11 +105,13 @@ class GroupCommit:
             self._failures = 0
             STORE_FAILING.set(0)
         COMMIT_SECONDS.observe(time.perf_counter() - t0)
-        COMMIT_BATCHES.observe(len(batch))
+        COMMIT_BATCHES.observe(len(results))
         self._on_stored(sum(len(r.new) for r in results))
-        for (_, fut), result in zip(batch, results, strict=True):
+        at = 0
+        for batches, fut in batch:
             if not fut.done():
-                fut.set_result(result)
+                fut.set_result(results[at : at + len(batches)])
+            at += len(batches)
 
     def _failed(self, e: StoreError, n_trajs: int) -> None:
         """One clear line when commits start failing, then one summary every 30 s at most."""

@@ -159,6 +159,10 @@ class Store:
         items = [t if isinstance(t, Incoming) else Incoming.of(t) for t in trajs]
         return await self._group.put(items)
 
+    async def put_many(self, batches: list[list[Incoming]]) -> list[PutResult]:
+        """`put` of several batches in the same commit, for one wait: one result per batch."""
+        return await self._group.put_many(batches)
+
     async def claim(
         self, seqs: Sequence[int], kv: Sequence[tuple[str, bytes | None]] = ()
     ) -> list[Claimed]:

@@ -43,13 +43,13 @@ async def test_an_ack_goes_out_only_once_the_store_has_committed(
 ) -> None:
     wired = Wired()
     part, _ = ingest(config(tmp_path), store, wired)
-    gate, real_put = asyncio.Event(), store.put
+    gate, real_put = asyncio.Event(), store.put_many
 
-    async def slow_put(items):  # the disk stalls until the gate opens
+    async def slow_put(batches):  # the disk stalls until the gate opens
         await gate.wait()
-        return await real_put(items)
+        return await real_put(batches)
 
-    store.put = slow_put  # type: ignore[method-assign]
+    store.put_many = slow_put  # type: ignore[method-assign]
     await part.on_trajectories(b"a", ACTOR, frames(make_traj("g", 0), make_traj("g", 1)))
     await asyncio.sleep(0.05)
     assert not wired.of(P.Ack) and part.bytes_waiting > 0 and store.stored == 0
@@ -64,10 +64,10 @@ async def test_a_failed_commit_is_never_acked(tmp_path: Path, store: Store) -> N
     wired = Wired()
     part, books = ingest(config(tmp_path), store, wired)
 
-    async def full_disk(items):
+    async def full_disk(batches):
         raise StoreError("disk full")
 
-    store.put = full_disk  # type: ignore[method-assign]
+    store.put_many = full_disk  # type: ignore[method-assign]
     await part.on_trajectories(b"a", ACTOR, frames(make_traj("g", 0), make_traj("g", 1)))
     await wired.settle()
     assert wired.sent == [] and part.bytes_waiting == 0 and books.table.size == 0
@@ -126,3 +126,32 @@ async def test_a_partial_group_without_a_lease_is_dropped_after_a_deadline(
     part.drop_abandoned(now=61.0)
     assert len(books.groups) == 0 and books.retirement.counts == {"incomplete": 1}
     await wired.settle()
+
+
+async def test_batches_screened_together_share_one_commit_and_get_one_ack_each(
+    tmp_path: Path, store: Store
+) -> None:
+    """What one wake-up of the loop drained goes into the store as one put (one commit);
+    each TrajectoryBatch is still answered on its own, to its sender, duplicates counted."""
+    wired = Wired()
+    part, _ = ingest(config(tmp_path), store, wired)
+    puts, real_put = [], store.put_many
+
+    async def counted(batches):
+        puts.append(len(batches))
+        return await real_put(batches)
+
+    store.put_many = counted  # type: ignore[method-assign]
+    other = Peer(b"b", "actor-b", role="actor")
+    await part.on_trajectories(b"a", ACTOR, frames(make_traj("g", 0), make_traj("g", 1)))
+    await part.on_trajectories(b"b", other, frames(make_traj("h", 0)))
+    await part.on_trajectories(b"a", ACTOR, frames(make_traj("g", 1), make_traj("k", 0)))
+    await wired.settle()
+    assert puts == [3]
+    acks = [(ident, m.traj_ids, m.duplicates) for ident, m in wired.sent]
+    assert acks == [
+        (b"a", ["g-0", "g-1"], 0),
+        (b"b", ["h-0"], 0),
+        (b"a", ["g-1", "k-0"], 1),  # g-1 came twice in the same commit: stored once
+    ]
+    assert store.stored == 4 and part.bytes_waiting == 0

@@ -257,13 +257,13 @@ async def test_ingest_past_max_ingest_bytes_is_shed_and_taken_on_resend(tmp_path
     cfg = config(tmp_path, durability="none", max_ingest_bytes=one_batch + 1)
     async with running(cfg) as (broker, client):
         gate = asyncio.Event()
-        real_put = broker.store.put
+        real_put = broker.store.put_many
 
-        async def slow_put(items):  # the disk stalls until the gate opens
+        async def slow_put(batches):  # the disk stalls until the gate opens
             await gate.wait()
-            return await real_put(items)
+            return await real_put(batches)
 
-        broker.store.put = slow_put
+        broker.store.put_many = slow_put
         actor = client("a")
 
         def shed() -> float:

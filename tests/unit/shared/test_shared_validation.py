@@ -183,3 +183,26 @@ def test_screen_sorts_a_batch_without_sockets() -> None:
     assert [i.view.traj_id for i in got.items] == ["g-0"]
     assert [r.traj_id for r in got.rejected] == ["x-1"]
     assert len(got.errors) == 1 and got.errors[0].reason == "malformed"
+
+
+def test_a_batch_is_judged_as_each_of_its_trajectories_alone() -> None:
+    """check_batch checks the per-token arrays of a whole batch at once; whatever the mix of
+    good and bad (and empty) trajectories, each gets the answer check_trajectory gives it."""
+    from shared.validation import check_batch
+
+    good = [make_traj("g", i, version=i % 3, n_tokens=8 + i) for i in range(4)]
+    empty = msgspec.structs.replace(
+        good[0], **{name: b"" for name in P.TOKEN_ARRAYS}, traj_id="empty"
+    )
+    # a step down from one trajectory to the next is no defect: each is checked on its own
+    rising = with_array(make_traj("g", 7, n_tokens=8), "policy_version", [5] * 8)
+    falling = with_array(make_traj("g", 8, n_tokens=8), "policy_version", [0] * 8)
+    views = [P.decode_view(P.encode(t)) for t in [*good, empty, rising, falling]]
+    assert check_batch(views, LIMITS) == [None] * len(views)
+    assert check_batch([], LIMITS) == []
+    for case, bad in defects().items():
+        for at in range(len(good) + 1):
+            batch = [*good[:at], bad, *good[at:]]
+            got = check_batch(batch, LIMITS)
+            assert got == [check_trajectory(t, LIMITS) for t in batch], case
+            assert got[at] is not None and got[at].reason == case.split(" ")[0]
