@@ -7,6 +7,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from broker.replay import GroupItem
 from broker.server import Broker
 from shared import protocol as P
 from shared import synthetic
@@ -72,3 +73,15 @@ async def take(
     if isinstance(got, P.Batch):
         await learner.send(P.BatchTrained(batch_id=got.batch_id, step=got.batch_id))
     return got
+
+
+def group(key: int, size: int = 4, version: int = 0) -> GroupItem:
+    """A replay item: group `key` of `size` trajectories (seqs key*10...), oldest version
+    `version`."""
+    return GroupItem(
+        key=key,
+        group_id=f"g{key}",
+        task_id="t",
+        seqs=list(range(key * 10, key * 10 + size)),
+        min_version=version,
+    )

@@ -10,7 +10,6 @@ from broker.groups import GroupAssembler
 from broker.replay import (
     CapacityRemover,
     FifoSampler,
-    GroupItem,
     MaxTimesSampledRemover,
     MinSize,
     StalenessRemover,
@@ -18,6 +17,7 @@ from broker.replay import (
 )
 from broker.store import TrajMeta
 from shared.config import ConfigError, EnvConfig, SymbolsConfig
+from tests.broker_helpers import group
 
 
 def table(capacity: int = 1000, max_times: int = 1, min_size: int = 1) -> Table:
@@ -25,16 +25,6 @@ def table(capacity: int = 1000, max_times: int = 1, min_size: int = 1) -> Table:
         FifoSampler(),
         [CapacityRemover(capacity), StalenessRemover(), MaxTimesSampledRemover(max_times)],
         MinSize(min_size),
-    )
-
-
-def group(key: int, size: int = 4, version: int = 0) -> GroupItem:
-    return GroupItem(
-        key=key,
-        group_id=f"g{key}",
-        task_id="t",
-        seqs=list(range(key * 10, key * 10 + size)),
-        min_version=version,
     )
 
 

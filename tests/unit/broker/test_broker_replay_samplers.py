@@ -11,7 +11,6 @@ import pytest
 
 from broker.replay import (
     CapacityRemover,
-    GroupItem,
     MaxTimesSampledRemover,
     MinSize,
     PrioritizedSampler,
@@ -21,16 +20,7 @@ from broker.replay import (
     build_table,
 )
 from shared.config import BrokerConfig, Config, ConfigError, ReplayConfig, load_config
-
-
-def group(key: int, size: int = 4, version: int = 0) -> GroupItem:
-    return GroupItem(
-        key=key,
-        group_id=f"g{key}",
-        task_id="t",
-        seqs=list(range(key * 10, key * 10 + size)),
-        min_version=version,
-    )
+from tests.broker_helpers import group
 
 
 def table(sampler, capacity: int = 10_000, max_times: int = 1_000_000) -> Table:
