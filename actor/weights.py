@@ -82,7 +82,12 @@ class WeightBuffer:
 
     def close(self) -> None:
         """Unmap and delete the file (idempotent)."""
-        self._unmap()
+        try:
+            self._unmap()
+        except BufferError:
+            # A view of the last version is still alive (the actor is exiting): the mapping
+            # is freed with that view; the file is closed and deleted all the same.
+            self._map = None
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
