@@ -36,109 +36,31 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
-import queue
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import msgspec  # noqa: E402
-import numpy as np  # noqa: E402
-
 from benchmarks.harness import free_port  # noqa: E402
+from benchmarks.ingest_baselines import bench_redis, bench_zmq, disk_bandwidth, start_redis  # noqa: E402
+from benchmarks.ingest_load import GROUP, await_go, run_children, traj_bytes, trajectory_batches  # noqa: E402
 from benchmarks.ingest_report import Result, Results, print_table, summary  # noqa: E402
 from shared import protocol as P  # noqa: E402
-from shared import synthetic  # noqa: E402
 
-GROUP = 16  # trajectories per TrajectoryBatch frame (one group)
 MIN_DISK_BATCH = 1 << 20
 ACKED = "headrace_broker_trajectories_acked_total"
 COMMIT_BYTES: dict[int, float] = {}  # N -> mean bytes per group commit of the durable run
 
 
-# ---------------------------------------------------------------- payload
-
-
-def template(n_tokens: int, seed: int = 0) -> P.Trajectory:
-    """A realistic multi-turn trajectory: every per-token array filled with plausible values,
-    ids of a 151k-token vocabulary (a Qwen-sized model's)."""
-    rng = np.random.default_rng(seed)
-    n, n_turns = n_tokens, 8
-    return synthetic.trajectory(
-        "",
-        "",
-        n_tokens=n,
-        n_prompt=256,
-        n_turns=n_turns,
-        n_observation=n // n_turns // 4,
-        reasoning=True,
-        vocab_size=151_000,
-        rng=rng,
-        behav_logprob=-rng.exponential(0.7, n),
-        policy_version=np.full(n, 41) + (np.arange(n) > n // 2),  # weights swapped mid-episode
-        turns=[
-            P.TurnInfo(
-                reward=0.1 * t,
-                done=t == n_turns - 1,
-                truncated=False,
-                action_valid=True,
-                state_key=f"s{t:03d}",
-                action=f"move {t % 4}",
-            )  # fmt: skip
-            for t in range(n_turns)
-        ],
-        reward=0.7,
-        task_id="reasoning_gym/arc_1d-000417",
-        env="reasoning_gym",
-        actor_id="bench-actor",
-        lease_id="",
-        sampling={"temperature": 1.0, "top_p": 1.0, "max_tokens": 512.0},
-        timings={"generate_s": 3.2, "env_s": 0.05, "queue_s": 0.01},
-    )
-
-
-def trajectory_batches(sender: int, n_tokens: int) -> Iterator[list[P.Trajectory]]:
-    """Endless groups of GROUP unique trajectories (the traj_ids are the dedupe key)."""
-    base = template(n_tokens, seed=sender)
-    k = 0
-    while True:
-        gid = f"{sender:02d}{k:014x}"
-        yield [
-            msgspec.structs.replace(base, traj_id=f"{gid}-{i}", group_id=gid, lease_id=gid)
-            for i in range(GROUP)
-        ]
-        k += 1
-
-
-def traj_bytes(n_tokens: int) -> int:
-    t = next(trajectory_batches(0, n_tokens))[0]
-    return len(P.encode(t))
-
-
-# ---------------------------------------------------------------- child processes
-
-
-@dataclass
-class Window:
-    begin: float  # wall clock: senders start sending
-    start: float  # counting starts (after warm-up)
-    end: float  # counting and sending stop
-
-
-def _await_go(ready: mp.Queue, go: mp.Queue) -> Window:
-    ready.put(os.getpid())
-    return go.get()
+# ---------------------------------------------------------------- the broker's sender
 
 
 def broker_sender(endpoint: str, idx: int, n_tokens: int, window: int, ready, go, out) -> None:
@@ -152,7 +74,7 @@ def broker_sender(endpoint: str, idx: int, n_tokens: int, window: int, ready, go
     sock.connect(endpoint)
     gen = trajectory_batches(idx, n_tokens)
     P.encode(P.TrajectoryBatch(items=next(gen)))  # warm up
-    w = _await_go(ready, go)
+    w = await_go(ready, go)
     while time.time() < w.begin:
         time.sleep(0.001)
     inflight = acked = errors = 0
@@ -181,135 +103,7 @@ def broker_sender(endpoint: str, idx: int, n_tokens: int, window: int, ready, go
     ctx.term()
 
 
-def zmq_sender(endpoint: str, idx: int, n_tokens: int, window: int, ready, go, out) -> None:
-    """The same frames (built the same way), PUSHed with no acks."""
-    import zmq
-
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.PUSH)
-    sock.setsockopt(zmq.SNDHWM, window)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
-    gen = trajectory_batches(idx, n_tokens)
-    P.encode(P.TrajectoryBatch(items=next(gen)))
-    w = _await_go(ready, go)
-    while time.time() < w.begin:
-        time.sleep(0.001)
-    sent = 0
-    while time.time() < w.end:
-        frame = P.encode(P.TrajectoryBatch(items=next(gen)))
-        try:
-            sock.send(frame, copy=False, flags=zmq.NOBLOCK)
-        except zmq.Again:
-            if sock.poll(50, zmq.POLLOUT):
-                sock.send(frame, copy=False)
-            else:
-                continue
-        sent += 1
-    out.put({"sent": sent})
-    sock.close()
-    ctx.term()
-
-
-def zmq_receiver(endpoint: str, n_senders: int, ready, go, out) -> None:
-    import zmq
-
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.PULL)
-    sock.setsockopt(zmq.RCVHWM, 64)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.bind(endpoint)
-    import resource
-
-    w = _await_go(ready, go)
-    frames = nbytes = 0
-    r0 = resource.getrusage(resource.RUSAGE_SELF)
-    while True:
-        now = time.time()
-        if now >= w.end:
-            break
-        if sock.poll(50):
-            f = sock.recv(copy=False)
-            if w.start <= time.time() < w.end:
-                frames += 1
-                nbytes += len(f.buffer)
-    r1 = resource.getrusage(resource.RUSAGE_SELF)
-    cpu = r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime  # over warm-up + window
-    total = frames * (w.end - w.begin) / max(1e-9, w.end - w.start)
-    out.put(
-        {"frames": frames, "bytes": nbytes, "cpu_us_per_traj": cpu / max(1, total * GROUP) * 1e6}
-    )
-    sock.close()
-    ctx.term()
-
-
-def redis_sender(port: int, idx: int, n_tokens: int, window: int, ready, go, out) -> None:
-    import redis
-
-    r = redis.Redis(port=port)
-    gen = trajectory_batches(idx, n_tokens)
-    w = _await_go(ready, go)
-    while time.time() < w.begin:
-        time.sleep(0.001)
-    sent = 0
-    while time.time() < w.end:
-        pipe = r.pipeline(transaction=False)
-        for t in next(gen):
-            pipe.xadd("trajectories", {"t": P.encode(t)}, maxlen=20_000, approximate=True)
-        pipe.execute()
-        sent += GROUP
-    out.put({"sent": sent})
-
-
-def redis_consumer(port: int, ready, go, out) -> None:
-    import redis
-
-    r = redis.Redis(port=port)
-    w = _await_go(ready, go)
-    acked = 0
-    while time.time() < w.end:
-        resp = r.xreadgroup("bench", "c1", {"trajectories": ">"}, count=GROUP, block=50)
-        if not resp:
-            continue
-        ids = [eid for _, entries in resp for eid, _ in entries]
-        if ids:
-            r.xack("trajectories", "bench", *ids)
-            if w.start <= time.time() < w.end:
-                acked += len(ids)
-    out.put({"acked": acked})
-
-
 # ---------------------------------------------------------------- orchestration
-
-
-def run_children(
-    targets: list[tuple[Callable, tuple]], duration: float, warmup: float
-) -> list[dict]:
-    """Start the children, wait until all are ready, then give them one shared window."""
-    ctx = mp.get_context("spawn")
-    ready, go, out = ctx.Queue(), ctx.Queue(), ctx.Queue()
-    procs = [ctx.Process(target=f, args=(*a, ready, go, out), daemon=True) for f, a in targets]
-    for p in procs:
-        p.start()
-    for _ in procs:
-        ready.get(timeout=120)
-    begin = time.time() + 0.2
-    w = Window(begin, begin + warmup, begin + warmup + duration)
-    for _ in procs:
-        go.put(w)
-    results = []
-    for _ in procs:
-        try:
-            results.append(out.get(timeout=duration + warmup + 60))
-        except queue.Empty:
-            break
-    for p in procs:
-        p.join(10)
-        if p.is_alive():
-            p.kill()
-    if len(results) != len(procs):
-        raise RuntimeError(f"{len(procs) - len(results)} benchmark processes gave no result")
-    return results
 
 
 def profile(pid: int, mode: str, seconds: float) -> subprocess.Popen | None:
@@ -401,92 +195,6 @@ def bench_broker(mode: str, n: int, a: argparse.Namespace, work: Path, tb: int) 
     if any(r["errors"] for r in res):
         note += f" errors={sum(r['errors'] for r in res)}"
     return Result(acked / a.duration, acked * tb / a.duration / 1e6, note, cpu_us)
-
-
-def bench_zmq(n: int, a: argparse.Namespace, tb: int) -> Result:
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-    targets: list[tuple[Callable, tuple]] = [(zmq_receiver, (endpoint, n))]
-    targets += [(zmq_sender, (endpoint, i, a.n_tokens, a.window)) for i in range(n)]
-    res = run_children(targets, a.duration, a.warmup)
-    frames = res_of(res, "frames")
-    trajs = frames * GROUP
-    cpu_us = next(r["cpu_us_per_traj"] for r in res if "cpu_us_per_traj" in r)
-    note = f"receiver CPU {cpu_us:.0f} us/traj"
-    return Result(trajs / a.duration, trajs * tb / a.duration / 1e6, note, cpu_us)
-
-
-def res_of(results: list[dict], key: str) -> int:
-    return sum(r.get(key, 0) for r in results)
-
-
-def bench_redis(n: int, a: argparse.Namespace, tb: int, port: int) -> Result:
-    import redis
-
-    r = redis.Redis(port=port)
-    r.delete("trajectories")
-    r.xgroup_create("trajectories", "bench", id="$", mkstream=True)
-    targets: list[tuple[Callable, tuple]] = [(redis_consumer, (port,))]
-    targets += [(redis_sender, (port, i, a.n_tokens, a.window)) for i in range(n)]
-    res = run_children(targets, a.duration, a.warmup)
-    acked = res_of(res, "acked")
-    r.delete("trajectories")
-    return Result(acked / a.duration, acked * tb / a.duration / 1e6)
-
-
-def start_redis(a: argparse.Namespace) -> tuple[subprocess.Popen | None, int, str]:
-    """A throwaway redis-server on loopback, persistence off; (proc, port, why-not)."""
-    try:
-        import redis
-    except ImportError:
-        return None, 0, "the `redis` Python package is not installed (pip install redis)"
-    exe = shutil.which("redis-server")
-    if exe is None and a.install_redis:
-        if os.geteuid() != 0:
-            return None, 0, "redis-server missing and --install-redis needs root"
-        print("installing redis-server with apt-get ...", flush=True)
-        subprocess.run(["apt-get", "update", "-qq"], check=False)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "redis-server"], check=False)
-        exe = shutil.which("redis-server")
-    if exe is None:
-        return None, 0, "redis-server is not installed (run as root with --install-redis)"
-    port = free_port()
-    argv = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    argv += ["--daemonize", "no", "--loglevel", "warning"]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            redis.Redis(port=port).ping()
-            return proc, port, ""
-        except redis.ConnectionError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                return None, 0, "redis-server did not start"
-            time.sleep(0.05)
-
-
-def disk_bandwidth(directory: Path, batch_bytes: int, duration: float) -> float:
-    """MB/s of sustained appends with one fdatasync per `batch_bytes` batch."""
-    buf = np.random.default_rng(1).integers(0, 256, batch_bytes, dtype=np.uint8).tobytes()
-    path = directory / f"disk-bench-{os.getpid()}.bin"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        t_warm = time.perf_counter() + min(0.5, duration / 4)
-        while time.perf_counter() < t_warm:
-            os.write(fd, buf)
-            os.fdatasync(fd)
-        n = 0
-        t0 = time.perf_counter()
-        while (dt := time.perf_counter() - t0) < duration:
-            view = memoryview(buf)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fdatasync(fd)
-            n += batch_bytes
-        return n / dt / 1e6
-    finally:
-        os.close(fd)
-        path.unlink(missing_ok=True)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
