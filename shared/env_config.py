@@ -4,6 +4,7 @@ into `Config` by shared/config.py."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import msgspec
@@ -13,6 +14,9 @@ from shared.config_base import Section as _Section
 
 # "turn": each right answer scores; "pass": 1 at the end if all were right
 SymbolsReward = Literal["turn", "pass"]
+# How each step's tool delay is drawn: "fixed": exactly step_delay_s; "lognormal": a long tail
+# (most calls quick, a few very slow) with mean step_delay_s (actor/envs/symbols.py)
+StepDelayDist = Literal["fixed", "lognormal"]
 
 
 class SymbolsFamily(_Section):
@@ -47,10 +51,20 @@ class SymbolsConfig(_Section):
     # seconds every `step` awaits (asyncio.sleep), standing in for a tool call's latency
     # (benchmarks/async_vs_sync.py); the bank puts it in each task's payload, 0: none
     step_delay_s: float = 0.0
+    # "fixed": every step waits step_delay_s; "lognormal": each step's wait is drawn from a
+    # lognormal with mean step_delay_s and log-space standard deviation step_delay_sigma (1.0:
+    # median 0.61x the mean, p99 6.2x), seeded by the task and the episode's index in its
+    # group, so a run's delays repeat; real tool latencies are long-tailed like this
+    step_delay_dist: StepDelayDist = "fixed"
+    step_delay_sigma: float = 1.0
 
     def __post_init__(self) -> None:
         if self.action_tokens < 1:
             raise ValueError("action_tokens must be >= 1")
+        if not 0.0 <= self.step_delay_s < math.inf:
+            raise ValueError(f"step_delay_s must be >= 0 (0: no delay), got {self.step_delay_s}")
+        if not 0.0 < self.step_delay_sigma <= 4.0:
+            raise ValueError(f"step_delay_sigma must be in (0, 4], got {self.step_delay_sigma}")
 
 
 class ReasoningGymConfig(_Section):

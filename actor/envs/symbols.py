@@ -8,15 +8,43 @@ on the actions only and a random policy starts at 1/n_choices per turn: every GR
 carries signal from the first step. With `reward = "turn"` each turn is rewarded and the next
 observation says whether the last answer was right; with `reward = "pass"` only the last turn
 is rewarded (1 when every answer was right) and no verdict is shown.
+
+Every `step` may await a tool delay (`[env.symbols] step_delay_s`, the mean): fixed, or drawn
+from a long-tailed lognormal (`step_delay_dist = "lognormal"`, `step_delay_sigma`) seeded by
+the task and the episode's index in its group, so the same run waits the same.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
+import random
 from collections.abc import Sequence
 
 from actor.envs.base import Env, Generation, GenerationLimits, ParsedAction, StepResult
 from shared import symbols as S
+
+
+def step_delays(
+    mean_s: float, dist: str, sigma: float, task_seed: int, episode_seed: int, n: int
+) -> list[float]:
+    """The tool delays of an episode's `n` steps, in seconds.
+
+    "fixed": `mean_s` each. "lognormal": exp(N(mu, sigma^2)) with mu = ln(mean_s) - sigma^2/2,
+    so the mean is `mean_s` whatever `sigma`, and the median exp(-sigma^2/2) of it: most
+    calls return quickly and a few take many times the mean. Seeded by (task, episode index):
+    the same episode waits the same in every run, whichever process plays it.
+    """
+    if mean_s <= 0 or n <= 0:
+        return [0.0] * max(0, n)
+    if dist == "fixed":
+        return [mean_s] * n
+    if dist != "lognormal":
+        raise ValueError(f"unknown step_delay_dist {dist!r} (known: fixed, lognormal)")
+    # a str seed is hashed with SHA-512 by `random`: stable across processes and hash seeds
+    rng = random.Random(f"symbols-step-delay:{task_seed}:{episode_seed}")
+    mu = math.log(mean_s) - sigma * sigma / 2
+    return [rng.lognormvariate(mu, sigma) for _ in range(n)]
 
 
 class SymbolsEnv(Env):
@@ -30,10 +58,8 @@ class SymbolsEnv(Env):
         self.action_tokens = max(1, int(payload.get("action_tokens", 1)))
         self.sparse = str(payload.get("reward", "turn")) == "pass"
         self.map_seed = int(payload.get("map_seed", 0))
-        # A tool call's latency, awaited in every `step` ([env.symbols] step_delay_s, via the bank).
-        self.step_delay_s = float(payload.get("step_delay_s", 0.0))
         self.task_seed = int(payload.get("seed", 0))
-        self.episode_seed = episode_seed  # only the noise level uses it
+        self.episode_seed = episode_seed  # the noise level and the tool delays use it
         shown = str(payload.get("symbols", "")).split()
         # The bank sends the symbols; a payload without them (older banks) derives them from
         # the task seed. Every episode of a group sees the same task either way.
@@ -41,6 +67,16 @@ class SymbolsEnv(Env):
             self.level, self.task_seed, self.max_turns, self.n_choices, map_seed=self.map_seed
         )
         self.max_turns = len(self.symbols)
+        # A tool call's latency per `step` ([env.symbols] step_delay_*, via the bank's payload;
+        # absent: none). Drawn up front: the episode's delays do not depend on its actions.
+        self.step_delays = step_delays(
+            float(payload.get("step_delay_s", 0.0)),
+            str(payload.get("step_delay_dist", "fixed")),
+            float(payload.get("step_delay_sigma", 1.0)),
+            self.task_seed,
+            episode_seed,
+            self.max_turns,
+        )
         self.right: list[bool] = []
         self.turn = 0
 
@@ -73,8 +109,9 @@ class SymbolsEnv(Env):
         return S.correct_choice(self.level, sym, self.turn, self.n_choices, self.map_seed)
 
     async def step(self, action: ParsedAction) -> StepResult:
-        if self.step_delay_s > 0:
-            await asyncio.sleep(self.step_delay_s)
+        delay = self.step_delays[self.turn] if self.turn < len(self.step_delays) else 0.0
+        if delay > 0:
+            await asyncio.sleep(delay)
         key = self.state_key()
         right = action.valid and int(action.action) == self.want()
         self.right.append(right)

@@ -264,6 +264,9 @@ class SymbolsBank(ProceduralBank):
         }
         if self.sy.step_delay_s > 0:  # absent when off: payloads stay as they were
             payload["step_delay_s"] = self.sy.step_delay_s
+            if self.sy.step_delay_dist != "fixed":
+                payload["step_delay_dist"] = self.sy.step_delay_dist
+                payload["step_delay_sigma"] = self.sy.step_delay_sigma
         return _spec("symbols", fam, index, "symbols", payload)
 
     def blind_ceiling(self, tasks: Sequence[P.TaskSpec] | None = None) -> dict[str, float]:
