@@ -24,6 +24,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 WORKER_EXTENSION = "actor.worker_ext.WeightSyncExtension"
 LORA_NAME, LORA_ID = "policy", 1  # the one LoRA slot (ids must be > 0)
+STREAM_INTERVAL = 8  # tokens per streamed output of a running request (generate)
 
 
 class EngineDead(RuntimeError):
@@ -62,6 +64,29 @@ class _Inflight:
     received: int = 0
     switches: list[tuple[int, int]] = field(default_factory=list)  # (offset, new version)
     done: bool = False
+
+
+def sampled_logprobs(logprobs: Any, token_ids: Sequence[int]) -> list[float]:
+    """The sampled tokens' logprobs out of one vLLM output requested with `logprobs=0`.
+
+    `FlatLogprobs` (`flat_logprobs=True`) holds exactly one entry per position then: the
+    sampled token's, whose ids are checked against `token_ids` in one list comparison, and
+    its logprobs are the list itself. The list of per-position dicts (older vLLM, or
+    `flat_logprobs` off) is read token by token. Raises ValueError when a position lacks the
+    sampled token's entry."""
+    if not token_ids:
+        return []
+    if logprobs is None:
+        raise ValueError("vLLM returned no logprobs (requested with logprobs=0)")
+    flat = getattr(logprobs, "logprobs", None)
+    if flat is not None:
+        if logprobs.token_ids != list(token_ids) or len(flat) != len(token_ids):
+            raise ValueError("vLLM's flat logprobs are not one sampled token per position")
+        return flat
+    try:
+        return [float(pos[tok].logprob) for pos, tok in zip(logprobs, token_ids, strict=True)]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"vLLM's logprobs lack a sampled token: {e!r}") from e
 
 
 class Engine:
@@ -172,6 +197,14 @@ class Engine:
             top_p=top_p,
             top_k=top_k,
             logprobs=0,  # the sampled token's logprob only
+            # Flat lists rather than a dict and a Logprob object per token, in vLLM's output
+            # processor and here (sampled_logprobs).
+            flat_logprobs=True,
+            # A running request's output every STREAM_INTERVAL tokens (and its first and last
+            # at once), not every engine step: vLLM builds each output and wakes this
+            # coroutine for it. The tokens and logprobs are the same; `received` lags by up
+            # to STREAM_INTERVAL - 1, which no version depends on (the worker counts).
+            stream_interval=STREAM_INTERVAL,
             detokenize=False,
             ignore_eos=ignore_eos,
             stop_token_ids=stop_token_ids or [],
@@ -193,11 +226,10 @@ class Engine:
                 request_id=rid,
                 lora_request=self._lora_request,  # None without LoRA
             ):
+                # Runs once per engine step for every running request: list extends only.
                 c = out.outputs[0]
-                tokens.extend(c.token_ids)
-                for pos, tok in zip(c.logprobs or [], c.token_ids, strict=False):
-                    assert pos is not None  # requested with logprobs=0: one dict per token
-                    logprobs.append(float(pos[tok].logprob))
+                logprobs += sampled_logprobs(c.logprobs, c.token_ids)
+                tokens += c.token_ids
                 state.received = len(tokens)
                 finish = c.finish_reason
         except Exception as e:
@@ -212,9 +244,9 @@ class Engine:
     @staticmethod
     def _versions(state: _Inflight, n: int) -> list[int]:
         versions = [state.version] * n
-        for offset, v in state.switches:
-            for i in range(max(offset, 0), n):
-                versions[i] = v
+        for offset, v in state.switches:  # in order: a later switch overrides an earlier one
+            start = min(max(offset, 0), n)
+            versions[start:] = [v] * (n - start)
         return versions
 
     # ------------------------------------------------------------------ weights
