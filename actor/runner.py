@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import time
+from collections import deque
 
 from prometheus_client import Counter, Gauge
 
@@ -62,10 +63,12 @@ class Actor:
         self._new_policy = asyncio.Event()
         self._slots = asyncio.Semaphore(self.acfg.max_concurrent_episodes)
         self._free = self.acfg.max_concurrent_episodes
+        self._freed = asyncio.Event()  # set whenever an episode gives its slot back
+        self._unanswered = 0  # task requests sent and not yet answered by a grant
         self.group_size = cfg.broker.group_size  # the broker's, once its Welcome is in
         self._episodes_done = 0
         self._stop = asyncio.Event()
-        self._recent_rewards: list[float] = []
+        self._recent_rewards: deque[float] = deque(maxlen=256)
         self._fatal: EngineDead | None = None
         # eval lease id -> episode k -> (reward, success, policy version): reported together
         self._eval_scores: dict[str, dict[int, tuple[float, bool, int]]] = {}
@@ -193,21 +196,18 @@ class Actor:
                     sync_version, sync_groups, sync_since = self.engine.version, 0, time.monotonic()
                 free = min(free, (self.cfg.learner.batch_groups - sync_groups) * group)
             if free < group:
-                await asyncio.sleep(0.02)
-                continue
-            # Not `client.request`: it drops replies that come after its timeout, and a TaskGrant
-            # that comes late (a stalled broker, a cut link) holds leases the broker renews with
-            # every heartbeat of ours - dropped, they are never worked on and never expire.
-            # Every grant is used, whichever request it answers; one already here goes first.
-            try:
-                grant = await self.client.recv(P.TaskGrant, timeout=0.01)
-            except TimeoutError:
-                await self.client.send(P.TaskRequest(n=free // group))
+                # Woken by the slot that makes a group free (at once: a group's episodes end
+                # together and every ms the engine runs short of requests is lost), or after
+                # 20 ms for what else changes `free` ([actor] sync's versions, a stop).
+                self._freed.clear()
                 try:
-                    grant = await self.client.recv(P.TaskGrant, timeout=5.0)
+                    await asyncio.wait_for(self._freed.wait(), 0.02)
                 except TimeoutError:
-                    log.warning("broker did not answer a task request; retrying")
-                    continue
+                    pass
+                continue
+            grant = await self._next_grant(free // group)
+            if grant is None:
+                continue
             if not grant.leases:
                 await asyncio.sleep(grant.retry_after_s or 0.2)
                 continue
@@ -216,6 +216,32 @@ class Actor:
                 for k in range(lease.group_size):
                     self._free -= 1
                     asyncio.create_task(self._episode(lease, k))
+
+    async def _next_grant(self, groups: int) -> P.TaskGrant | None:
+        """A grant for up to `groups` leases (None: the broker did not answer in 5 s).
+
+        Not `client.request`: it drops replies that come after its timeout, and a TaskGrant
+        that comes late (a stalled broker, a cut link) holds leases the broker renews with
+        every heartbeat of ours - dropped, they are never worked on and never expire. Every
+        grant is used, whichever request it answers; one already here goes first. Only while
+        a request is unanswered can one be here, so only then is it looked for (the look
+        waits 10 ms, which every group's restart would otherwise pay)."""
+        grant: P.TaskGrant | None = None
+        if self._unanswered > 0:
+            try:
+                grant = await self.client.recv(P.TaskGrant, timeout=0.01)
+            except TimeoutError:
+                pass
+        if grant is None:
+            await self.client.send(P.TaskRequest(n=groups))
+            self._unanswered += 1
+            try:
+                grant = await self.client.recv(P.TaskGrant, timeout=5.0)
+            except TimeoutError:
+                log.warning("broker did not answer a task request; retrying")
+                return None
+        self._unanswered = max(0, self._unanswered - 1)
+        return grant
 
     async def _episode(self, lease: P.Lease, k: int) -> None:
         assert self.engine is not None
@@ -248,6 +274,7 @@ class Actor:
             return
         finally:
             self._free += 1
+            self._freed.set()
             RUNNING.dec()
         if lease.purpose == "eval":  # scored, never sent: evaluation stays out of replay
             await self._eval_scored(
@@ -256,8 +283,8 @@ class Actor:
             return
         self._episodes_done += 1
         EPISODES.labels(termination=traj.termination).inc()
-        TOKENS.inc(int(sum(traj.array("loss_mask"))))
-        self._recent_rewards = (self._recent_rewards + [traj.outcome_reward])[-256:]
+        TOKENS.inc(traj.loss_mask.count(1))  # one byte per token, 1 where sampled
+        self._recent_rewards.append(traj.outcome_reward)
         REWARD.set(sum(self._recent_rewards) / len(self._recent_rewards))
         self.outbox.put(traj)
 

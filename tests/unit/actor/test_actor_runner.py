@@ -144,3 +144,32 @@ async def test_an_episode_still_running_at_the_lease_timeout_is_stopped(actor) -
     assert timed_out() == before + 1
     assert len(actor.outbox) == 0
     assert actor._free == actor.acfg.max_concurrent_episodes
+
+
+async def test_a_grant_is_looked_for_before_asking_only_while_a_request_is_unanswered(
+    actor,
+) -> None:
+    """Every TaskRequest is answered by one grant; only one that came after its request's
+    5 s wait can be here already. So a request is sent at once (no 10 ms look per group), and
+    after a timeout the late grant is used before anything more is asked."""
+    actor.client.grants.append(P.TaskGrant(leases=[lease("L1")]))
+    grant = await actor._next_grant(2)
+    assert actor.client.sent == [P.TaskRequest(n=2)] and grant.leases[0].lease_id == "L1"
+    assert actor._unanswered == 0
+    actor._unanswered = 1  # a request whose 5 s wait ran out: its grant comes late
+    actor.client.grants.append(P.TaskGrant(leases=[lease("L2")]))
+    grant = await actor._next_grant(2)
+    assert grant.leases[0].lease_id == "L2" and len(actor.client.sent) == 1  # nothing asked
+    assert actor._unanswered == 0
+
+
+async def test_tokens_and_rewards_are_counted_per_episode(actor) -> None:
+    def tokens() -> float:
+        return REGISTRY.get_sample_value("headrace_actor_tokens_generated_total") or 0.0
+
+    before = tokens()
+    actor._free -= 1
+    await actor._episode(lease(), 0)
+    (traj,) = actor.outbox.items
+    assert tokens() - before == int(traj.array("loss_mask").sum()) > 0
+    assert list(actor._recent_rewards) == [traj.outcome_reward]
