@@ -121,3 +121,22 @@ def test_template_settings(tmp_path, smollm2) -> None:
     from learner.tiny_model import build_tokenizer
 
     assert chat_format(build_tokenizer(), "auto") is None  # no template: raw text prompts
+
+
+def test_a_repeated_opening_is_the_same_tokens_and_the_cache_stays_bounded(
+    smollm2, monkeypatch
+) -> None:
+    """A group's episodes share their first observation: its opening is rendered once, and
+    every episode gets the same ids and roles in lists of its own."""
+    fmt = ChatFormat(smollm2, smollm2.chat_template, "You are terse.")
+    first = fmt.opening("turn sym7")
+    first.ids.append(-1)  # an episode extends its own lists
+    first.roles.append(-1)
+    again = fmt.opening("turn sym7")
+    other = ChatFormat(smollm2, smollm2.chat_template, "You are terse.")
+    assert again == other.opening("turn sym7") and -1 not in again.ids
+    assert fmt.opening("turn sym8") == other.opening("turn sym8") != again
+    monkeypatch.setattr("actor.chat.OPENINGS_CACHED", 4)
+    for k in range(10):
+        fmt.opening(f"turn sym{k}")
+    assert list(fmt._openings) == [f"turn sym{k}" for k in range(6, 10)]
