@@ -10,12 +10,20 @@ Two measurements in the same run, on the same model and the same machine:
   episodes start from (the env's first observation, tokenized the same way) with the same
   `max_tokens`, the same concurrency and temperature; nothing else.
 
-No learner runs, so the weights never change and both sides sample the same model. Prints a
-table and, as its last line, one JSON object: `ratio_vs_bare_vllm` (pipeline tokens/s / bare
-tokens/s; goal >= 0.9), `pipeline_tokens_per_s`, `bare_tokens_per_s`, `concurrency`,
-`max_tokens`, `seconds`.
+No learner runs, so the weights never change and both sides sample the same model. Each side
+also reports CPU seconds per generated token over its window: of the process that drives the
+engine (the actor; the bare loop), of vLLM's engine processes (EngineCore and its worker), and
+of the broker. On a CPU machine every process shares the same cores, so the driver's CPU is
+taken from the engine's. Prints a table and, as its last line, one JSON object:
+`ratio_vs_bare_vllm` (pipeline tokens/s / bare tokens/s; goal >= 0.9),
+`pipeline_tokens_per_s`, `bare_tokens_per_s`, `cpu_us_per_token` (per side and process),
+`pipeline_episodes_running` (mean episodes in progress: the slots the actor keeps busy),
+`concurrency`, `max_tokens`, `model`, `seconds`. `--profile P` records the actor's and the
+broker's windows with py-spy into P.actor and P.broker (collapsed stacks; the sampling costs
+CPU too, so such a run is not a measurement).
 
     python benchmarks/actor_overhead.py [--quick] [--concurrency 64] [--duration 20]
+        [--model DIR] [--profile PREFIX]
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ if str(REPO) not in sys.path:
 from benchmarks.harness import free_port  # noqa: E402
 
 TOKENS = "headrace_actor_tokens_generated_total"
+RUNNING = "headrace_actor_episodes_running"
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -49,22 +58,65 @@ def scrape(port: int) -> dict[str, float]:
     return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds the processes `pids` have used so far (gone ones: 0)."""
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system
+    return total
+
+
+def rate(points: list[tuple[float, float]]) -> float:
+    """Tokens/s from (time, tokens so far) observations: between the first and the last time
+    the count moved, so whole waves of completions are counted, not however many happened to
+    finish inside a fixed window (with a slower model, 64 episodes of one length finish
+    together, seconds apart)."""
+    moved = [i for i in range(1, len(points)) if points[i][1] != points[i - 1][1]]
+    if len(moved) < 2:
+        moved = [0, len(points) - 1]
+    (ta, na), (tb, nb) = points[moved[0]], points[moved[-1]]
+    return (nb - na) / (tb - ta) if tb > ta else 0.0
+
+
+def engine_pids(parent: int) -> list[int]:
+    """vLLM's processes under `parent` (EngineCore, its worker), not the reaper."""
+    import psutil
+
+    out = []
+    for c in psutil.Process(parent).children(recursive=True):
+        try:
+            if "reaper" not in " ".join(c.cmdline()):
+                out.append(c.pid)
+        except psutil.Error:
+            pass
+    return out
+
+
 def prompts(model: Path, n: int, reasoning_tokens: int, seed: int) -> list[list[int]]:
-    """The first prompt of `n` symbols episodes, exactly as the actor builds it."""
-    from transformers import AutoTokenizer
-
+    """The first prompt of `n` symbols episodes, exactly as the actor builds it (the model's
+    chat template, `[model] chat_template = "auto"`, where it has one: SmolLM2's)."""
+    from actor.build import text_format
     from actor.envs import make_env
-    from actor.episode import special_prefix
     from shared import protocol as P
+    from shared.config import ModelConfig
 
-    tok = AutoTokenizer.from_pretrained(model)
+    text = text_format(ModelConfig(path=str(model)), str(model))
     out = []
     for i in range(n):
-        payload = {"level": 1, "seed": seed + i, "n_choices": 4, "n_turns": 1}
-        payload["reasoning_tokens"] = reasoning_tokens
+        payload: dict[str, str | int | float] = {"level": 1, "seed": seed + i, "n_choices": 4}
+        payload.update(n_turns=1, reasoning_tokens=reasoning_tokens)
         task = P.TaskSpec(task_id=f"p{i}", env="symbols", payload=payload)
         obs = asyncio.run(make_env(task, i).reset())
-        out.append(special_prefix(tok) + tok.encode(obs, add_special_tokens=False))
+        if text.chat is not None:
+            out.append(text.chat.opening(obs).ids)
+        else:
+            out.append(text.prefix_ids + text.tokenizer.encode(obs, add_special_tokens=False))
     return out
 
 
@@ -74,13 +126,15 @@ def bare(model: str, ids: list[list[int]], conc: int, max_tokens: int, a: dict, 
 
     async def main() -> None:
         eng = Engine(model, seed=0, max_model_len=a["max_model_len"], max_num_seqs=conc)
-        counted = 0
+        me, engine = [os.getpid()], engine_pids(os.getpid())
+        cpu: dict[str, float] = {}
+        points: list[tuple[float, float]] = []  # (time, tokens) at each completion in the window
         # The window opens `warmup` seconds after the first completion (as the pipeline's
         # opens once tokens flow), so engine start-up and first compiles stay outside it.
         start = end = float("inf")
 
         async def worker(k: int) -> None:
-            nonlocal counted, start, end
+            nonlocal start, end
             i = k
             while time.monotonic() < end:
                 r = await eng.generate(
@@ -91,17 +145,28 @@ def bare(model: str, ids: list[list[int]], conc: int, max_tokens: int, a: dict, 
                     start = now + a["warmup"]
                     end = start + a["duration"]
                 elif start <= now < end:
-                    counted += len(r.token_ids)
+                    points.append((now, (points[-1][1] if points else 0.0) + len(r.token_ids)))
                 i += conc
 
-        await asyncio.gather(*(worker(k) for k in range(conc)))
-        out.put(counted / a["duration"])
+        async def clock() -> None:  # CPU seconds at the window's edges
+            while start == float("inf"):
+                await asyncio.sleep(0.01)
+            for edge, at in (("0", start), ("1", end)):
+                await asyncio.sleep(max(0.0, at - time.monotonic()))
+                cpu["driver" + edge], cpu["engine" + edge] = cpu_seconds(me), cpu_seconds(engine)
+
+        await asyncio.gather(clock(), *(worker(k) for k in range(conc)))
+        tps = rate([(start, 0.0), *points])
+        used = {k: cpu[k + "1"] - cpu[k + "0"] for k in ("driver", "engine")}
+        out.put((tps, {k: v / max(tps * a["duration"], 1) for k, v in used.items()}))
         eng.shutdown()
 
     asyncio.run(main())
 
 
-def pipeline(model: Path, work: Path, conc: int, reasoning: int, a: argparse.Namespace) -> float:
+def pipeline(
+    model: Path, work: Path, conc: int, reasoning: int, a: argparse.Namespace
+) -> tuple[float, dict[str, float], float]:
     port, bmetrics, ametrics = free_port(), free_port(), free_port()
     cfg = work / "run.toml"
     cfg.write_text(
@@ -147,10 +212,28 @@ def pipeline(model: Path, work: Path, conc: int, reasoning: int, a: argparse.Nam
                 pass
             time.sleep(0.5)
         time.sleep(a.warmup)
-        t0, n0 = time.monotonic(), scrape(ametrics)[TOKENS]
-        time.sleep(a.duration)
-        t1, n1 = time.monotonic(), scrape(ametrics)[TOKENS]
-        return (n1 - n0) / (t1 - t0)
+        who = {"driver": [procs[1].pid], "engine": engine_pids(procs[1].pid)}
+        who["broker"] = [procs[0].pid]
+        spies = [
+            profile(proc.pid, a.duration, f"{a.profile}.{name}")
+            for name, proc in (("broker", procs[0]), ("actor", procs[1]))
+            if a.profile
+        ]
+        cpu0 = {k: cpu_seconds(v) for k, v in who.items()}
+        t0 = time.monotonic()
+        points = [(t0, scrape(ametrics)[TOKENS])]
+        running = []  # episodes in progress, 5 times a second: the slots actually in use
+        while time.monotonic() < t0 + a.duration:
+            time.sleep(max(0.0, min(0.2, t0 + a.duration - time.monotonic())))
+            m = scrape(ametrics)
+            points.append((time.monotonic(), m[TOKENS]))
+            running.append(m.get(RUNNING, 0.0))
+        tps = rate(points)
+        window = points[-1][0] - t0
+        cpu = {k: (cpu_seconds(v) - cpu0[k]) / max(tps * window, 1) for k, v in who.items()}
+        for spy in spies:
+            spy.wait(60)
+        return tps, cpu, sum(running) / max(len(running), 1)
     finally:
         for p in reversed(procs):
             p.terminate()
@@ -163,6 +246,14 @@ def pipeline(model: Path, work: Path, conc: int, reasoning: int, a: argparse.Nam
             f.close()
 
 
+def profile(pid: int, seconds: float, out: str) -> subprocess.Popen:
+    """py-spy (from this interpreter's environment) sampling `pid` for `seconds`."""
+    spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or "py-spy"
+    argv = [spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "200"]
+    argv += ["--format", "raw", "--output", out, "--nonblocking"]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="shorter windows")
@@ -172,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=float, default=None)
     ap.add_argument("--max-model-len", type=int, default=256)
     ap.add_argument("--model", default=None, help="HF model dir (default: the tiny model)")
+    ap.add_argument("--profile", help="py-spy the window into PROFILE.actor, PROFILE.broker")
     a = ap.parse_args(argv)
     a.duration = a.duration or (8.0 if a.quick else 20.0)
     a.warmup = a.warmup if a.warmup is not None else (3.0 if a.quick else 5.0)
@@ -196,11 +288,12 @@ def main(argv: list[str] | None = None) -> int:
         opts = {"warmup": a.warmup, "duration": a.duration, "max_model_len": a.max_model_len}
         p = ctx.Process(target=bare, args=(str(model), ids, a.concurrency, max_tokens, opts, q))
         p.start()
-        bare_tps = q.get(timeout=900)
+        bare_tps, bare_cpu = q.get(timeout=900)
         p.join(60)
-        print(f"  bare vLLM generate: {bare_tps:9.0f} tokens/s")
-        pipe_tps = pipeline(model, work, a.concurrency, a.reasoning_tokens, a)
-        print(f"  actor pipeline:     {pipe_tps:9.0f} tokens/s")
+        print(f"  bare vLLM generate: {bare_tps:9.0f} tokens/s  {us(bare_cpu)}")
+        pipe_tps, pipe_cpu, running = pipeline(model, work, a.concurrency, a.reasoning_tokens, a)
+        print(f"  actor pipeline:     {pipe_tps:9.0f} tokens/s  {us(pipe_cpu)}")
+        print(f"  episodes running:   {running:9.1f} of {a.concurrency} (mean over the window)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     ratio = pipe_tps / bare_tps if bare_tps else None
@@ -209,6 +302,12 @@ def main(argv: list[str] | None = None) -> int:
         "pipeline_tokens_per_s": round(pipe_tps, 1),
         "bare_tokens_per_s": round(bare_tps, 1),
         "goal": 0.9,
+        "cpu_us_per_token": {
+            "bare": {k: round(v * 1e6, 1) for k, v in bare_cpu.items()},
+            "pipeline": {k: round(v * 1e6, 1) for k, v in pipe_cpu.items()},
+        },
+        "pipeline_episodes_running": round(running, 1),
+        "model": model.name,
         "concurrency": a.concurrency,
         "max_tokens": max_tokens,
         "seconds": round(time.monotonic() - t_start, 1),
@@ -216,6 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(json.dumps(out))
     return 0
+
+
+def us(cpu: dict[str, float]) -> str:
+    return "CPU us/token: " + ", ".join(f"{k} {v * 1e6:.1f}" for k, v in cpu.items())
 
 
 if __name__ == "__main__":
