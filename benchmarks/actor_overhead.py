@@ -23,7 +23,7 @@ broker's windows with py-spy into P.actor and P.broker (collapsed stacks; the sa
 CPU too, so such a run is not a measurement).
 
     python benchmarks/actor_overhead.py [--quick] [--concurrency 64] [--duration 20]
-        [--model DIR] [--profile PREFIX]
+        [--model DIR] [--profile PREFIX] [--broker-set KEY=VALUE]
 """
 
 from __future__ import annotations
@@ -183,7 +183,8 @@ def pipeline(
     procs = [
         subprocess.Popen(
             [*argv, "broker", "--config", str(cfg), "--port", str(port)]
-            + ["--metrics-port", str(bmetrics), "--durability", "none", "--log-level", "WARNING"],
+            + ["--metrics-port", str(bmetrics), "--durability", "none", "--log-level", "WARNING"]
+            + [arg for kv in a.broker_set for arg in ("--set", kv)],
             cwd=REPO,
             env=env,
             stdout=logs[0],
@@ -264,6 +265,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-model-len", type=int, default=256)
     ap.add_argument("--model", default=None, help="HF model dir (default: the tiny model)")
     ap.add_argument("--profile", help="py-spy the window into PROFILE.actor, PROFILE.broker")
+    ap.add_argument(
+        "--broker-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a broker config override (diagnostics, e.g. broker.curriculum.pool_size=64)",
+    )
     a = ap.parse_args(argv)
     a.duration = a.duration or (8.0 if a.quick else 20.0)
     a.warmup = a.warmup if a.warmup is not None else (3.0 if a.quick else 5.0)
