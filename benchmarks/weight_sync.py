@@ -13,13 +13,15 @@ across two processes:
   concurrent generation loops, which fetches the blob with `actor.weights.fetch_weights`
   (shared/weights.py: window of 4 chunk requests, every chunk's digest checked, written
   straight into a reused shared-memory buffer), swaps it in with `Engine.update_weights`
-  (pause, reload from that buffer mapped in the engine's process, resume) and then generates
-  one token, checking it carries the new version.
+  (pause, reload from that buffer mapped in the engine's process: each layer packed by vLLM's
+  own kernel set-up straight from views over it, actor/worker_ext.py; resume) and then
+  generates one token, checking it carries the new version.
 
 Phases: `publish` (learner side: state dict + serialise + digests), `announce` (manifest back
 to the actor), `fetch`, `pause`, `reload`, `resume`, `first_token`; `total_s` is the actor's
 wall clock from the publish command to that first new-version token, `loaded_s` to the end of
-the swap (the engine holds the new policy), medians over `--reps`; `gen_tok_s` is the
+the swap (the engine holds the new policy), medians over `--reps` (the first update pays the
+one-off costs: the publisher's buffers are grown then); `gen_tok_s` is the
 engine's generation rate after the updates (`--load` requests of 32 tokens, nothing else).
 
 LoRA mode (`--modes lora`, `[learner.lora]`): the learner process wraps the model with peft

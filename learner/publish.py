@@ -13,7 +13,9 @@ and capped on the server side: at most PEER_CHUNK_CREDIT chunks queue per peer, 
 sends. The latest `keep` versions stay servable, so an actor that started fetching version v
 can finish after v+1 is published. They live in `keep + 1` buffers, reused across versions: a
 new version is written only into a buffer that no servable version holds and that no reply is
-being encoded from (`_Slot.readers`), so a half-written version is never served.
+being encoded from (`_Slot.readers`), so a half-written version is never served. The first
+publish grows the other buffers in a background thread (pages populated up front: a first
+write that faults every page in costs several times the copy), so no later one allocates.
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ import asyncio
 import contextlib
 import json
 import logging
+import mmap
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import torch
 
@@ -105,7 +108,7 @@ def layout(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype | None = N
     return Layout(header, placed, len(header) + end)
 
 
-def serialize_into(lay: Layout, buf: bytearray) -> None:
+def serialize_into(lay: Layout, buf: bytearray | mmap.mmap) -> None:
     """Write the blob of `lay` into `buf[: lay.total_bytes]`: one copy per tensor."""
     base = len(lay.header)
     buf[:base] = lay.header
@@ -128,11 +131,25 @@ def serialize_state_dict(
     return bytes(buf)
 
 
+def _alloc(size: int) -> bytearray | mmap.mmap:
+    """`size` bytes whose pages are already in place (Linux: an anonymous mapping populated in
+    one call). A fresh buffer otherwise faults in every 4 KiB page on its first write, which
+    costs more than the copy itself: 621 MiB took 0.6 s to fault in, 0.12 s to copy into."""
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+    if size == 0:
+        return bytearray()
+    try:
+        return mmap.mmap(-1, size, flags=flags)
+    except (OSError, ValueError):
+        return bytearray(size)
+
+
 class _Slot:
-    """A reusable blob buffer; `readers` counts replies being encoded from it."""
+    """A reusable blob buffer; `readers` counts replies being encoded from it. A buffer that
+    grows is replaced, never closed: a reply still holding a view of the old one keeps it."""
 
     def __init__(self) -> None:
-        self.buf = bytearray()
+        self.buf: bytearray | mmap.mmap = bytearray()
         self.readers = 0
 
 
@@ -177,6 +194,7 @@ class WeightPublisher:
         self._slots = [_Slot() for _ in range(keep + 1)]
         self._lock = threading.Lock()  # _versions swaps and _Slot.readers
         self._task: asyncio.Task[None] | None = None
+        self._warming: threading.Thread | None = None  # grows the spare buffers
         self.chunks_served = 0
 
     @property
@@ -206,9 +224,12 @@ class WeightPublisher:
         """
         t0 = time.perf_counter()
         lay = layout(state_dict, self.dtype)
+        if self._warming is not None:
+            self._warming.join()
+            self._warming = None
         slot = self._free_slot()
         if len(slot.buf) < lay.total_bytes:
-            slot.buf = bytearray(lay.total_bytes)  # grown once, then reused
+            slot.buf = _alloc(lay.total_bytes)  # grown once, then reused
         serialize_into(lay, slot.buf)
         view = memoryview(slot.buf)[: lay.total_bytes]
         digests = [
@@ -236,6 +257,7 @@ class WeightPublisher:
             while len(versions) > self.keep:
                 versions.popitem(last=False)
             self._versions = versions  # one swap; the server reads whichever it sees
+        self._warm_spares(lay.total_bytes)
         WEIGHTS_SYNC_SECONDS.labels(phase="publish").observe(time.perf_counter() - t0)
         log.debug(  # every step: the progress bar shows the version
             "published policy v%d (%s): %d bytes, %d chunks",
@@ -245,6 +267,27 @@ class WeightPublisher:
             len(digests),
         )
         return manifest
+
+    def _warm_spares(self, size: int) -> None:
+        """Grow, in a background thread, the buffers no servable version holds that are
+        smaller than `size`: the next publishes find theirs in place (the first `keep`
+        after start would otherwise each fault in a whole blob while a step waits on them).
+        The next `publish` joins the thread before it picks a buffer."""
+        with self._lock:
+            held = {id(p.slot) for p in self._versions.values()}
+        small = [s for s in self._slots if id(s) not in held and len(s.buf) < size]
+        if not small:
+            return
+
+        def grow() -> None:
+            for s in small:
+                buf = _alloc(size)
+                with self._lock:  # a slot with no reader and no version gains no reader
+                    if s.readers == 0 and all(p.slot is not s for p in self._versions.values()):
+                        s.buf = buf
+
+        self._warming = threading.Thread(target=grow, name="publish-warm", daemon=True)
+        self._warming.start()
 
     def _free_slot(self) -> _Slot:
         """A buffer that no servable version holds, once no reply is being read from it.
@@ -307,7 +350,7 @@ class WeightPublisher:
             return
         start = msg.chunk * self.chunk_bytes
         # memoryview: the frame is encoded straight from the buffer (while it is held).
-        data = cast(bytes, pub.blob[start : start + self.chunk_bytes])
+        data = pub.blob[start : start + self.chunk_bytes]
         await self.server.send(
             ident, P.WeightChunk(version=msg.version, chunk=msg.chunk, data=data)
         )

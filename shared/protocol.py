@@ -344,7 +344,7 @@ class WeightRequest(Base):
 class WeightChunk(Base):
     version: int
     chunk: int
-    data: bytes
+    data: memoryview  # decoded as a view into the received frame: no copy of the chunk
 
 
 # ---------------------------------------------------------------- evaluation

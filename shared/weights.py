@@ -5,8 +5,9 @@ chunk's digest (`digest_alg`, today xxh3-128: it runs at memory speed, blake2b d
 `digest` over those chunk digests, which identifies the version's bytes without a second pass
 over them. `fetch_into` keeps at most `window` chunk requests outstanding (credit-based flow
 control: a large model streams without flooding the learner's endpoint), checks every chunk
-against the manifest and writes it straight into the caller's buffer; a mismatch is an error,
-never a silent load.
+against the manifest and writes it straight into the caller's buffer (a chunk's data is a view
+into the received frame: one copy per chunk, into that buffer); a mismatch is an error, never
+a silent load.
 
 What the digests guard against: corruption and a confused or stale endpoint. An endpoint that
 forges bytes on purpose is kept out by the CurveZMQ channel (shared/security.py), which

@@ -210,3 +210,45 @@ async def test_fetches_racing_publishes_never_see_a_half_written_version() -> No
     finally:
         client.close()
         await pub.aclose()
+
+
+def test_spare_buffers_are_grown_after_the_first_publish_then_reused() -> None:
+    """The first publish grows the other keep buffers in the background, so the next ones
+    write into memory already in place; from then on no publish allocates."""
+    pub = WeightPublisher("tcp://127.0.0.1:0", chunk_bytes=1000, keep=2)
+    try:
+        sds = {v: _state_dict(v) for v in range(1, 6)}
+        m1 = pub.publish(1, sds[1])
+        assert pub._warming is not None
+        pub._warming.join(10)
+        assert all(len(s.buf) >= m1.total_bytes for s in pub._slots)
+        bufs = [id(s.buf) for s in pub._slots]
+        for v in range(2, 6):
+            pub.publish(v, sds[v])
+            assert pub._warming is None  # nothing left to grow
+        assert [id(s.buf) for s in pub._slots] == bufs
+        for v in (4, 5):
+            assert bytes(pub._versions[v].blob) == serialize_state_dict(sds[v])
+    finally:
+        pub.server.close()
+
+
+def test_a_buffer_being_read_is_not_replaced_by_the_warm_up() -> None:
+    """A reply still encoding from an evicted version's buffer keeps that buffer: the warm-up
+    (here for a bigger model) grows only buffers nobody reads."""
+    pub = WeightPublisher("tcp://127.0.0.1:0", chunk_bytes=1000, keep=1)
+    try:
+        pub.publish(1, _state_dict(1))
+        assert pub._warming is not None
+        pub._warming.join(10)
+        reader = pub._acquire(1)
+        assert reader is not None
+        before, buf = bytes(reader.blob), reader.slot.buf
+        big = {**_state_dict(2), "extra": torch.randn(4000)}
+        pub.publish(2, big)  # v1 evicted, its buffer still read: not grown
+        assert pub._warming is not None
+        pub._warming.join(10)
+        assert reader.slot.buf is buf and bytes(reader.blob) == before
+        pub._release(reader)
+    finally:
+        pub.server.close()

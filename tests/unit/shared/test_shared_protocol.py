@@ -169,3 +169,13 @@ def test_view_validates_as_strictly_as_a_full_decode():
     extra = msgspec.to_builtins(t) | {"type": "Trajectory", "surprise": 1}
     with pytest.raises(P.ProtocolError):
         P.decode_view(msgspec.msgpack.encode(extra))
+
+
+def test_a_weight_chunk_decodes_as_a_view_into_its_frame():
+    # The actor checks a chunk's digest and writes it into its buffer straight from the
+    # received frame: decoding it copies nothing.
+    frame = bytearray(P.encode(P.WeightChunk(version=1, chunk=0, data=b"w" * 4096)))
+    msg = P.decode(memoryview(frame))
+    assert isinstance(msg, P.WeightChunk) and msg.data == b"w" * 4096
+    frame[-1:] = b"x"  # the frame's last byte is the chunk's last byte
+    assert bytes(msg.data[-1:]) == b"x"
