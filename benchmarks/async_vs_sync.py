@@ -37,7 +37,10 @@ steady window, the end of step 1 to the end of step N (both modes pay the same s
   actor whose slots never wait for a batch's slowest episode. ideal = (W + T + O) /
   max(G, T + O): a pipeline that overlaps generation with training perfectly and pays the
   learner's own phases (T + O) in full. `ideal_overlap` = (W + T + O) / max(W, T + O) is the
-  same without hiding the tail (overlap alone: at most 2);
+  same without hiding the tail (overlap alone: at most 2). Both take the phases at their sync
+  durations; where actor and learner share CPUs they slow each other down in async (2 seeds
+  x 40 steps on 2 shared cores: the learner step 1.7 s sync vs 3.2 s async, the mean episode
+  1.4 s vs 5.7 s), which is most of the gap between `ideal_speedup` and `speedup`;
 - `reward_per_sample` per mode: the mean of the steps' `reward_mean` (each step's mean
   trajectory reward, every sample weighing the same) over all N steps, with `noise`, twice the
   standard error of the async - sync difference (per-step rewards as samples), and `agrees`:
