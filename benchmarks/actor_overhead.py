@@ -120,8 +120,20 @@ def prompts(model: Path, n: int, reasoning_tokens: int, seed: int) -> list[list[
     return out
 
 
+def stop_ids(model: Path) -> list[int]:
+    """The stop tokens the actor adds to every generation: its chat template's (none for a
+    model without one)."""
+    from actor.build import text_format
+    from shared.config import ModelConfig
+
+    text = text_format(ModelConfig(path=str(model)), str(model))
+    return list(text.chat.stop_token_ids) if text.chat is not None else []
+
+
 def bare(model: str, ids: list[list[int]], conc: int, max_tokens: int, a: dict, out) -> None:
-    """Child process: `conc` concurrent generate loops over `ids`; tokens/s over the window."""
+    """Child process: `conc` concurrent generate loops over `ids`; tokens/s over the window.
+    Generation stops where the actor's does: `ignore_eos` as the symbols env asks, and the
+    chat template's end-of-turn token (`a["stops"]`), which `ignore_eos` does not lift."""
     from actor.engine import Engine
 
     async def main() -> None:
@@ -138,7 +150,11 @@ def bare(model: str, ids: list[list[int]], conc: int, max_tokens: int, a: dict, 
             i = k
             while time.monotonic() < end:
                 r = await eng.generate(
-                    ids[i % len(ids)], max_tokens=max_tokens, temperature=1.0, ignore_eos=True
+                    ids[i % len(ids)],
+                    max_tokens=max_tokens,
+                    temperature=1.0,
+                    ignore_eos=True,
+                    stop_token_ids=a["stops"],
                 )
                 now = time.monotonic()
                 if start == float("inf"):
@@ -291,9 +307,11 @@ def main(argv: list[str] | None = None) -> int:
             f" {a.duration:.0f} s windows, model {model.name}"
         )
         ids = prompts(model, 256, a.reasoning_tokens, seed=1)
+        stops = stop_ids(model)
         ctx = mp.get_context("spawn")
         q = ctx.Queue()
         opts = {"warmup": a.warmup, "duration": a.duration, "max_model_len": a.max_model_len}
+        opts["stops"] = stops
         p = ctx.Process(target=bare, args=(str(model), ids, a.concurrency, max_tokens, opts, q))
         p.start()
         bare_tps, bare_cpu = q.get(timeout=900)
