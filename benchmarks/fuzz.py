@@ -105,7 +105,7 @@ def sample_messages() -> list[P.Base]:
         P.TaskFeedback(task_id="symbols-L1-0", pass_rate=0.5),
         P.PolicyPublished(version=1, weights_endpoint="tcp://h:1", manifest=manifest),
         P.WeightRequest(version=1, chunk=0),
-        P.WeightChunk(version=1, chunk=0, data=b"abcd"),
+        P.WeightChunk(version=1, chunk=0, data=memoryview(b"abcd")),
         P.EvalRequest(version=1, tasks=2, samples=2),
         P.EvalReport(version=1, state="done", done_tasks=1, total_tasks=1, scores={"n": 1}),
         P.EvalOutcome(
