@@ -111,6 +111,9 @@ class Part:
     make: Callable[[int], P.TaskSpec]
 
 
+SPEC_CACHE = 4096  # banks up to this many tasks keep their specs built (ProceduralBank._specs)
+
+
 class ProceduralBank:
     """Families laid end to end: global index g -> (family, index) by cumulative sizes.
 
@@ -134,6 +137,11 @@ class ProceduralBank:
         self.feedback_by_task: dict[str, P.TaskFeedback] = {}
         self.tasks = _TaskSeq(self)
         self.by_id = _TaskIndex(self)
+        # Specs built so far, by global index, in a bank small enough that its pools repeat
+        # tasks: a spec is a pure function of (seed, index), and building one costs ~40 us
+        # (three SeedSequences), which the curator paid for every candidate of every pick
+        # (13.5 ms per lease for 128 tasks). A big bank keeps holding no object per task.
+        self._specs: dict[int, P.TaskSpec] | None = {} if len(self) <= SPEC_CACHE else None
 
     def __len__(self) -> int:
         return int(self._ends[-1])
@@ -148,8 +156,13 @@ class ProceduralBank:
         return self.parts[k], g - (int(self._ends[k - 1]) if k else 0)
 
     def task_at(self, g: int) -> P.TaskSpec:
-        part, index = self._locate(g)
-        return part.make(index)
+        spec = self._specs.get(g) if self._specs is not None else None
+        if spec is None:
+            part, index = self._locate(g)
+            spec = part.make(index)
+            if self._specs is not None:
+                self._specs[g] = spec
+        return spec
 
     def task_id_at(self, g: int) -> str:
         part, index = self._locate(g)
@@ -165,7 +178,8 @@ class ProceduralBank:
             raise KeyError(task_id)
         if int(index) >= self.parts[k].family.size:
             raise KeyError(task_id)
-        return self.parts[k].make(int(index))
+        start = int(self._ends[k - 1]) if k else 0
+        return self.task_at(start + int(index))
 
     def sample_candidates(self, rng: np.random.Generator, k: int) -> list[P.TaskSpec]:
         """`k` distinct tasks uniformly over the whole bank, drawn from `rng` alone (so a seeded

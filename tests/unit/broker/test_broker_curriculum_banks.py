@@ -218,3 +218,18 @@ def test_env_section_from_toml(tmp_path) -> None:
     bank = make_bank(load_config(path).env)
     assert [f.name for f in bank.families()] == ["L0", "L1", "L2", "tower_of_hanoi.easy"]
     assert bank.task("ta-tower_of_hanoi.easy-4").payload["max_turns"] == 10
+
+
+def test_a_small_bank_builds_each_spec_once() -> None:
+    """The curator draws a pool of up to 1,024 candidates per lease: in a bank that small the
+    same specs come back every time, built once (a spec took ~40 us to build, 13.5 ms a lease
+    for 128 tasks), and equal to a freshly built one."""
+    env = EnvConfig(symbols=SymbolsConfig(tasks_per_level=64, levels=[1, 2]))
+    bank = SymbolsBank(env)
+    first = bank.sample_candidates(np.random.default_rng(0), 1024)
+    again = bank.sample_candidates(np.random.default_rng(1), 1024)
+    assert len(first) == len(bank) == 128
+    assert all(a is b for a, b in zip(first, again, strict=True))
+    fresh = SymbolsBank(env)
+    assert [fresh.task(t.task_id) for t in first] == first
+    assert bank.task(first[5].task_id) is first[5]
