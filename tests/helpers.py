@@ -128,3 +128,14 @@ def write_config(path: Path, model: Path, **sections: dict) -> Path:
         lines.append("")
     path.write_text("\n".join(lines))
     return path
+
+
+def torchrun_two_ranks(script: str, *args: str, timeout: float = 150) -> None:
+    """Run `script` under torchrun on 2 CPU ranks (one thread each); fail with its stderr."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    res = subprocess.run(
+        [*cmd, script, *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert res.returncode == 0, res.stderr[-4000:]

@@ -14,14 +14,14 @@ the learning rate, which says nothing about the sharding.)
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+
+from tests.helpers import torchrun_two_ranks
 
 STEPS = 3
 LR = 0.5
@@ -31,7 +31,6 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "one_update": {},
     "epochs_minibatches": {"ppo_epochs": 2, "minibatches": 3},
 }
-REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -98,16 +97,7 @@ def test_two_ranks_match_one_process(tiny_model: Path, tmp_path: Path) -> None:
 
     from learner.checkpoint import latest, load_checkpoint
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    res = subprocess.run(
-        [*cmd, __file__, str(tiny_model), str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=150,
-    )
-    assert res.returncode == 0, res.stderr[-4000:]
+    torchrun_two_ranks(__file__, str(tiny_model), str(tmp_path))
 
     for name, kw in CONFIGS.items():
         ref = _trainer(tiny_model, kw)

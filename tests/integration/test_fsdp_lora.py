@@ -15,8 +15,6 @@ weights check the gradients themselves.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,9 +22,10 @@ from typing import Any
 import pytest
 import torch
 
+from tests.helpers import torchrun_two_ranks
+
 STEPS = 3
 LR = 0.5
-REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -95,16 +94,7 @@ def _worker(model_dir: Path, out: Path) -> None:
 def test_lora_two_ranks_match_one_process(tiny_model: Path, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    res = subprocess.run(
-        [*cmd, __file__, str(tiny_model), str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=150,
-    )
-    assert res.returncode == 0, res.stderr[-4000:]
+    torchrun_two_ranks(__file__, str(tiny_model), str(tmp_path))
     report = json.loads((tmp_path / "report.json").read_text())
 
     ref = _trainer(tiny_model)
