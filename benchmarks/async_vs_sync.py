@@ -120,11 +120,18 @@ SMALL = {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4, 
 
 
 def build_small_model(out: Path, seed: int) -> Path:
-    """A random Llama of `SMALL`'s size with the tiny model's word-level tokenizer at `out`
-    (kept if already there); the same seed gives the same weights. Written beside `out` and
-    renamed into place, so an interrupted build is never taken for a model."""
-    if (out / "config.json").exists():
-        return out
+    """A random Llama of `SMALL`'s size with the tiny model's tokenizer at `out` (kept if
+    already there); the same seed gives the same weights."""
+    from learner.tiny_model import build_tiny_model
+
+    return build_tiny_model(
+        out,
+        seed,
+        hidden=SMALL["hidden_size"],
+        intermediate=SMALL["intermediate_size"],
+        layers=SMALL["num_hidden_layers"],
+        heads=SMALL["heads"],
+    )
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -62,8 +62,16 @@ def build_tokenizer():  # -> transformers.PreTrainedTokenizerFast (import kept l
     )
 
 
-def build_tiny_model(out: Path, seed: int = 0) -> Path:
-    """Write the tiny model + tokenizer to `out` unless `out/config.json` already exists.
+def build_tiny_model(
+    out: Path,
+    seed: int = 0,
+    hidden: int = 64,
+    intermediate: int = 256,
+    layers: int = 2,
+    heads: int = 2,
+) -> Path:
+    """Write the tiny model + tokenizer to `out` unless `out/config.json` already exists
+    (the sizes: the tiny model's unless a benchmark asks for a bigger random Llama).
 
     Written to a temp dir beside `out` and renamed into place, so a crashed or concurrent
     build never leaves a half-written model that a later run would take as complete.
@@ -77,12 +85,12 @@ def build_tiny_model(out: Path, seed: int = 0) -> Path:
     tokenizer = build_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        head_dim=32,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        head_dim=hidden // heads,
         max_position_embeddings=1024,
         tie_word_embeddings=False,
         pad_token_id=tokenizer.pad_token_id,
