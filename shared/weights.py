@@ -25,6 +25,8 @@ from shared import protocol as P
 from shared.transport import Client
 
 DIGEST_ALG = "xxh3-128"
+# Seconds before unanswered chunk requests are sent again (a chunk is 4 MiB: well under this).
+RESEND_S = 3.0
 
 
 class WeightFetchError(RuntimeError):
@@ -62,12 +64,16 @@ async def fetch_into(
     dest: memoryview,
     window: int = 4,
     timeout: float = 30.0,
+    resend_s: float = RESEND_S,
 ) -> None:
     """Write every chunk of `manifest`, verified, into `dest` (at least `total_bytes` long).
 
-    Raises WeightFetchError on silence, a bad chunk ("chunk i of vN: bad digest") or an
-    unusable manifest, ProtocolError on an Error reply. On an error `dest` holds a partial
-    blob: the caller must not load it.
+    Requests unanswered for `resend_s` are sent again (then after twice as long, and so on):
+    a learner restarted on the same endpoint never answers what its previous process
+    received, and ZeroMQ does not say so.
+    Raises WeightFetchError after `timeout` seconds without any reply, on a bad chunk ("chunk
+    i of vN: bad digest") or on an unusable manifest, ProtocolError on an Error reply. On an
+    error `dest` holds a partial blob: the caller must not load it.
     """
     check_manifest(manifest)
     if len(dest) < manifest.total_bytes:
@@ -75,17 +81,28 @@ async def fetch_into(
     n, cb = len(manifest.chunk_digests), manifest.chunk_bytes
     done = [False] * n
     left = n
-    next_chunk = in_flight = 0
+    next_chunk = 0
+    pending: list[int] = []  # requested, not yet received, oldest first
     client.start()
     client.drain(P.WeightChunk)  # leftovers of an earlier, abandoned fetch
     client.drain(P.Error)
+    silent, wait = 0.0, min(resend_s, timeout)
     while left:
-        while in_flight < window and next_chunk < n:
+        while len(pending) < window and next_chunk < n:
             await client.send(P.WeightRequest(version=manifest.version, chunk=next_chunk))
+            pending.append(next_chunk)
             next_chunk += 1
-            in_flight += 1
-        msg = await _next_reply(client, timeout)
-        in_flight -= 1
+        msg = await _next_reply(client, wait)
+        if msg is None:
+            silent += wait
+            if silent >= timeout:
+                raise WeightFetchError(f"no weight chunk from {client.endpoint} in {timeout:.0f}s")
+            # doubling: a learner that is only slow gets a few duplicates, not one per period
+            wait = min(2 * wait, timeout - silent)
+            for i in pending:
+                await client.send(P.WeightRequest(version=manifest.version, chunk=i))
+            continue
+        silent, wait = 0.0, min(resend_s, timeout)
         i = msg.chunk
         if msg.version != manifest.version or not 0 <= i < n or done[i]:
             continue  # a late duplicate, or a reply to an earlier fetch
@@ -95,9 +112,12 @@ async def fetch_into(
         dest[i * cb : i * cb + size] = msg.data
         done[i] = True
         left -= 1
+        if i in pending:
+            pending.remove(i)
 
 
-async def _next_reply(client: Client, timeout: float) -> P.WeightChunk:
+async def _next_reply(client: Client, timeout: float) -> P.WeightChunk | None:
+    """The next chunk, None after `timeout` seconds of silence; an Error reply raises."""
     chunk_task = asyncio.ensure_future(client.recv(P.WeightChunk))
     err_task = asyncio.ensure_future(client.recv(P.Error))
     done, pending = await asyncio.wait(
@@ -106,7 +126,7 @@ async def _next_reply(client: Client, timeout: float) -> P.WeightChunk:
     for f in pending:
         f.cancel()
     if not done:
-        raise WeightFetchError(f"no weight chunk from {client.endpoint} in {timeout:.0f}s")
+        return None
     if err_task in done:
         err = err_task.result()
         raise P.ProtocolError(err.reason, err.detail)  # e.g. unknown_version

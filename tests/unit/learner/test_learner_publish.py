@@ -252,3 +252,39 @@ def test_a_buffer_being_read_is_not_replaced_by_the_warm_up() -> None:
         pub._release(reader)
     finally:
         pub.server.close()
+
+
+async def _fetch_across_a_learner_restart() -> float:
+    import zmq
+    import zmq.asyncio
+
+    first = WeightPublisher("tcp://127.0.0.1:0", chunk_bytes=1000)
+    manifest = first.publish(3, _state_dict(3))
+    endpoint = f"tcp://127.0.0.1:{first.port}"
+    await first.aclose()  # only its address and manifest are wanted
+    # The learner before the restart: it takes the requests and dies without answering.
+    ctx = zmq.asyncio.Context.instance()
+    doomed = ctx.socket(zmq.ROUTER)
+    doomed.bind(endpoint)
+    client = Client(endpoint, peer_id="restart-fetcher")
+    fetch = asyncio.ensure_future(fetch_weights(client, manifest, window=2, timeout=20))
+    await doomed.recv_multipart()  # a request reached it
+    doomed.close(linger=0)
+    second = WeightPublisher(endpoint, chunk_bytes=1000)
+    second.publish(3, _state_dict(3))  # the restarted learner serves the same version
+    second.start()
+    t0 = asyncio.get_running_loop().time()
+    try:
+        blob = await fetch
+    finally:
+        client.close()
+        await second.aclose()
+    assert blob == serialize_state_dict(_state_dict(3))
+    return asyncio.get_running_loop().time() - t0
+
+
+async def test_a_fetch_survives_the_learner_restarting_on_the_same_endpoint() -> None:
+    """Requests the dead process took are sent again: the fetch ends in seconds, not after
+    the silence timeout (the chaos test's real actor once waited out 30 s per try)."""
+    elapsed = await asyncio.wait_for(_fetch_across_a_learner_restart(), 30)
+    assert elapsed < 10, elapsed
