@@ -151,14 +151,22 @@ class Ingest:
     def lease_check(self, ident: bytes) -> Callable[[P.TrajectoryView], Invalid | None]:
         """A trajectory belongs to its lease's group, and a live lease to the actor it was
         granted to, for the task it was granted for: no actor can put episodes into another's
-        group (and skew its baseline). A lease the book no longer has (expired, completed,
-        or granted before a restart without durability) is taken as it comes."""
+        group (and skew its baseline). A lease the book no longer has (expired, completed)
+        is taken as it comes; under curve, only if this broker granted it for that task (its
+        id's tag, broker/leases.py): an actor cannot make up groups. (In plaintext any peer
+        can claim any role, so the tag would guard nothing; without durability the secret
+        does not outlive the broker, and neither does anything else.)"""
+        keyed = self.cfg.security.curve
 
         def check(t: P.TrajectoryView) -> Invalid | None:
             if t.group_id != t.lease_id:
                 return Invalid("lease", f"{t.traj_id}: group {t.group_id!r} is not its lease")
             held = self.leases.get(t.lease_id)
             if held is None:
+                if keyed and not self.leases.granted(t.lease_id, t.task_id):
+                    return Invalid(
+                        "lease", f"{t.traj_id}: lease {t.lease_id!r} was never granted here"
+                    )
                 return None
             if held.peer != ident:
                 return Invalid("lease", f"{t.traj_id}: lease {t.lease_id} is another actor's")

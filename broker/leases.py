@@ -6,10 +6,17 @@ when its actor has been silent for `heartbeat_timeout_s` or it outlives its dead
 by the actor's heartbeats, but never past `timeout_s` after the grant, so a hung episode cannot
 hold its task forever); the task of an expired lease is re-granted under a new lease id, so a
 crashed actor costs time, not tasks.
+
+A lease id carries a tag, a keyed hash of its nonce and its task under the broker's lease
+secret (kept in the store, so it survives restarts): long after a lease has left the book
+(completed, expired), the broker can still tell an id it granted for that task from one an
+actor made up (`LeaseBook.granted`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import secrets
 import time
 from collections import deque
@@ -44,10 +51,16 @@ class ActiveLease:
         return LeaseRecord(lease=self.lease, peer=self.peer)
 
 
-def new_lease_id() -> str:
+def new_lease_id(secret: bytes, task_id: str) -> str:
     # Random rather than a counter: ids must stay unique across broker restarts, since they are
     # the group ids of stored trajectories.
-    return secrets.token_hex(8)
+    nonce = secrets.token_hex(8)
+    return f"{nonce}-{_tag(secret, nonce, task_id)}"
+
+
+def _tag(secret: bytes, nonce: str, task_id: str) -> str:
+    msg = f"{nonce}\0{task_id}".encode()
+    return hashlib.blake2b(msg, key=secret, digest_size=8).hexdigest()
 
 
 class LeaseBook:
@@ -67,6 +80,8 @@ class LeaseBook:
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.clock = clock
         self.active: dict[str, ActiveLease] = {}
+        # the tags' key: a fresh one until the server restores the store's (broker/restore.py)
+        self.secret = secrets.token_bytes(16)
         self.requeued: deque[P.TaskSpec] = deque()  # tasks of expired leases, granted first
 
     def __len__(self) -> int:
@@ -78,6 +93,12 @@ class LeaseBook:
     def get(self, lease_id: str) -> ActiveLease | None:
         return self.active.get(lease_id)
 
+    def granted(self, lease_id: str, task_id: str) -> bool:
+        """Whether `lease_id` is one this broker (under its current secret) granted for
+        `task_id`, whether or not it is still in the book."""
+        nonce, _, tag = lease_id.partition("-")
+        return bool(tag) and hmac.compare_digest(tag, _tag(self.secret, nonce, task_id))
+
     def grant(
         self,
         peer: bytes,
@@ -87,7 +108,7 @@ class LeaseBook:
         curator_version: int = 0,
     ) -> ActiveLease:
         lease = P.Lease(
-            lease_id=new_lease_id(),
+            lease_id=new_lease_id(self.secret, task.task_id),
             task=task,
             group_size=group_size,
             deadline_s=self.deadline_s,

@@ -1,8 +1,8 @@
 """A starting broker's state, rebuilt from its store: what survives a broker restart.
 
-The run id, the newest policy, open leases, task feedback, the curator's state, the kept
-batches (broker/batches.py) and the replay index: open trajectories regrouped, complete groups
-back in replay in their stored (FIFO) order.
+The run id, the lease secret, the newest policy, open leases, task feedback, the curator's
+state, the kept batches (broker/batches.py) and the replay index: open trajectories regrouped,
+complete groups back in replay in their stored (FIFO) order.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from broker.parts import Books
 from broker.relay import Relay
 from shared import protocol as P
 
+LEASE_SECRET_KEY = "lease_secret"  # the key of lease ids' tags (broker/leases.py)
+
 
 async def restore(
     books: Books, relay: Relay, ingest: Ingest, max_times_sampled: int, now: float
@@ -33,6 +35,11 @@ async def restore(
         await store.kv_set("run_id", new_id.encode())
     else:
         new_id = run_id.decode()
+    secret = await store.kv_get(LEASE_SECRET_KEY)
+    if secret is None:
+        secret = secrets.token_bytes(16)
+        await store.kv_set(LEASE_SECRET_KEY, secret)
+    books.leases.secret = books.evals.book.secret = secret
     policy = await store.kv_get("policy")
     if policy is not None:
         relay.restore(msgspec.msgpack.decode(policy, type=P.PolicyPublished))

@@ -155,3 +155,38 @@ async def test_batches_screened_together_share_one_commit_and_get_one_ack_each(
         (b"a", ["g-1", "k-0"], 1),  # g-1 came twice in the same commit: stored once
     ]
     assert store.stored == 4 and part.bytes_waiting == 0
+
+
+async def test_under_curve_an_episode_for_a_lease_never_granted_is_refused(
+    tmp_path: Path, store: Store
+) -> None:
+    """A lease no longer in the book is taken as it comes (its group may still be filling
+    after it ended), but under curve only if this broker granted it, for that task: an actor
+    cannot make up a group."""
+    cfg = config(tmp_path)
+    cfg = msgspec.structs.replace(cfg, security=msgspec.structs.replace(cfg.security, curve=True))
+    wired = Wired()
+    part, books = ingest(cfg, store, wired)
+    ended = books.leases.grant(b"a", P.TaskSpec(task_id="symbols-L1-0", env="symbols"), GROUP)
+    elsewhere = books.leases.grant(b"a", P.TaskSpec(task_id="symbols-L1-1", env="symbols"), GROUP)
+    for a in (ended, elsewhere):
+        books.leases.complete(a.lease_id)  # both left the book
+    made_up = "0123456789abcdef-0123456789abcdef"
+    trajs = [make_traj(g, 0) for g in (ended.lease_id, made_up, "g", elsewhere.lease_id)]
+    await part.on_trajectories(b"a", ACTOR, frames(*trajs))  # all for task symbols-L1-0
+    await wired.settle()
+    (ack,) = wired.of(P.Ack)
+    assert ack.traj_ids == [f"{ended.lease_id}-0"]
+    assert [r.reason for r in ack.rejected] == ["lease"] * 3
+    assert all("never granted" in r.detail for r in ack.rejected)
+
+
+async def test_in_plaintext_an_ended_or_unknown_lease_is_taken_as_it_comes(
+    tmp_path: Path, store: Store
+) -> None:
+    wired = Wired()
+    part, _ = ingest(config(tmp_path), store, wired)
+    await part.on_trajectories(b"a", ACTOR, frames(make_traj("g", 0)))
+    await wired.settle()
+    (ack,) = wired.of(P.Ack)
+    assert ack.traj_ids == ["g-0"] and not ack.rejected

@@ -283,3 +283,18 @@ async def test_ingest_past_max_ingest_bytes_is_shed_and_taken_on_resend(tmp_path
         assert (await actor.request(group("b"), P.Ack)).traj_ids == ["b-0", "b-1"]
         assert broker.ingest.bytes_waiting == 0
         assert (await status(actor))["stored_trajectories"] == 4
+
+
+async def test_lease_ids_granted_before_a_restart_are_still_known_after_it(
+    tmp_path: Path,
+) -> None:
+    """The key of lease ids' tags lives in the store: an actor's late episodes of a lease
+    granted before a broker restart (and since ended) still verify under curve."""
+    async with running(config(tmp_path)) as (broker, client):
+        lease = (await client("a").request(P.TaskRequest(n=1), P.TaskGrant)).leases[0]
+        secret = broker.leases.secret
+    async with running(config(tmp_path)) as (broker, client):
+        assert broker.leases.secret == secret
+        broker.leases.complete(lease.lease_id)
+        assert broker.leases.granted(lease.lease_id, lease.task.task_id)
+        assert not broker.leases.granted(lease.lease_id, "another-task")
