@@ -196,10 +196,10 @@ class RandomFrames:
     def _bytes(self, n: int) -> bytes:
         return self.rng.randbytes(n)
 
-    def random_bytes(self) -> Frame:
+    def random_bytes(self) -> bytes:
         return self._bytes(self.rng.randrange(0, 256))
 
-    def flipped(self) -> Frame:
+    def flipped(self) -> bytes:
         frame = bytearray(self.rng.choice(self.valid))
         for _ in range(self.rng.randint(1, 4)):
             frame[self.rng.randrange(len(frame))] ^= self.rng.randint(1, 255)
@@ -251,7 +251,8 @@ class RandomFrames:
 
     def multipart(self) -> Frame:
         parts = self.rng.randint(2, 4)
-        return [self.rng.choice([self.random_bytes, self.flipped])() for _ in range(parts)]
+        makers: list[Callable[[], bytes]] = [self.random_bytes, self.flipped]
+        return [self.rng.choice(makers)() for _ in range(parts)]
 
     def __iter__(self) -> Iterator[tuple[str, Frame]]:
         while True:
@@ -343,8 +344,8 @@ def fuzz(endpoint: str, frames: int, seed: int, window: int) -> dict:
             family, frame = next(source)
             reason = classify.reason(frame)
             if reason is None:
-                if len(valid) < MAX_VALID_MUTANTS:
-                    valid.append(frame)  # type: ignore[arg-type]  (lists are never valid)
+                if len(valid) < MAX_VALID_MUTANTS and isinstance(frame, bytes):
+                    valid.append(frame)  # (a multipart frame is never valid)
                 continue
             if isinstance(frame, list):
                 sock.send_multipart(frame)
