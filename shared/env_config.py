@@ -84,6 +84,10 @@ class ReasoningGymConfig(_Section):
     # "marker": the answer follows the last "Answer:" (else the last line); "first_number":
     # the first number written (for instructions such as "Reply with just the number.")
     answer: Literal["marker", "first_number"] = "marker"
+    # the dataset's score as it is (some give partial credit, e.g. chain_sum for a reply that
+    # contains the right number: a policy can drift to long digit strings for it); false: 1
+    # for a right answer, else 0
+    partial_credit: bool = True
 
 
 class TextArenaConfig(_Section):

@@ -11,6 +11,8 @@ for an answer that merely contains the right one).
 With `answer` = "first_number" (and an instruction such as "Reply with just the number.") the
 answer is instead the first number the model writes: a reply that restates the question first
 scores 0, so the model is rewarded for the format (the answer first) and the answer both.
+With `partial_credit` = false the reward is 1 for a right answer and 0 otherwise, whatever
+partial credit the dataset would give.
 
 With `max_turns` > 1 a wrong answer is met with "Wrong, try again." and another attempt, until
 the answer is right or the attempts run out. Only the final attempt is rewarded (its score),
@@ -85,6 +87,7 @@ class ReasoningGymEnv(Env):
             self.max_tokens = int(payload.get("max_tokens", 512))
             self.instruction = str(payload.get("instruction") or INSTRUCTION)
             self.answer_mode = str(payload.get("answer", "marker"))
+            self.partial_credit = bool(payload.get("partial_credit", True))
         except (KeyError, TypeError, ValueError) as e:
             raise EnvError(f"{self.name}: bad task payload: {e!r}") from None
         self.turn = 0
@@ -125,9 +128,10 @@ class ReasoningGymEnv(Env):
 
     def score(self, answer: str | None) -> float:
         try:
-            return float(self.ds.score_answer(answer, self.entry))
+            score = float(self.ds.score_answer(answer, self.entry))
         except Exception:  # a malformed answer some scorers choke on is simply wrong
             return 0.0
+        return score if self.partial_credit else float(score >= 1.0)
 
     async def step(self, action: ParsedAction) -> StepResult:
         key = f"{self.key}:a{self.turn}"

@@ -400,6 +400,7 @@ class ReasoningGymBank(ProceduralBank):
             "max_tokens": self.rg.max_tokens,
             "instruction": self.rg.instruction,
             "answer": self.rg.answer,
+            "partial_credit": int(self.rg.partial_credit),  # the wire has no bools here
         }
         return _spec("rg", fam, index, "reasoning_gym", payload)
 

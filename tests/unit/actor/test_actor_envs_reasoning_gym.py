@@ -156,3 +156,18 @@ async def test_full_episode_through_the_actor_loop() -> None:
     assert acted == "1000" + answer
     assert RETRY in "".join(chr(i) for i in ids[role == Role.OBSERVATION])
     assert np.all(traj.array("loss_mask")[role == Role.ACTION] == 1)
+
+
+@pytest.mark.parametrize("partial_credit", [True, False])
+async def test_partial_credit_can_be_turned_off(partial_credit: bool) -> None:
+    """chain_sum pays part of a point for a reply that merely contains the right number (a
+    policy can drift towards long digit strings for it); without partial credit only the
+    right answer scores, and it still scores 1."""
+    b = bank(answer="first_number", partial_credit=partial_credit)
+    env, _ = await started(b.task("rg-chain_sum.easy-5"))
+    answer = str(env.entry["answer"]).lstrip("-")
+    padded = await env.step(env.parse_action(pieces(f"{answer}{answer}000")))
+    assert (padded.reward > 0) is partial_credit and padded.reward < 1
+    env, _ = await started(b.task("rg-chain_sum.easy-5"))
+    right = await env.step(env.parse_action(pieces(str(env.entry["answer"]))))
+    assert right.reward == 1.0
