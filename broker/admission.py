@@ -135,8 +135,10 @@ class Admission:
         self.evals.book.renew(ident)
 
     def release(self, ident: bytes, peer_id: str) -> None:
-        """A Hello starts a process; a restarted actor keeps its routing id, so without this
-        its heartbeats would keep renewing leases whose episodes died with the old process."""
+        """Requeue the leases of routing id `ident`, a process of `peer_id` that a Hello
+        says is gone (a restarted process's old id, or the same Client saying Hello again):
+        their episodes died with it, and they would otherwise wait out the heartbeat timeout
+        (or, under the same id, be renewed by the new process's heartbeats for ever)."""
         released = self.leases.release(ident)
         self.evals.requeue(self.evals.book.release(ident))
         if released:

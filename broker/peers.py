@@ -1,14 +1,19 @@
 """Peers of the broker, known by ZMQ routing identity: who is there, what each role may send,
-and which learner is the run's one learner."""
+and which learner is the run's one learner.
+
+A routing id is `<peer_id>/<nonce>` (shared/transport.py): one per process, kept across its
+reconnects and the broker's restarts, never shown to other peers (Status shows peer ids). A
+restarted process comes back under a new id; its Hello retires the old ones (`restarted`)."""
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from shared import protocol as P
+from shared.transport import peer_name
 
 log = logging.getLogger("broker.server")
 
@@ -85,8 +90,8 @@ def may_not_send(peer: Peer, msg: P.Base, keyed: bool) -> str | None:
 
 @dataclass(slots=True)
 class Peer:
-    ident: bytes  # ZMQ routing id: stable across reconnects and broker restarts
-    peer_id: str
+    ident: bytes  # ZMQ routing id: stable across reconnects and broker restarts, never shown
+    peer_id: str  # what Status shows: its Hello's or heartbeats' peer id, else `peer_name`
     role: str = "unknown"  # from Hello, or inferred from what the peer sends
     said_hello: bool = False  # its role is what its Hello claimed (what plaintext checks)
     last_seen: float = 0.0  # clock of the last message of any kind
@@ -124,8 +129,12 @@ class LearnerFence:
         peers: dict[bytes, Peer],
         heartbeat_timeout_s: float,
         clock: Callable[[], float],
+        restart_of: Callable[[bytes, bytes], bool] = lambda old, new: False,
     ) -> None:
+        """`restart_of(old, new)`: routing id `new` is a restart of the peer that had `old`
+        (same peer id; under curve, same key): its Hello takes over at once."""
         self.peers = peers
+        self.restart_of = restart_of
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.clock = clock
         self.ident: bytes | None = None  # the active learner's routing id
@@ -142,6 +151,9 @@ class LearnerFence:
             return None
         if not learnerish:
             return "fenced: another learner is the active one (this one was replaced)"
+        if self.restart_of(holder, ident):  # the active learner, restarted (a new routing id)
+            self._activate(ident)
+            return None
         active = self.peers.get(holder)
         silent = self.clock() - active.last_seen if active is not None else math.inf
         if silent <= self.heartbeat_timeout_s:
@@ -154,7 +166,8 @@ class LearnerFence:
         if self.ident != ident:
             self.ident = ident
             self.epoch += 1
-            log.info("learner %r is the active learner (epoch %d)", ident, self.epoch)
+            name = peer_name(ident)
+            log.info("learner %s is the active learner (epoch %d)", name, self.epoch)
 
 
 PEER_FORGET_AFTER_S = 3600.0  # peers silent this long leave Status and the relay list
@@ -173,7 +186,7 @@ class Peers(dict[bytes, Peer]):
         key that names none); None in plaintext."""
         peer = self.get(ident)
         if peer is None:
-            peer = self[ident] = Peer(ident, ident.decode(errors="replace"))
+            peer = self[ident] = Peer(ident, peer_name(ident))  # the nonce is never shown
         peer.last_seen = self.clock()
         if key_role is not None:
             peer.role = key_role or "unknown"
@@ -181,13 +194,27 @@ class Peers(dict[bytes, Peer]):
             peer.role = INFERRED_ROLE.get(type(msg), "unknown")
         return peer
 
-    def forget_silent(self, keep: Callable[[bytes], bool]) -> None:
+    def forget_silent(self, keep: Callable[[bytes], bool]) -> list[bytes]:
         """Forget long-gone peers (every `headrace status` call is a new one), but `keep`
-        those it names (e.g. lease holders)."""
+        those it names (e.g. lease holders); returns the routing ids forgotten."""
         forget = self.clock() - PEER_FORGET_AFTER_S
-        for ident in [i for i, p in self.items() if p.last_seen < forget]:
-            if not keep(ident):
-                del self[ident]
+        gone = [i for i, p in self.items() if p.last_seen < forget and not keep(i)]
+        for ident in gone:
+            del self[ident]
+        return gone
+
+    def restarted(
+        self, ident: bytes, holders: Iterable[bytes], same_key: Callable[[bytes, bytes], bool]
+    ) -> list[bytes]:
+        """The routing ids a Hello from `ident` retires: the other ids of its peer id (known
+        here or holding leases, `holders`: after a broker restart lease holders may not have
+        been heard from yet) that `same_key` says are the same peer's."""
+        name = peer_name(ident)
+        return [
+            old
+            for old in dict.fromkeys([*self, *holders])
+            if old != ident and peer_name(old) == name and same_key(old, ident)
+        ]
 
     def connected(self, role: str, within_s: float) -> list[Peer]:
         now = self.clock()

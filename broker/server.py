@@ -37,7 +37,7 @@ from shared.config import Config
 from shared.handshake import run_digest
 from shared.metrics import REJECTED_FRAMES
 from shared.security import server_keys
-from shared.transport import Server
+from shared.transport import Server, peer_name
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class Broker:
         self._loops: list[asyncio.Task[None]] = []
         self._gauge_timer: asyncio.TimerHandle | None = None
         io = Wiring(self._send, self._spawn, self._gauges_soon)
-        self.fence = LearnerFence(self.peers, b.heartbeat_timeout_s, clock)
+        self.fence = LearnerFence(self.peers, b.heartbeat_timeout_s, clock, self._restart_of)
         self.relay = Relay(books, self.peers, 10 * b.heartbeat_timeout_s, io)
         self.sampling = Sampling(cfg, books, lambda: self.relay.version, io)
         self.admission = Admission(b, books, lambda: self.sampling.learner_batch, io)
@@ -229,7 +229,9 @@ class Broker:
         self.admission.expire(last_seen)
         now = self.clock()
         self.ingest.drop_abandoned(now)
-        self.peers.forget_silent(self.admission.holds_any)  # lease holders stay
+        for ident in self.peers.forget_silent(self.admission.holds_any):  # holders stay
+            if self.server is not None:
+                self.server.forget(ident)
         self._update_gauges()
 
     def _update_gauges(self) -> None:
@@ -249,9 +251,20 @@ class Broker:
     # ------------------------------------------------------------ hello, status
 
     async def _on_hello(self, ident: bytes, peer: Peer, msg: P.Hello) -> None:
+        """A Hello starts a process. Its routing id is new (shared/transport.py), so the
+        peer's other ids are its previous processes': their leases are requeued at once
+        (their episodes died with them; trajectories already made are still taken) and they
+        leave the peer list (no ghosts in Status, no policies relayed to them)."""
         peer.role, peer.peer_id, peer.said_hello = msg.role, msg.peer_id, True
         log.info("hello from %s %s", msg.role, msg.peer_id)
-        self.admission.release(ident, msg.peer_id)
+        holders = {a.peer for a in self.leases.active.values()}
+        holders.update(a.peer for a in self.books.evals.book.active.values())
+        for old in self.peers.restarted(ident, holders, self._same_key):
+            self.admission.release(old, msg.peer_id)
+            self.peers.pop(old, None)
+            if self.server is not None:
+                self.server.forget(old)
+        self.admission.release(ident, msg.peer_id)  # the same Client saying Hello again
         if msg.role == "learner":
             step, version = (msg.capabilities.get(k, "0") for k in ("step", "policy_version"))
             self.relay.learner_said_hello(int(version) if version.isdigit() else 0)
@@ -266,6 +279,26 @@ class Broker:
             group_size=self.cfg.broker.group_size,
         )
         await self._send(ident, welcome)
+
+    def _same_key(self, old: bytes, new: bytes) -> bool:
+        """Whether routing ids `old` and `new` may be the same peer's as far as keys tell:
+        always in plaintext; under curve, when `old`'s key is `new`'s, or unknown (a lease
+        holder not heard from since this broker started: requeuing its leases costs episodes
+        at worst, and diverts nothing)."""
+        if self.server is None or self.server.roles is None:
+            return True
+        key = self.server.key_of(old)
+        return key is None or key == self.server.key_of(new)
+
+    def _restart_of(self, old: bytes, new: bytes) -> bool:
+        """Routing id `new` is the restart of `old`'s peer: the same peer id and the same,
+        known key (the active learner's takeover: never on a key merely unknown)."""
+        if peer_name(old) != peer_name(new):
+            return False
+        if self.server is None or self.server.roles is None:
+            return True
+        key = self.server.key_of(old)
+        return key is not None and key == self.server.key_of(new)
 
     async def _on_status(self, ident: bytes, peer: Peer, msg: P.Status) -> None:
         if self._gauge_timer is not None:  # a change waits for the timer: the gauges agree now

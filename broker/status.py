@@ -1,4 +1,7 @@
-"""What the broker reports of itself: the `Status` reply (`headrace status`) and its gauges."""
+"""What the broker reports of itself: the `Status` reply (`headrace status`) and its gauges.
+
+Peers are shown by peer id (`Peer.describe`), never by routing id: a routing id's nonce is
+what keeps other peers from taking it over (shared/transport.py), and any peer may ask."""
 
 from __future__ import annotations
 

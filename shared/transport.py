@@ -2,9 +2,13 @@
 
 `Server` is a ROUTER: it decodes every frame under a size cap, answers a bad frame with an
 `Error` and counts it in `headrace_rejected_frames_total{reason}`, and never raises on input.
-`Client` is a DEALER with a stable routing id (so a server keeps recognising a peer across
-reconnects); a background task routes incoming messages to per-type queues and callbacks.
-ZeroMQ reconnects by itself; the client layers request retries and a retry budget on top.
+`Client` is a DEALER whose routing id is `<peer_id>/<random nonce>`: fixed for the life of
+the Client (a server keeps recognising it across reconnects, its own restarts included), new
+for every Client (every process), and never guessable from the peer id, so no other peer can
+take it over and have the server's replies to it diverted (see ROUTER_HANDOVER below).
+`peer_name` recovers the peer id from a routing id; the id itself is never shown to peers.
+A background task routes incoming messages to per-type queues and callbacks. ZeroMQ
+reconnects by itself; the client layers request retries and a retry budget on top.
 Given `curve` keys (shared/security.py) either side speaks CurveZMQ: a server then admits only
 listed client keys, and a refused peer's frames never reach `recv`. A CURVE server also knows
 each sender's key, hence its role (`role_of`), and binds a routing id to the key that first
@@ -16,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar, overload
@@ -66,6 +71,21 @@ def _ctx() -> zmq.asyncio.Context:
     return zmq.asyncio.Context.instance()
 
 
+ROUTING_SEP = "/"  # between a routing id's peer id and its nonce
+
+
+def new_routing_id(peer_id: str) -> bytes:
+    """A routing id for a new Client of `peer_id`: the peer id, then 64 random bits."""
+    return f"{peer_id}{ROUTING_SEP}{secrets.token_hex(8)}".encode()
+
+
+def peer_name(ident: bytes) -> str:
+    """The peer id a routing id was made from (`new_routing_id`), without its nonce: what a
+    server may show of a peer. An id without a nonce (a raw DEALER's) is its own name."""
+    name, sep, _ = ident.rpartition(ROUTING_SEP.encode())
+    return (name if sep else ident).decode(errors="replace")
+
+
 class Server:
     def __init__(
         self,
@@ -83,10 +103,14 @@ class Server:
         self._decoder = P.decoder_for(accepts)
         self.sock = _ctx().socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        # A restarted (or reconnecting) peer takes its routing id back at once. Under CURVE
-        # the id stays bound to the key that first used it (`_bound`), so another key holder
-        # that takes the id over gets its frames refused; it can still divert replies meant
-        # for that id until the owner reconnects.
+        # A reconnecting Client takes its routing id back at once (its old connection may
+        # not have been seen to close yet). Handover goes to whoever connects with the id, so
+        # it is only safe because a Client's id carries a random nonce no other peer knows
+        # (`new_routing_id`; servers never disclose it): a peer cannot name another's id to
+        # divert the replies meant for it. A restarted process has a new id; the broker
+        # takes its Hello as the restart of the peer's old ids (broker/server.py). Under
+        # CURVE an id also stays bound to the key that first used it (`_bound`): another key's
+        # frames under it are refused, should the id leak.
         self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.roles: dict[str, str] | None = client_roles(curve.allowed_dir) if curve else None
         self._key_of: dict[bytes, str] = {}  # routing id -> the key (z85) that first used it
@@ -149,6 +173,15 @@ class Server:
         key = str(frame.get("User-Id"))
         return self._key_of.setdefault(ident, key) == key
 
+    def key_of(self, ident: bytes) -> str | None:
+        """The key (z85) `ident` is bound to; None without CURVE or before its first frame."""
+        return self._key_of.get(ident)
+
+    def forget(self, ident: bytes) -> None:
+        """Drop `ident`'s key binding (its peer is gone: every new Client brings a new id, so
+        bindings would pile up); should it come back, its next frame binds it again."""
+        self._key_of.pop(ident, None)
+
     def role_of(self, ident: bytes) -> str | None:
         """The role of the key behind `ident` (CURVE); None without CURVE or for a key whose
         name names no role."""
@@ -180,14 +213,18 @@ class Client:
         peer_id: str,
         max_frame_bytes: int = P.DEFAULT_MAX_FRAME_BYTES,
         curve: CurveClient | None = None,
+        routing_id: bytes | None = None,
     ) -> None:
-        """`curve`: connect with CurveZMQ, trusting only the server key it names."""
+        """`curve`: connect with CurveZMQ, trusting only the server key it names.
+        `routing_id`: None (always, but in tests) for a new `new_routing_id(peer_id)`; given,
+        this Client stands for the one that had it (the same process, reconnecting)."""
         self.endpoint = connect
         self.peer_id = peer_id
+        self.routing_id = routing_id or new_routing_id(peer_id)
         self.max_frame_bytes = max_frame_bytes
         self.sock = _ctx().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.ROUTING_ID, peer_id.encode())
+        self.sock.setsockopt(zmq.ROUTING_ID, self.routing_id)
         self.sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes * _HARD_CAP_FACTOR)
         self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
         self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)

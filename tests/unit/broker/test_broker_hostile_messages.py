@@ -98,7 +98,7 @@ async def test_hostile_values_from_every_role_keep_the_invariants(tmp_path: Path
 
         assert broker.policy_version == 1  # no forged version took over
         assert "stale" not in broker.books.retirement.counts and info["replay_size"] == 2
-        assert broker.fence.ident == b"learner"
+        assert broker.fence.ident == learner.routing_id
         for key in ("pass_rate", "mean_abs_advantage"):
             assert all(math.isfinite(v) for v in broker.curriculum.summary().get(key, {}).values())
         # the legitimate pipeline goes on: a group acked, the learner served and its

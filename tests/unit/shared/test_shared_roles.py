@@ -91,7 +91,8 @@ async def test_each_key_may_send_only_what_its_role_sends(sec: SecurityConfig) -
             assert (await cli.request(P.Status(), P.StatusReply, timeout=5)).info
             await expect_error(cli, P.TaskRequest(n=1), "forbidden")
             # a routing id stays bound to the key that first used it
-            thief = Client(ep, "learner", curve=client_keys(sec, "cli", "broker"))
+            keys = client_keys(sec, "cli", "broker")
+            thief = Client(ep, "learner", curve=keys, routing_id=learner.routing_id)
             thief.start()
             try:
                 await expect_error(thief, P.Status(), "forbidden")

@@ -22,7 +22,7 @@ async def test_recv_ready_takes_what_is_queued_in_order_and_answers_bad_frames()
         while len(got) < 4:
             ready = await asyncio.wait_for(server.recv_ready(limit=2), 5)
             assert 1 <= len(ready) <= 2
-            got += [msg.peer_id for ident, msg in ready if ident == b"peer-1"]
+            got += [msg.peer_id for ident, msg in ready if ident == client.routing_id]
         assert got == ["hb-0", "hb-1", "hb-2", "hb-3"]
         error = await client.recv(P.Error, timeout=5)
         assert error.reason == "malformed"
