@@ -9,11 +9,18 @@ One broker process (durable, on a temp data dir) and one weight-endpoint process
   every 5 batches;
 - hostile peers: heartbeats of 100k stats (oversized: dropped), task feedback for random task
   ids (refused), and weight-chunk requests pipelined 256 deep without reading the replies
-  (what the endpoint may queue per peer is bounded: `PEER_CHUNK_CREDIT`).
+  from one peer (what the endpoint may hold in replies per peer is bounded in bytes:
+  `learner.publish.peer_pin_bytes`, 68 MiB of 4 MiB chunks).
 Every 2 s the broker's and the endpoint's RSS are sampled. Last line, JSON: `minutes`,
 `actors`, `acked`, `acked_per_min` (per minute of the run, so a stall shows as a zero),
-`batches`, `broker_rss_mb` and `endpoint_rss_mb` (`start`, `max`), `bound_mb`, `ok` (both
-maxima under `--bound-mb` and acks in every minute). Exit 1 if not ok.
+`batches`, `broker_rss_mb` and `endpoint_rss_mb` (`start`, `max`), `endpoint_peer_pin_mb`
+(that per-peer bound, as the endpoint computed it), `bound_mb`, `ok` (both maxima under
+`--bound-mb` and acks in every minute). Exit 1 if not ok.
+
+What `--bound-mb` can be defended at: the endpoint holds the interpreter and torch, the
+policy's state dict (16 MiB) and its `keep + 1` = 3 blob buffers (48 MiB), and on top of that
+`endpoint_peer_pin_mb` for the one greedy peer plus the reply being encoded (4 MiB); the
+broker's own figure (below 100 MB in every run so far) is far under that.
 
     python benchmarks/soak.py [--minutes 10] [--actors 64] [--bound-mb 1024]
 """
@@ -52,7 +59,7 @@ async def main():
     pub.start()
     state = {f"w{i}": torch.randn(512, 512) for i in range(16)}  # 16 MiB
     manifest = pub.publish(1, state)
-    print(manifest.total_bytes, len(manifest.chunk_digests), flush=True)
+    print(manifest.total_bytes, len(manifest.chunk_digests), pub.peer_pin_bytes, flush=True)
     await asyncio.Event().wait()
 
 asyncio.run(main())
@@ -155,6 +162,7 @@ async def soak(
     n_chunks: int,
     endpoint: str,
     pub: psutil.Process,
+    peer_pin: int,
 ) -> dict:
     stop = asyncio.Event()
     acked: list[float] = []
@@ -187,6 +195,7 @@ async def soak(
         "batches": len(batches),
         "broker_rss_mb": {"start": round(b_rss[0], 1), "max": round(max(b_rss), 1)},
         "endpoint_rss_mb": {"start": round(w_rss[0], 1), "max": round(max(w_rss), 1)},
+        "endpoint_peer_pin_mb": round(peer_pin / 2**20, 1),
         "bound_mb": args.bound_mb,
         "ok": ok,
     }
@@ -229,7 +238,7 @@ def main() -> int:
         )
         try:
             assert w.stdout is not None
-            _, n_chunks = (int(x) for x in w.stdout.readline().split())
+            _, n_chunks, peer_pin = (int(x) for x in w.stdout.readline().split())
             endpoint = f"tcp://127.0.0.1:{port}"
             result = asyncio.run(
                 soak(
@@ -239,6 +248,7 @@ def main() -> int:
                     n_chunks,
                     endpoint,
                     psutil.Process(w.pid),
+                    peer_pin,
                 )
             )
         finally:

@@ -9,9 +9,19 @@ blob is cut into `chunk_bytes` pieces with an xxh3-128 digest each (shared/weigh
 
 A ZMQ ROUTER answers `WeightRequest{version, chunk}` with `WeightChunk`. Flow control is
 credit-based on the client side (a fetcher keeps at most its window of requests outstanding)
-and capped on the server side: at most PEER_CHUNK_CREDIT chunks queue per peer, whatever it
-sends. The latest `keep` versions stay servable, so an actor that started fetching version v
-can finish after v+1 is published. They live in `keep + 1` buffers, reused across versions: a
+and capped in bytes on the server side, whatever a peer sends. Every reply is encoded into a
+frame of its own and handed to ZeroMQ as a message it owns (a copy: a queued reply holds no
+blob buffer, so no peer can hold back a publish, and no Python object, so none waits on
+pyzmq's garbage-collector thread to be freed), and ZeroMQ queues at most
+`peer_replies(chunk_bytes)` of them per peer (its SNDHWM) and drops the rest. That count is
+derived from a byte budget, PEER_REPLY_BUDGET (64 MiB), under a floor that a legitimate
+fetcher never exceeds (PEER_MIN_REPLIES): one peer that pipelines requests without reading
+pins at most `peer_pin_bytes(chunk_bytes)` here, 64 MiB for chunks up to 3.76 MiB and 17
+replies above (68 MiB at the default 4 MiB chunk), and each such peer pins its own. The copy
+costs no measurable fetch throughput (256 MiB on loopback: 2.2-2.7 GB/s either way).
+
+The latest `keep` versions stay servable, so an actor that started fetching version v can
+finish after v+1 is published. They live in `keep + 1` buffers, reused across versions: a
 new version is written only into a buffer that no servable version holds and that no reply is
 being encoded from (`_Slot.readers`), so a half-written version is never served. The first
 publish grows the other buffers in a background thread (pages populated up front: a first
@@ -33,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import zmq
 
 from shared import protocol as P
 from shared.metrics import WEIGHTS_SYNC_SECONDS
@@ -43,10 +54,43 @@ from shared.weights import DIGEST_ALG, chunk_digest, digest_of_chunks
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
-# Replies queued per peer at most: 128 x 4 MiB chunks = 512 MiB for a peer that requests
-# without reading (it was 10,000 x 4 MiB). fetch_blob keeps 4 requests outstanding; a burst
-# of small Error replies (a confused or fuzzing client) still fits.
-PEER_CHUNK_CREDIT = 128
+# What one peer that requests without reading may make this endpoint hold in unsent replies.
+# (It was a count, 128 replies: 512 MiB of 4 MiB chunks per peer, 859 MB RSS in the soak.)
+PEER_REPLY_BUDGET = 64 * 1024 * 1024
+# The replies a legitimate fetcher can have queued at once, whatever the chunk size:
+# shared/weights.py `fetch_into` keeps `window` requests outstanding (4, as the actors fetch:
+# actor/weights.py) and sends what is still pending again after 3, 6 and 12 s of silence
+# (within its 30 s budget), so an endpoint that stalled may owe it 4 replies per request and
+# answer them in one burst. The floor keeps all of them. (Only stalls of 3 s and more again
+# and again, with single answers between, make it owe more; ZeroMQ then drops late replies,
+# and a chunk still missing is asked for again after 3 s: a delay, not a failed fetch.)
+FETCH_WINDOW = 4
+PEER_MIN_REPLIES = 4 * FETCH_WINDOW
+# The bytes a reply is counted at: a chunk's frame is the chunk plus a msgpack envelope of
+# at most 60 bytes; an Error reply (unknown version, bad chunk, a malformed frame answered by
+# shared/transport.py with at most 500 characters of detail) encodes to under 2.1 KiB, so
+# 4 KiB with ZeroMQ's per-message overhead. Small chunks are counted at that size too: the
+# count derived from the budget then bounds a flood of Errors as well.
+CHUNK_ENVELOPE_BYTES = 64
+ERROR_REPLY_BYTES = 4096
+
+
+def _reply_bytes(chunk_bytes: int) -> int:
+    return max(chunk_bytes + CHUNK_ENVELOPE_BYTES, ERROR_REPLY_BYTES)
+
+
+def peer_replies(chunk_bytes: int, budget: int = PEER_REPLY_BUDGET) -> int:
+    """The SNDHWM for `chunk_bytes` chunks: ZeroMQ queues at most this many replies per peer
+    (and drops the rest) plus the one its I/O thread is writing out, so the budget is divided
+    by the reply size less one; never under PEER_MIN_REPLIES."""
+    return max(PEER_MIN_REPLIES, budget // _reply_bytes(chunk_bytes) - 1)
+
+
+def peer_pin_bytes(chunk_bytes: int, budget: int = PEER_REPLY_BUDGET) -> int:
+    """At most what one peer that never reads pins here in replies: the queue and the reply
+    being written out. `budget`, unless the floor rules (chunks over ~3.76 MiB: 17 replies)."""
+    return (peer_replies(chunk_bytes, budget) + 1) * _reply_bytes(chunk_bytes)
+
 
 _ST_DTYPES = {
     torch.float64: "F64",
@@ -174,20 +218,25 @@ class WeightPublisher:
         max_frame_bytes: int = P.DEFAULT_MAX_FRAME_BYTES,
         curve: CurveServer | None = None,
         dtype: torch.dtype | None = None,
+        peer_budget: int = PEER_REPLY_BUDGET,
     ) -> None:
         """`curve`: `shared.security.server_keys(cfg.security, "learner", admit=("actor",))`
         serves only listed actor keys over CurveZMQ (None: plaintext). `dtype`: publish
         floating tensors in this dtype (the engine's, e.g. bfloat16: half the bytes of a
-        float32 model); None keeps each tensor's own."""
+        float32 model); None keeps each tensor's own. `peer_budget`: the bytes of unsent
+        replies one peer may pin (`peer_pin_bytes`)."""
         if chunk_bytes <= 0 or chunk_bytes > max_frame_bytes // 2:
             raise ValueError(f"chunk_bytes must be in (0, {max_frame_bytes // 2}]")
         self.chunk_bytes = chunk_bytes
         self.keep = keep
         self.dtype = dtype
         # Server-side bound: a peer that pipelines requests without reading the replies pins
-        # at most PEER_CHUNK_CREDIT chunks here; ZeroMQ drops the rest.
+        # at most `peer_pin_bytes` here (N such peers pin N times that); ZeroMQ drops its
+        # replies past `peer_replies`, which a legitimate fetcher never reaches.
+        self.peer_replies = peer_replies(chunk_bytes, peer_budget)
+        self.peer_pin_bytes = peer_pin_bytes(chunk_bytes, peer_budget)
         self.server = Server(
-            bind, max_frame_bytes=max_frame_bytes, curve=curve, sndhwm=PEER_CHUNK_CREDIT
+            bind, max_frame_bytes=max_frame_bytes, curve=curve, sndhwm=self.peer_replies
         )
         self.endpoint = self.server.endpoint  # the real address (port resolved if bound to :0)
         self._versions: OrderedDict[int, _Published] = OrderedDict()
@@ -349,11 +398,18 @@ class WeightPublisher:
             )
             return
         start = msg.chunk * self.chunk_bytes
-        # memoryview: the frame is encoded straight from the buffer (while it is held).
-        data = pub.blob[start : start + self.chunk_bytes]
-        await self.server.send(
-            ident, P.WeightChunk(version=msg.version, chunk=msg.chunk, data=data)
-        )
+        data = pub.blob[start : start + self.chunk_bytes]  # read while the slot is held
+        frame = P.encode(P.WeightChunk(version=msg.version, chunk=msg.chunk, data=data))
+        # copy=True: ZeroMQ copies the frame into a message of its own and frees it itself,
+        # in its I/O thread, once written out or dropped past the SNDHWM; `frame` is freed on
+        # return. A zero-copy send (`Server.send`) would keep `frame` alive until pyzmq's
+        # garbage-collector thread takes the GIL to release it: with this loop busy encoding
+        # replies for a peer that floods requests, such frames, sent or dropped, piled up by
+        # the hundred MiB past the SNDHWM bound (up to 91 frames, 364 MiB, measured).
+        try:
+            await self.server.sock.send_multipart([ident, frame], copy=True)
+        except zmq.ZMQError as e:  # as Server.send: a peer gone is not our error
+            log.debug("send to %r failed: %s", ident, e)
         self.chunks_served += 1
 
     async def aclose(self) -> None:
