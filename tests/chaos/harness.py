@@ -50,9 +50,11 @@ ROLES = ("broker", "learner", "actor")
 STUB_SHAPE = ("--n-tokens", "48", "--n-turns", "1", "--leases", "1", "--max-outbox", "32")
 
 
-def orphan_engines() -> set[int]:
+def orphan_engines(sessions: set[int]) -> set[int]:
     """Live vLLM engine processes (they rename themselves `VLLM::EngineCore`, `VLLM::Worker`)
-    that no actor process owns any more (no `-m actor` among their ancestors)."""
+    in one of `sessions` (every role starts its own session, and its engines stay in it after
+    it dies: another job's engines on the machine are not this run's) that no actor process
+    owns any more (no `-m actor` among their ancestors)."""
     import psutil
 
     out = set()
@@ -61,10 +63,12 @@ def orphan_engines() -> set[int]:
             title = " ".join(p.info["cmdline"] or [])
             if not title.startswith("VLLM::") or p.info["status"] == psutil.STATUS_ZOMBIE:
                 continue
+            if os.getsid(p.pid) not in sessions:
+                continue
             owners = [" ".join(a.cmdline()) for a in p.parents()]
             if not any(" -m actor " in f"{o} " for o in owners):
                 out.add(p.pid)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+        except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
             continue
     return out
 
@@ -207,7 +211,7 @@ class Chaos:
         self._lock = threading.Lock()
         self._monitor = threading.Thread(target=self._watch, daemon=True)
         self.t0 = time.monotonic()
-        self.engines_before = orphan_engines()  # another job's, not this run's
+        self.sessions: set[int] = set()  # one per role started (Proc: start_new_session)
 
     # ------------------------------------------------------------ processes
 
@@ -223,6 +227,7 @@ class Chaos:
         if role.kind == "broker":
             argv += ["--port", str(self.port)]
         role.proc = Proc(name, argv, self.dir, env={**self.env, **role.env})
+        self.sessions.add(role.proc.p.pid)
 
     def kill(self, name: str) -> None:
         role = self.roles[name]
@@ -459,7 +464,7 @@ class Chaos:
             unconsumed=sum(1 for r in rows if r[2] == 0 and r[3] is None),
             evicted=dict(Counter(r[3] for r in rows if r[3] is not None)),
             sampled_over_cap=sum(1 for r in rows if r[2] > max_ts),
-            orphans=len(orphan_engines() - self.engines_before),
+            orphans=len(orphan_engines(self.sessions)),
             version_regressions=len(self.regressions),
             seconds=round(time.monotonic() - self.t0, 1),
             lost=len(acked - stored),
