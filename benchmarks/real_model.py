@@ -171,11 +171,15 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         if ckpt is None:
             raise SystemExit(f"seed {seed}: no checkpoint (run exit {code}); see {log}")
         after = evaluate_in_child(cfg, str(ckpt), args.tasks, args.samples, work)
+        gains = [after[f] - before[f] for f in before]
         per_seed.append(
             {
                 "seed": seed,
                 "before": before,
                 "after": after,
+                # the best policy that ignores the question, on the same held-out tasks
+                "blind_ceiling": blind_ceiling(heldout(cfg["env"], args.tasks)),
+                "goal_met": all(g >= GOAL_GAIN for g in gains) and seconds <= 60 * 60,
                 "exit": code,
                 "steps": len(entries),
                 "minutes": round(seconds / 60, 1),
@@ -189,6 +193,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "pass_before": round(mean("before"), 3),
         "pass_after": round(mean("after"), 3),
         "per_seed": per_seed,
+        "goal": f"pass_after - pass_before >= {GOAL_GAIN} on every seed within 60 minutes",
         "steps": args.steps,
         "minutes": round((time.monotonic() - t_all) / 60, 1),
     }
