@@ -122,14 +122,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         D.init_distributed()  # no-op unless torchrun started more than one rank
         if not D.is_main():
-            return _follow(cfg, opts)
-        code = _run(cfg, opts)
-        # Only after an orderly end: after a crash the followers may be inside a collective,
-        # and torchrun tears the group down when this rank exits.
-        D.stop_followers()
-        return code
+            code = _follow(cfg, opts)
+        else:
+            code = _run(cfg, opts)
+            # Only after an orderly end: after a crash the followers may be inside a
+            # collective, and torchrun tears the group down when this rank exits.
+            D.stop_followers()
     finally:
         D.shutdown()
+    if D.launched_distributed():
+        D.exit_rank(code)  # past the teardown that can abort a sharded rank
+    return code
 
 
 def _run(cfg: Config, opts: Options) -> int:
