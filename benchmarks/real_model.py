@@ -11,7 +11,7 @@ for `--steps` learner steps, and measures held-out pass@1 before training (the c
 model) and after (the run's last checkpoint), `--samples` samples per task at the actors'
 temperature.
 
-    python benchmarks/real_model.py train [--seeds 0,1] [--steps 30] [--tasks 64]
+    python benchmarks/real_model.py train [--seeds 0,1] [--steps 60] [--tasks 64]
 
 The last line is one JSON object: `pass_before`, `pass_after` (means over seeds), `per_seed`
 (before, after, `blind_ceiling`, `goal_met`, steps, minutes, the reward curve), `goal`,
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("mode", nargs="?", default="train", choices=("train", "base", "eval"))
     ap.add_argument("--seeds", default="0,1")
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--minutes", type=float, default=28.0, help="time limit of each run")
     ap.add_argument("--tasks", type=int, default=64, help="held-out tasks per family")
     ap.add_argument("--samples", type=int, default=4, help="samples per held-out task")
