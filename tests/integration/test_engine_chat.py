@@ -46,16 +46,6 @@ class TwoTurns(Env):
         return StepResult("Say it once more, in other words.", float(action.valid), False)
 
 
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory) -> Path:
-    from learner.smollm2 import convert
-
-    made = Path(".cache/models/smollm2-135m")
-    if (made / "model.safetensors").exists():
-        return made
-    return convert(tmp_path_factory.mktemp("models") / "smollm2")
-
-
 async def _episodes(model: Path, envs: list[TwoTurns]):
     tok = AutoTokenizer.from_pretrained(model)
     chat = chat_format(tok, "auto", "You are brief.")
