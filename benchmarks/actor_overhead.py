@@ -8,7 +8,9 @@ Two measurements in the same run, on the same model and the same machine:
   `headrace_actor_tokens_generated_total` over a window after warm-up.
 - bare: `actor.engine.Engine` in a process of its own, `generate` on the very prompts those
   episodes start from (the env's first observation, tokenized the same way) with the same
-  `max_tokens`, the same concurrency and temperature; nothing else.
+  `max_tokens`, the same concurrency and temperature; nothing else. It runs once before the
+  pipeline and once after, and the baseline is the mean of the two, so a machine that speeds
+  up or slows down over the run moves both sides alike (to first order).
 
 No learner runs, so the weights never change and both sides sample the same model. Each side
 also reports CPU seconds per generated token over its window: of the process that drives the
@@ -16,7 +18,8 @@ engine (the actor; the bare loop), of vLLM's engine processes (EngineCore and it
 of the broker. On a CPU machine every process shares the same cores, so the driver's CPU is
 taken from the engine's. Prints a table and, as its last line, one JSON object:
 `ratio_vs_bare_vllm` (pipeline tokens/s / bare tokens/s; goal >= 0.9),
-`pipeline_tokens_per_s`, `bare_tokens_per_s`, `cpu_us_per_token` (per side and process),
+`pipeline_tokens_per_s`, `bare_tokens_per_s` (and `bare_tokens_per_s_before_after`),
+`cpu_us_per_token` (per side and process),
 `pipeline_episodes_running` (mean episodes in progress: the slots the actor keeps busy),
 `concurrency`, `max_tokens`, `model`, `seconds`. `--profile P` records the actor's and the
 broker's windows with py-spy into P.actor and P.broker (collapsed stacks; the sampling costs
@@ -271,6 +274,20 @@ def profile(pid: int, seconds: float, out: str) -> subprocess.Popen:
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def run_bare(
+    model: Path, ids: list[list[int]], conc: int, max_tokens: int, opts: dict
+) -> tuple[float, dict[str, float]]:
+    """One bare measurement in a fresh process: (tokens/s, CPU seconds per token by process)."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=bare, args=(str(model), ids, conc, max_tokens, opts, q))
+    p.start()
+    tps, cpu = q.get(timeout=900)
+    p.join(60)
+    print(f"  bare vLLM generate: {tps:9.0f} tokens/s  {us(cpu)}")
+    return tps, cpu
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="shorter windows")
@@ -308,18 +325,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         ids = prompts(model, 256, a.reasoning_tokens, seed=1)
         stops = stop_ids(model)
-        ctx = mp.get_context("spawn")
-        q = ctx.Queue()
         opts = {"warmup": a.warmup, "duration": a.duration, "max_model_len": a.max_model_len}
         opts["stops"] = stops
-        p = ctx.Process(target=bare, args=(str(model), ids, a.concurrency, max_tokens, opts, q))
-        p.start()
-        bare_tps, bare_cpu = q.get(timeout=900)
-        p.join(60)
-        print(f"  bare vLLM generate: {bare_tps:9.0f} tokens/s  {us(bare_cpu)}")
+        bare_runs = [run_bare(model, ids, a.concurrency, max_tokens, opts)]
         pipe_tps, pipe_cpu, running = pipeline(model, work, a.concurrency, a.reasoning_tokens, a)
         print(f"  actor pipeline:     {pipe_tps:9.0f} tokens/s  {us(pipe_cpu)}")
         print(f"  episodes running:   {running:9.1f} of {a.concurrency} (mean over the window)")
+        bare_runs.append(run_bare(model, ids, a.concurrency, max_tokens, opts))
+        bare_tps = sum(t for t, _ in bare_runs) / 2
+        bare_cpu = {k: (bare_runs[0][1][k] + bare_runs[1][1][k]) / 2 for k in bare_runs[0][1]}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     ratio = pipe_tps / bare_tps if bare_tps else None
@@ -327,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_vs_bare_vllm": round(ratio, 3) if ratio else None,
         "pipeline_tokens_per_s": round(pipe_tps, 1),
         "bare_tokens_per_s": round(bare_tps, 1),
+        "bare_tokens_per_s_before_after": [round(t, 1) for t, _ in bare_runs],
         "goal": 0.9,
         "cpu_us_per_token": {
             "bare": {k: round(v * 1e6, 1) for k, v in bare_cpu.items()},
