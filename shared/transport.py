@@ -192,9 +192,13 @@ class Server:
     async def _reply_error(self, ident: bytes, reason: str, detail: str) -> None:
         await self.send(ident, P.Error(reason=reason, detail=detail))
 
-    async def send(self, ident: bytes, msg: P.Base) -> None:
+    async def send(self, ident: bytes, msg: P.Base, copy: bool = False) -> None:
+        """Send `msg` to peer `ident`. `copy=True` hands ZeroMQ a copy it owns and frees in
+        its I/O thread; the default zero-copy send keeps the encoded frame alive until pyzmq's
+        garbage-collector thread releases it (cheaper, but unbounded under a flood of
+        replies: learner/publish.py)."""
         try:
-            await self.sock.send_multipart([ident, P.encode(msg)], copy=False)
+            await self.sock.send_multipart([ident, P.encode(msg)], copy=copy)
         except zmq.ZMQError as e:  # peer gone (ROUTER_MANDATORY is off, but be safe)
             log.debug("send to %r failed: %s", ident, e)
 
