@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from collections.abc import Callable
 
 import msgspec
@@ -53,10 +54,9 @@ class Admission:
         """Leases for `asked` groups, fewer under backpressure (then with a retry delay).
         `holds`: the policy version the actor's heartbeats report (eval rounds wait for it)."""
         want = max(0, min(asked, MAX_LEASES_PER_REQUEST))
-        room = self.backpressure_bound() - self.outstanding()
         evals = self.evals.grant(ident, want, holds)
         want -= len(evals)
-        n = self.rate_limited(min(want, max(0, room // self.group_size)))
+        n = self.rate_limited(min(want, max(0, self.room_for(ident) // self.group_size)))
         tasks = [(t, 1.0 / len(self.bank)) for t in self.leases.take_requeued(n)]
         tasks += [(p.task, p.prob) for p in self.curriculum.pick(n - len(tasks))]
         granted = [
@@ -74,13 +74,38 @@ class Admission:
         self.io.changed()
         return P.TaskGrant(leases=evals + [a.lease for a in granted], retry_after_s=retry)
 
+    def owed(self) -> dict[bytes, int]:
+        """Episodes still owed by active leases, per actor (routing id)."""
+        owed: dict[bytes, int] = {}
+        for a in self.leases.active.values():
+            left = max(0, a.lease.group_size - self.groups.delivered(a.lease_id))
+            owed[a.peer] = owed.get(a.peer, 0) + left
+        return owed
+
     def outstanding(self) -> int:
         """Trajectories stored-but-unsampled plus episodes still owed by active leases."""
-        owed = sum(
-            max(0, a.lease.group_size - self.groups.delivered(a.lease_id))
-            for a in self.leases.active.values()
-        )
-        return self.table.size + self.groups.n_trajs + owed
+        return self.table.size + self.groups.n_trajs + sum(self.owed().values())
+
+    def room_for(self, ident: bytes) -> int:
+        """Episodes actor `ident` may be granted now: the room under the backpressure bound,
+        and never more than its fair share of the bound, split evenly among the actors that
+        hold some of it and this one. What an actor holds: the episodes its leases still owe,
+        and the trajectories waiting in partial groups of its leases (its own and ones it no
+        longer holds, until they are dropped as abandoned). An actor that holds more than
+        its share (a greedy or hung one: it keeps leases until their `timeout_s`, and a
+        restart leaves partial groups behind) cannot starve the others: an actor below its
+        share gets up to it even past the bound, which the hog's excess overshoots by at
+        most one bound."""
+        held = Counter(self.owed())
+        held.update(self.groups.by_owner)
+        held.pop(b"", None)  # partial groups rebuilt after a restart: nobody's
+        bound = self.backpressure_bound()
+        room = bound - (self.table.size + self.groups.n_trajs + sum(self.owed().values()))
+        share = max(self.group_size, bound // len(held.keys() | {ident}))
+        fair = share - held.get(ident, 0)
+        if any(n > share for peer, n in held.items() if peer != ident):
+            room = max(room, fair)
+        return min(room, fair)
 
     def backpressure_bound(self) -> int:
         """Most trajectories the broker lets be outstanding (see `outstanding`).

@@ -23,6 +23,7 @@ class PendingGroup:
     group_size: int
     metas: list[TrajMeta]
     updated: float  # clock of the last trajectory added
+    owner: bytes = b""  # routing id of the actor whose lease it was (b"": unknown)
 
     def item(self, key: int = 0, times_sampled: int = 0) -> GroupItem:
         return GroupItem(
@@ -44,6 +45,7 @@ class GroupAssembler:
         self.pending: dict[str, PendingGroup] = {}
         self.completed: OrderedDict[str, None] = OrderedDict()  # recent complete group ids
         self.n_trajs = 0  # trajectories waiting in pending groups
+        self.by_owner: Counter[bytes] = Counter()  # the same, per owner (admission's shares)
 
     def __len__(self) -> int:
         return len(self.pending)
@@ -53,10 +55,16 @@ class GroupAssembler:
         return len(g.metas) if g else 0
 
     def add(
-        self, meta: TrajMeta, group_size: int, now: float, times_sampled: int = 0
+        self,
+        meta: TrajMeta,
+        group_size: int,
+        now: float,
+        times_sampled: int = 0,
+        owner: bytes = b"",
     ) -> tuple[GroupItem, list[TrajMeta]] | None:
         """Add a stored trajectory; returns its group as a replay item, with the group's
-        trajectories (for the curriculum), once complete.
+        trajectories (for the curriculum), once complete. `owner`: who holds its lease, for a
+        group this starts.
 
         Returns None while incomplete, and for a trajectory of an already completed group (an
         actor sending more than `group_size`): it stays stored but joins no group.
@@ -66,14 +74,14 @@ class GroupAssembler:
             return None
         g = self.pending.get(gid)
         if g is None:
-            g = self.pending[gid] = PendingGroup(gid, meta.task_id, group_size, [], now)
+            g = self.pending[gid] = PendingGroup(gid, meta.task_id, group_size, [], now, owner)
         g.metas.append(meta)
         g.updated = now
         self.n_trajs += 1
+        self.by_owner[g.owner] += 1
         if len(g.metas) < g.group_size:
             return None
-        del self.pending[gid]
-        self.n_trajs -= len(g.metas)
+        self._remove(g)
         self.completed[gid] = None
         if len(self.completed) > self.REMEMBER_COMPLETED:
             self.completed.popitem(last=False)
@@ -87,10 +95,16 @@ class GroupAssembler:
         out = []
         for g in list(self.pending.values()):
             if not has_lease(g.group_id) and now - g.updated > idle_s:
-                del self.pending[g.group_id]
-                self.n_trajs -= len(g.metas)
+                self._remove(g)
                 out.append(g.item())
         return out
+
+    def _remove(self, g: PendingGroup) -> None:
+        del self.pending[g.group_id]
+        self.n_trajs -= len(g.metas)
+        self.by_owner[g.owner] -= len(g.metas)
+        if not self.by_owner[g.owner]:
+            del self.by_owner[g.owner]
 
 
 class Retirement:

@@ -209,7 +209,7 @@ class Ingest:
         for a, result in zip(arrived, results, strict=True):
             a.peer.episodes += len(result.new)
             for meta in result.new:
-                self.add_to_group(meta, now)
+                self.add_to_group(meta, now, sender=a.ident)
             M.TRAJ_ACKED.inc(len(a.items))
             M.DUPLICATES.inc(len(result.duplicates))
         self.io.changed()
@@ -221,14 +221,20 @@ class Ingest:
     # ------------------------------------------------------------ groups
 
     def add_to_group(
-        self, meta: TrajMeta, now: float, times_sampled: int = 0, restoring: bool = False
+        self,
+        meta: TrajMeta,
+        now: float,
+        times_sampled: int = 0,
+        restoring: bool = False,
+        sender: bytes = b"",
     ) -> None:
         """A stored trajectory joins its group; a complete group enters replay (or is
-        retired: zero variance) and ends its lease."""
+        retired: zero variance) and ends its lease. `sender`: the actor it came from (the
+        holder of its lease, if the lease is live), whose share a partial group uses."""
         gid = meta.group_id
         lease = self.leases.get(gid)  # group_id == lease_id
         size = lease.lease.group_size if lease else self.cfg.broker.group_size
-        done = self.groups.add(meta, size, now, times_sampled)
+        done = self.groups.add(meta, size, now, times_sampled, sender)
         if done is None:
             return
         item, metas = done

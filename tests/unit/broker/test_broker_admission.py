@@ -13,7 +13,7 @@ import msgspec
 from broker.admission import Admission
 from broker.parts import Books, Wiring, build_books
 from broker.peers import Peer
-from broker.store import Store
+from broker.store import Store, TrajMeta
 from shared import protocol as P
 from shared.config import Config
 from tests.unit.broker.test_broker_server import GROUP, FakeClock, config
@@ -59,9 +59,52 @@ async def test_a_lease_is_refused_under_backpressure(tmp_path: Path, store: Stor
     adm, _ = admission(config(tmp_path, replay_capacity=2 * GROUP), store, wired)
     grant = adm.grant(b"a", 5)
     assert len(grant.leases) == 2 and grant.retry_after_s > 0  # room for two groups
-    again = adm.grant(b"b", 1)
+    again = adm.grant(b"a", 1)
     assert again.leases == [] and again.retry_after_s > 0  # owed episodes count as data
     assert adm.outstanding() == 2 * GROUP == adm.backpressure_bound()
+
+
+async def test_an_actor_holding_every_lease_does_not_starve_another(
+    tmp_path: Path, store: Store
+) -> None:
+    """A greedy (or hung) actor takes the whole bound and never plays; a second actor still
+    gets its fair share (half the bound, two actors), the greedy one nothing more."""
+    wired = Wired()
+    adm, _ = admission(config(tmp_path, replay_capacity=4 * GROUP), store, wired)
+    assert len(adm.grant(b"hog", 100).leases) == 4
+    assert len(adm.grant(b"honest", 100).leases) == 2  # its share, past the bound
+    assert adm.grant(b"hog", 100).leases == []
+    assert adm.grant(b"honest", 100).leases == []  # at its share
+    assert adm.outstanding() == 6 * GROUP
+
+
+async def test_partial_groups_an_actor_left_behind_count_against_its_share(
+    tmp_path: Path, store: Store
+) -> None:
+    """Partial groups wait for their lease deadline after their actor said Hello again (its
+    leases released) or went silent: they fill the bound, but they are that actor's, so
+    another actor is still served its share."""
+    wired = Wired()
+    adm, books = admission(config(tmp_path, replay_capacity=4 * GROUP), store, wired)
+    leases = adm.grant(b"hog", 100).leases
+    adm.release(b"hog", "hog")
+    for i in range(4 * GROUP):  # part of each group: none completes
+        lease = leases[i % len(leases)]
+        gid, task = lease.lease_id, lease.task.task_id
+        meta = TrajMeta(i, f"{gid}-{i}", gid, task, gid, "hog", 0, 8, 0.0, False, 1.0, 0.0)
+        books.groups.add(meta, 10 * GROUP, 0.0, owner=b"hog")
+    assert adm.outstanding() >= adm.backpressure_bound()
+    assert len(adm.grant(b"honest", 100).leases) == 2
+    assert adm.grant(b"hog", 100).leases == []
+
+
+async def test_actors_sharing_the_bound_get_equal_shares(tmp_path: Path, store: Store) -> None:
+    wired = Wired()
+    adm, _ = admission(config(tmp_path, replay_capacity=4 * GROUP), store, wired)
+    assert len(adm.grant(b"a", 1).leases) == 1
+    assert len(adm.grant(b"b", 100).leases) == 2  # half of the bound
+    assert len(adm.grant(b"a", 100).leases) == 1  # the rest: half for a too
+    assert adm.grant(b"b", 1).leases == [] and adm.outstanding() == 4 * GROUP
 
 
 async def test_the_bound_follows_the_learners_batch(tmp_path: Path, store: Store) -> None:
