@@ -98,11 +98,13 @@ class Peer:
     last_heartbeat: float | None = None
     episodes: int = 0  # new trajectories stored from this peer
     stats: dict[str, float] = field(default_factory=dict)
+    key: str = ""  # under curve: the allow-list name of its key (what it cannot make up)
 
     def describe(self, now: float, leases: int) -> dict[str, object]:
         hb = None if self.last_heartbeat is None else round(now - self.last_heartbeat, 3)
         return {
             "id": self.peer_id,
+            **({"key": self.key} if self.key else {}),
             "last_seen_age_s": round(now - self.last_seen, 3),
             "last_heartbeat_age_s": hb,
             "episodes": self.episodes,

@@ -182,6 +182,8 @@ class Broker:
         assert self.server is not None
         keyed = self.server.roles is not None  # under curve: a peer's role is its key's
         peer = self.peers.heard(ident, msg, (self.server.role_of(ident) or "") if keyed else None)
+        if keyed:  # Status names the key: a peer id is whatever the peer says it is
+            peer.key = self.server.key_name(ident)
         why = may_not_send(peer, msg, keyed) or self.fence.refusal(ident, msg)
         if why is not None and type(msg) in self._handlers:
             REJECTED_FRAMES.labels(reason="forbidden").inc()
@@ -315,4 +317,5 @@ class Broker:
             self.relay,
             self.admission,
             self.clock(),
+            self.fence.ident,
         )

@@ -22,7 +22,10 @@ def report(
     relay: Relay,
     admission: Admission,
     now: float,
+    active_learner: bytes | None = None,
 ) -> dict[str, object]:
+    """`active_learner`: the routing id of the run's one learner (`LearnerFence`); other
+    learners are listed with `active` false (a restarted or rival one, refused)."""
     p = relay.policy
 
     def describe(peer: Peer) -> dict[str, object]:
@@ -51,7 +54,11 @@ def report(
         "curriculum": books.curriculum.summary(),
         "evaluations": books.evals.status(),  # policy version -> tasks done / in the round
         "actors": [describe(x) for x in known if x.role == "actor"],
-        "learners": [describe(x) for x in known if x.role == "learner"],
+        "learners": [
+            {**describe(x), "active": x.ident == active_learner}
+            for x in known
+            if x.role == "learner"
+        ],
     }
 
 

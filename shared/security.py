@@ -53,19 +53,23 @@ def role_of_key_name(name: str) -> str | None:
     return base if base in CLIENT_ROLES else None
 
 
-def client_roles(allowed_dir: str | Path) -> dict[str, str]:
-    """Public key (z85 text, as ZAP reports it in `User-Id`) -> role, for the allow-list."""
+def client_names(allowed_dir: str | Path) -> dict[str, str]:
+    """Public key (z85 text, as ZAP reports it in `User-Id`) -> the name of its file in the
+    allow-list (`actor-3`): who holds it, as the operator named it."""
     out: dict[str, str] = {}
     for path in sorted(Path(allowed_dir).glob("*.key")):
-        role = role_of_key_name(path.stem)
-        if role is None:
-            continue
         try:
             public, _ = zmq.auth.load_certificate(path)
         except (OSError, ValueError) as e:
             raise SecurityError(f"[security] client key {path}: {e}") from None
-        out[public.decode()] = role
+        out[public.decode()] = path.stem
     return out
+
+
+def client_roles(allowed_dir: str | Path) -> dict[str, str]:
+    """Public key (z85 text) -> role, for the keys of the allow-list whose names name one."""
+    names = client_names(allowed_dir).items()
+    return {key: role for key, name in names if (role := role_of_key_name(name)) is not None}
 
 
 class SecurityError(RuntimeError):

@@ -34,6 +34,7 @@ from shared.security import (
     CurveClient,
     CurveServer,
     HandshakeWatch,
+    client_names,
     client_roles,
     secure_client,
     secure_server,
@@ -113,6 +114,7 @@ class Server:
         # frames under it are refused, should the id leak.
         self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.roles: dict[str, str] | None = client_roles(curve.allowed_dir) if curve else None
+        self.key_names = client_names(curve.allowed_dir) if curve else {}
         self._key_of: dict[bytes, str] = {}  # routing id -> the key (z85) that first used it
         self.sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes * _HARD_CAP_FACTOR)
         self.sock.setsockopt(zmq.SNDHWM, sndhwm)  # before bind: connections copy it
@@ -181,6 +183,10 @@ class Server:
         """Drop `ident`'s key binding (its peer is gone: every new Client brings a new id, so
         bindings would pile up); should it come back, its next frame binds it again."""
         self._key_of.pop(ident, None)
+
+    def key_name(self, ident: bytes) -> str:
+        """The allow-list name of the key behind `ident` (`actor-3`); "" without CURVE."""
+        return self.key_names.get(self._key_of.get(ident, ""), "")
 
     def role_of(self, ident: bytes) -> str | None:
         """The role of the key behind `ident` (CURVE); None without CURVE or for a key whose

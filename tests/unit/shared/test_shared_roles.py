@@ -104,6 +104,33 @@ async def test_each_key_may_send_only_what_its_role_sends(sec: SecurityConfig) -
     assert forbidden_count() >= before + 6
 
 
+async def test_status_names_each_peer_by_its_key_and_the_one_active_learner(
+    tmp_path: Path,
+) -> None:
+    """A peer id is whatever a peer says (a Hello's, a Heartbeat's): a second learner key
+    heartbeating as "actor-0" shows in Status under its key's name, and not as active."""
+    generate_keys(tmp_path / "keys", clients=["learner", "learner-rival", "cli"])
+    sec = SecurityConfig(curve=True, keys_dir=str(tmp_path / "keys"))
+    async with running(secured(sec)) as (broker, _):
+        assert broker.server is not None
+        ep = broker.server.endpoint
+        learner = Client(ep, "learner", curve=client_keys(sec, "learner", "broker"))
+        rival_keys = client_keys(as_role(sec, "learner-rival"), "learner", "broker")
+        rival = Client(ep, "rival", curve=rival_keys)
+        for c in (learner, rival):
+            c.start()
+        try:
+            await learner.request(hello("learner", "learner"), P.Welcome, timeout=5)
+            await expect_error(rival, hello("learner", "actor-0"), "forbidden")
+            await rival.send(P.Heartbeat(peer_id="actor-0"))
+            info = (await rival.request(P.Status(), P.StatusReply, timeout=5)).info
+        finally:
+            for c in (learner, rival):
+                c.close()
+    shown = {(x["id"], x["key"], x["active"]) for x in info["learners"]}
+    assert shown == {("learner", "learner", True), ("actor-0", "learner-rival", False)}
+
+
 async def test_weight_endpoint_serves_actor_keys_only(sec: SecurityConfig) -> None:
     pub = WeightPublisher(
         "tcp://127.0.0.1:0", chunk_bytes=512, curve=server_keys(sec, "learner", ("actor",))
