@@ -15,9 +15,12 @@ a mutated TaskRequest earns a TaskGrant). A crash is the broker exiting or going
 Prints a table, then as its last line one JSON object: `frames` (bad frames sent),
 `crashes`, `rejected_by_reason` (the broker's counter deltas while they were sent),
 `seconds`, `frames_per_s`, `answered_errors`, `reason_mismatches`, `by_family`, and
-`valid_mutants` (sent to the handlers) with `valid_mutant_replies` (by reply type).
+`valid_mutants` (sent to the handlers) with `valid_mutant_replies` (by reply type), and
+`meaning`: then `--meaning N` well-formed messages with hostile values from peers of every
+role go to a second broker, under CurveZMQ, while an honest actor and learner work through
+it, and the broker's invariants are checked (benchmarks/fuzz_meaning.py; its JSON object).
 
-    python benchmarks/fuzz.py [--frames 1000000] [--seed 0] [--window 512]
+    python benchmarks/fuzz.py [--frames 1000000] [--meaning 100000] [--seed 0] [--window 512]
 """
 
 from __future__ import annotations
@@ -25,8 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,6 +44,8 @@ import msgspec  # noqa: E402
 import zmq  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
+from benchmarks.fuzz_meaning import run_meaning  # noqa: E402
+from benchmarks.harness import BrokerProcess  # noqa: E402
 from shared import protocol as P  # noqa: E402
 
 CAP = 64 * 1024  # the broker's max_frame_bytes in this benchmark
@@ -263,12 +266,6 @@ class RandomFrames:
 # ---------------------------------------------------------------- the broker under test
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def rejected_by_reason(metrics_port: int) -> dict[str, float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read()
     out: dict[str, float] = {}
@@ -278,32 +275,6 @@ def rejected_by_reason(metrics_port: int) -> dict[str, float]:
                 if s.name.endswith("_total") and s.value:
                     out[s.labels["reason"]] = s.value
     return out
-
-
-class BrokerProcess:
-    def __init__(self, workdir: Path) -> None:
-        self.port, self.metrics_port = _free_port(), _free_port()
-        config = workdir / "fuzz.toml"
-        config.write_text(f"[broker]\nmax_frame_bytes = {CAP}\n")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "broker", "--config", str(config), "--port", str(self.port),
-             "--metrics-port", str(self.metrics_port), "--durability", "none",
-             "--data-dir", str(workdir / "data"), "--log-level", "ERROR"],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        )  # fmt: skip
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()  # "headrace-broker listening on ..."
-        if "listening" not in line:
-            raise RuntimeError(f"broker did not start: {line!r} (exit {self.proc.poll()})")
-        self.endpoint = f"tcp://127.0.0.1:{self.port}"
-
-    def stop(self) -> int:
-        self.proc.terminate()
-        try:
-            return self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
 
 
 # ---------------------------------------------------------------- the run
@@ -405,9 +376,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frames", type=int, default=1_000_000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--window", type=int, default=512, help="frames in flight (< the HWMs)")
+    ap.add_argument("--meaning", type=int, default=100_000, help="hostile messages (0: none)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="headrace-fuzz-") as tmp:
-        broker = BrokerProcess(Path(tmp))
+        broker = BrokerProcess(Path(tmp), f"[broker]\nmax_frame_bytes = {CAP}\n")
         try:
             before = rejected_by_reason(broker.metrics_port)
             t0 = time.perf_counter()
@@ -448,8 +420,13 @@ def main(argv: list[str] | None = None) -> int:
         "valid_mutants": len(result["valid"]),
         "valid_mutant_replies": dict(sorted(replies.items())),
     }
-    print(json.dumps(summary))
     ok = not crashes and not stats["mismatches"] and sum(delta.values()) == stats["sent"]
+    if args.meaning:
+        meaning = run_meaning(args.meaning, args.seed)
+        print(f"meaning: {args.meaning} hostile messages, violations {meaning['violations']}")
+        summary["meaning"] = meaning
+        ok = ok and meaning["ok"]
+    print(json.dumps(summary))
     return 0 if ok else 1
 
 

@@ -216,3 +216,44 @@ def ci95_mean(xs: Sequence[float]) -> tuple[float, float]:
     t = t_table[df - 1] if df <= len(t_table) else 2.042 if df <= 30 else 1.96
     half = t * s / math.sqrt(len(xs))
     return m - half, m + half
+
+
+# ------------------------------------------------------------------ a broker alone
+
+
+class BrokerProcess:
+    """`python -m broker` on free loopback ports with `config_toml` (durability "none", logs
+    at ERROR), up once it has said it listens; `stop()` returns its exit code."""
+
+    def __init__(self, workdir: Path, config_toml: str = "") -> None:
+        self.port, self.metrics_port = free_port(), free_port()
+        config = workdir / "broker.toml"
+        config.write_text(config_toml)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "broker", "--config", str(config), "--port", str(self.port),
+             "--metrics-port", str(self.metrics_port), "--durability", "none",
+             "--data-dir", str(workdir / "data"), "--log-level", "ERROR"],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()  # "headrace-broker listening on ..."
+        if "listening" not in line:
+            raise RuntimeError(f"broker did not start: {line!r} (exit {self.proc.poll()})")
+        self.endpoint = f"tcp://127.0.0.1:{self.port}"
+
+    def rss_mb(self) -> float:
+        """Resident memory now, MiB (0 once it has exited)."""
+        import psutil
+
+        try:
+            return psutil.Process(self.proc.pid).memory_info().rss / 2**20
+        except psutil.Error:
+            return 0.0
+
+    def stop(self) -> int:
+        self.proc.terminate()
+        try:
+            return self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
