@@ -5,8 +5,9 @@ per-token array filled, ~32 KiB each, 16 per TrajectoryBatch (one GRPO group, li
 outbox batch) - through a real `python -m broker` process and count the trajectories acked
 within a fixed window. Two broker modes:
 
-- durable: `durability = "sqlite"`, the ack comes after the SQLite (WAL, synchronous=FULL)
-  group commit;
+- durable: `durability = "sqlite"`, the ack comes after the group commit: its segment records
+  fdatasync'ed, then its rows committed in SQLite (WAL, synchronous=NORMAL: see
+  broker/store/store.py);
 - memory: `durability = "none"`, throwaway runs.
 
 Baselines on the same bytes, same machine, same run:

@@ -75,6 +75,11 @@ STORE_FAILING = Gauge(
     "headrace_broker_store_failing",
     "1 while store commits fail (disk full, corrupt database): nothing is acked; else 0",
 )
+STORE_RECOVERED = Counter(
+    "headrace_broker_store_recovered_total",
+    "Trajectory rows rebuilt at open from their synced segment records after an OS crash lost"
+    " them (ingest commits its rows without a WAL fsync; broker/store/recovery.py)",
+)
 STORE_BYTES = Gauge(
     "headrace_broker_store_bytes", "Bytes the durable store takes on disk (database + WAL)"
 )

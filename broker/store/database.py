@@ -7,6 +7,8 @@ import fcntl
 import logging
 import os
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from broker.store.records import StoreError, StoreLockedError
@@ -15,12 +17,16 @@ from broker.store.schema import MIGRATIONS, PAGE_SIZE, SCHEMA, SCHEMA_VERSION
 log = logging.getLogger(__name__)
 
 IN_MEMORY = ":memory:"
+# What `relaxed` lowers the connection's level to: in WAL mode a NORMAL commit is not fsynced
+# (it survives a process crash, not an OS crash); FULL and EXTRA fsync the WAL on every commit.
+_RELAXED = {"FULL": "NORMAL", "EXTRA": "NORMAL"}
 
 
 class Database:
     def __init__(self, path: str, synchronous: str = "FULL") -> None:
+        """`synchronous`: the level of every transaction but those inside `relaxed`."""
         self.path = path
-        self.synchronous = synchronous
+        self.synchronous = synchronous.upper()
         # Set by the store once open has fully succeeded: only then is there a WAL worth
         # folding back on close.
         self.opened = False
@@ -78,6 +84,25 @@ class Database:
             conn.execute(MIGRATIONS[v])
         if version != SCHEMA_VERSION:
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    @contextmanager
+    def relaxed(self) -> Iterator[None]:
+        """Transactions inside run at `synchronous=NORMAL` (no fsync at commit): for those
+        whose content is durable elsewhere already (the segment records of a group commit).
+        The level can only change between transactions: one open when this block fails is
+        rolled back before the connection's level is restored."""
+        level = _RELAXED.get(self.synchronous)
+        if level is None or self.in_memory:
+            yield
+            return
+        conn = self.conn
+        conn.execute(f"PRAGMA synchronous={level}")
+        try:
+            yield
+        finally:
+            if conn.in_transaction:
+                self.rollback()
+            conn.execute(f"PRAGMA synchronous={self.synchronous}")
 
     def rollback(self) -> None:
         """Undo the open transaction, if any (after a failed operation)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import sqlite3
 
+from broker.store import integrity
 from broker.store.database import Database
 from broker.store.records import StoreUsage
 from broker.store.schema import COMPACT_LIVE_FRACTION
@@ -162,14 +163,22 @@ class Maintenance:
         assert self._segments is not None
         conn, segs = self._db.conn, self._segments
         rows = conn.execute(
-            "SELECT seq, seg_offset, nbytes FROM trajectories WHERE seg_id = ? ORDER BY seq",
+            "SELECT seq, seg_offset, nbytes, checksum FROM trajectories WHERE seg_id = ?"
+            " ORDER BY seq",
             (seg,),
         ).fetchall()
         if seg == segs.current:
             segs.rotate()
         mark = segs.mark()
         try:
-            locs = segs.append([segs.read(seg, off, n) for _, off, n in rows])
+            bodies = [segs.read(seg, off, n) for _, off, n, _ in rows]
+            # Copies keep their seq (below the store's next seq: recovery never revives
+            # them) and their row's checksum (NULL for rows of the oldest format: computed)
+            checks = [
+                c if c is not None else integrity.checksum(b)
+                for (*_, c), b in zip(rows, bodies, strict=True)
+            ]
+            locs = segs.append(bodies, [r[0] for r in rows], checks)
             segs.sync()
             crash("store.compact")
             conn.execute("BEGIN IMMEDIATE")

@@ -45,6 +45,7 @@ INSERT = (
 )
 INSERT_ROWS = 64  # rows per INSERT statement (17 parameters each)
 SEG_COLUMN = 13  # index of seg_id in an insert row (seg_offset, nbytes, checksum follow)
+CHECK_COLUMN = SEG_COLUMN + 3  # index of checksum in an insert row
 
 
 @functools.cache

@@ -4,10 +4,21 @@ Why not blobs in SQLite: in WAL mode every page is written twice (to the WAL, th
 checkpoint into the database) and the checkpoint fsyncs again, which caps durable ingest near
 half of the disk's bandwidth. Here a group commit appends its trajectories' encodings to the
 current segment with one `writev`, `fdatasync`s it, and only then commits the rows that point
-at them (segment, offset, length) in SQLite. The order makes a crash harmless: bytes without a
-committed row are unreachable garbage at a segment's tail, rolled back (truncated) when the
-commit fails in-process and dropped with the segment's file otherwise; a committed row always
-points at synced bytes.
+at them (segment, offset, length) in SQLite.
+
+Each body is preceded by a small header (`HEADER`: magic, length, the seq it was stored
+under, the body's xxh3-64 checksum, and a checksum of the header itself), so a segment is a
+self-describing log: the rows of the last group commits can be rebuilt from it
+(recovery.py). That is what lets ingest commit its rows with `synchronous=NORMAL` (no WAL
+fsync): what is durable when it is acked is the synced segment record, and the row is the
+index to it. Rows point at the body, past its header, so reads never see headers.
+
+The order makes a crash harmless: a committed row always points at synced bytes; bytes
+without a durable row are either a torn/unsynced tail (never acked: fails its header or body
+check and is dropped) or complete records whose row an OS crash lost (rebuilt at open when
+the machine has rebooted since, truncated away otherwise: after a process crash every
+committed row is still there, so such a record was never acked). A commit that fails
+in-process is rolled back (truncated) at once.
 
 Segments are numbered, `seg-00000001.log`, ...; a new one starts when the current one passes
 `segment_bytes` and at every open (so a file that was being appended to at a crash is never
@@ -20,13 +31,37 @@ from __future__ import annotations
 import errno
 import os
 import re
+import struct
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import xxhash
+
 SEGMENT_BYTES = 256 * 1024 * 1024
 _NAME = re.compile(r"^seg-(\d{8})\.log$")
 _IOV_MAX = 1024  # writev's vector limit on Linux
+MAGIC = b"HRS1"
+# magic, body length, seq, body checksum (signed xxh3-64, as in the row), xxh32 of the rest
+HEADER = struct.Struct("<4sIqqI")
+_HEAD = struct.Struct("<4sIqq")
+
+
+def header(seq: int, checksum: int, length: int) -> bytes:
+    """The record header written before a body."""
+    head = _HEAD.pack(MAGIC, length, seq, checksum)
+    return head + struct.pack("<I", xxhash.xxh32_intdigest(head))
+
+
+def parse_header(buf: bytes) -> tuple[int, int, int] | None:
+    """(length, seq, checksum) of a well-formed header, None for anything else (a torn or
+    unsynced tail, zeros, bodies of the previous headerless format)."""
+    if len(buf) < HEADER.size:
+        return None
+    magic, length, seq, check, hcheck = HEADER.unpack_from(buf)
+    if magic != MAGIC or xxhash.xxh32_intdigest(buf[: _HEAD.size]) != hcheck:
+        return None
+    return length, seq, check
 
 
 class SegmentLog:
@@ -87,22 +122,27 @@ class SegmentLog:
         """Where the next append goes; `rollback(mark)` undoes every append since."""
         return self.current, self._size
 
-    def append(self, frames: Sequence[Any]) -> list[tuple[int, int, int]]:
-        """Write `frames` (buffer-protocol objects; not yet durable: call `sync`); returns
-        (segment, offset, length) of each. Raises OSError (ENOSPC for the quota); a partial
-        write is truncated away."""
+    def append(
+        self, frames: Sequence[Any], seqs: Sequence[int], checksums: Sequence[int]
+    ) -> list[tuple[int, int, int]]:
+        """Write `frames` (buffer-protocol objects; not yet durable: call `sync`), each after
+        its header (`seqs`, `checksums`: the row's); returns (segment, offset, length) of each
+        body. Raises OSError (ENOSPC for the quota); a partial write is truncated away."""
         if self._size >= self.segment_bytes:
             self._start(self.current + 1)
         assert self._fd is not None
         lengths = [memoryview(f).nbytes for f in frames]
-        n = sum(lengths)
+        parts: list[Any] = []
+        for f, seq, check, k in zip(frames, seqs, checksums, lengths, strict=True):
+            parts += (header(seq, check, k), f)
+        n = sum(lengths) + HEADER.size * len(frames)
         if self.quota_bytes is not None and self._total + n > self.quota_bytes:
             raise OSError(errno.ENOSPC, "segment quota exceeded", str(self.path(self.current)))
         start = self._size
         try:
-            for i in range(0, len(frames), _IOV_MAX):
-                part = frames[i : i + _IOV_MAX]
-                want = sum(lengths[i : i + _IOV_MAX])
+            for i in range(0, len(parts), _IOV_MAX):
+                part = parts[i : i + _IOV_MAX]
+                want = sum(memoryview(f).nbytes for f in part)
                 done = os.writev(self._fd, part)
                 if done != want:  # short write (disk full mid-way): finish or fail
                     rest = b"".join(bytes(memoryview(f)) for f in part)[done:]
@@ -117,8 +157,8 @@ class SegmentLog:
         self._dirty.add(self._fd)
         out, off = [], start
         for k in lengths:
-            out.append((self.current, off, k))
-            off += k
+            out.append((self.current, off + HEADER.size, k))
+            off += HEADER.size + k
         return out
 
     def sync(self) -> None:

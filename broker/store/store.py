@@ -1,14 +1,19 @@
 """Durable trajectory store: SQLite (WAL) with group commit, driven from one dedicated thread.
 
 Why this shape:
-- Acks promise durability, so a batch is acked only after its transaction has committed. One
-  transaction per batch would pay one fsync per batch; instead batches arriving within
-  `commit_interval_s` are folded into one transaction (group commit, commit.py) and every
-  caller awaits that shared commit.
-- `synchronous=FULL`: in WAL mode NORMAL survives a process crash but may lose the last
-  commits on power loss / kernel panic, and an acked trajectory is gone from the actor's outbox,
-  so it would be lost for good. Group commit already amortises the one WAL fsync per commit over
-  every batch in the window, which makes FULL cheap enough to keep the ack promise honest.
+- Acks promise durability, so a batch is acked only after its trajectories are durable and
+  their rows committed. One transaction per batch would pay one sync per batch; instead
+  batches arriving within `commit_interval_s` are folded into one group commit (commit.py)
+  and every caller awaits that shared commit.
+- One fsync per group commit, not two: the trajectories' segment records (segments.py) are
+  appended and `fdatasync`ed, then their rows commit at `synchronous=NORMAL` (no WAL fsync;
+  `Database.relaxed`). What is durable when: at the ack, the records (headers carry the seq
+  and checksum); the rows survive a process crash (SIGKILL included) at once, an OS crash or
+  power loss once a later FULL commit or a checkpoint has synced the WAL. Rows an OS crash
+  lost are rebuilt from the records at the next open (recovery.py). Every other transaction
+  (a batch's claim and its record, retirements, kv state such as leases and batches,
+  retention's deletes, compaction's moves, quarantines) commits at `synchronous=FULL`, which
+  in WAL mode also makes every earlier commit durable.
 - SQLite work runs on a single-thread executor that owns the only connection, so the event
   loop never blocks on disk and SQLite never sees two threads. The parts the store delegates
   to (trajectories.py, maintenance.py, kv.py) are plain synchronous code that `_call` runs
@@ -37,7 +42,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from broker.metrics import STORE_BYTES, STORE_ERRORS, STORED
-from broker.store import integrity
+from broker.store import integrity, recovery
 from broker.store.commit import GroupCommit
 from broker.store.database import IN_MEMORY, Database
 from broker.store.kv import KeyValue
@@ -112,6 +117,8 @@ class Store:
     def _open_db(self) -> None:
         conn = self._db.open()
         if self.segments is not None:
+            self._trajs.load()  # the next seq: rows an OS crash lost were at or past it
+            recovery.recover(conn, self.segments, self._trajs.next_seq)
             integrity.check_segments(conn, self.segments)
         self.stored = self._trajs.load()
         self._db.opened = True

@@ -15,7 +15,14 @@ from broker.store import integrity, kv
 from broker.store.database import Database
 from broker.store.records import Claimed, Incoming, PutResult, StoreError, TrajMeta
 from broker.store.rows import new_rows
-from broker.store.schema import INSERT_ROWS, MAX_SQL_PARAMS, META_COLS, SEG_COLUMN, insert_rows
+from broker.store.schema import (
+    CHECK_COLUMN,
+    INSERT_ROWS,
+    MAX_SQL_PARAMS,
+    META_COLS,
+    SEG_COLUMN,
+    insert_rows,
+)
 from broker.store.segments import SegmentLog
 from shared.crashpoints import crash
 
@@ -51,28 +58,33 @@ class Trajectories:
         conn = self._db.conn
         now = time.time()
         ids = [t.view.traj_id for trajs in batches for t in trajs]
-        conn.execute("BEGIN IMMEDIATE")
         segs = self._segments
-        new = new_rows(batches, _stored(conn, ids), self.next_seq, now, in_memory=segs is None)
-        mark = segs.mark() if segs is not None else None
-        try:
-            if segs is not None and new.frames:
-                # Bodies first and synced, rows after: a committed row never points at bytes
-                # that a crash could lose (see segments.py).
-                for row, (seg, off, _) in zip(new.rows, segs.append(new.frames), strict=True):
-                    row[SEG_COLUMN], row[SEG_COLUMN + 1] = seg, off
-                segs.sync()
-                crash("store.after_sync")
-            # sqlite3 releases the GIL around each statement step and must win it back from
-            # the event loop thread afterwards: one step per INSERT_ROWS rows, not per row.
-            for i in range(0, len(new.rows), INSERT_ROWS):
-                chunk = new.rows[i : i + INSERT_ROWS]
-                conn.execute(insert_rows(len(chunk)), [v for row in chunk for v in row])
-            conn.execute("COMMIT")
-        except BaseException:
-            if segs is not None and mark is not None:
-                segs.rollback(mark)
-            raise
+        # The synced segment records are what makes these trajectories durable (their rows
+        # can be rebuilt from them, recovery.py): the rows commit without a WAL fsync.
+        with self._db.relaxed():
+            conn.execute("BEGIN IMMEDIATE")
+            new = new_rows(batches, stored_ids(conn, ids), self.next_seq, now, segs is None)
+            mark = segs.mark() if segs is not None else None
+            try:
+                if segs is not None and new.frames:
+                    # Bodies first and synced, rows after: a committed row never points at
+                    # bytes that a crash could lose (see segments.py).
+                    seqs, checks = [r[0] for r in new.rows], [r[CHECK_COLUMN] for r in new.rows]
+                    locs = segs.append(new.frames, seqs, checks)
+                    for row, (seg, off, _) in zip(new.rows, locs, strict=True):
+                        row[SEG_COLUMN], row[SEG_COLUMN + 1] = seg, off
+                    segs.sync()
+                    crash("store.after_sync")
+                # sqlite3 releases the GIL around each statement step and must win it back
+                # from the event loop thread afterwards: one step per INSERT_ROWS rows.
+                for i in range(0, len(new.rows), INSERT_ROWS):
+                    chunk = new.rows[i : i + INSERT_ROWS]
+                    conn.execute(insert_rows(len(chunk)), [v for row in chunk for v in row])
+                conn.execute("COMMIT")
+            except BaseException:
+                if segs is not None and mark is not None:
+                    segs.rollback(mark)
+                raise
         self.next_seq = new.next_seq
         self._bodies.update(new.bodies)
         return new.results
@@ -160,7 +172,7 @@ class Trajectories:
                 self._bodies.pop(s, None)
 
 
-def _stored(conn: sqlite3.Connection, ids: list[str]) -> set[str]:
+def stored_ids(conn: sqlite3.Connection, ids: list[str]) -> set[str]:
     """Which of `ids` are stored already (one query per MAX_SQL_PARAMS of them)."""
     out: set[str] = set()
     for i in range(0, len(ids), MAX_SQL_PARAMS):

@@ -13,47 +13,55 @@ import pytest
 
 import broker.store.trajectories as trajectories_module
 from broker.store import Store, StoreCorruptError, StoreError, StoreFullError
-from broker.store.segments import SegmentLog
+from broker.store.segments import HEADER, SegmentLog, parse_header
 from tests.broker_helpers import make_traj
+
+
+def put(log: SegmentLog, *bodies: bytes, seq: int = 1) -> list[tuple[int, int, int]]:
+    """Append `bodies` under seqs from `seq` on (checksum 0: these tests read bodies only)."""
+    return log.append(list(bodies), list(range(seq, seq + len(bodies))), [0] * len(bodies))
 
 
 def test_append_read_rollback_and_rotation(tmp_path: Path) -> None:
     log = SegmentLog(tmp_path, segment_bytes=100)
     log.open(set())
-    first = log.append([b"a" * 60, b"b" * 60])
-    assert [(s, o, n) for s, o, n in first] == [(1, 0, 60), (1, 60, 60)]
+    h = HEADER.size  # each body follows its header; rows point at the body
+    first = put(log, b"a" * 60, b"b" * 60)
+    assert [(s, o, n) for s, o, n in first] == [(1, h, 60), (1, 2 * h + 60, 60)]
     log.sync()
     mark = log.mark()
-    ((seg, off, n),) = log.append([b"c" * 10])  # past segment_bytes: a new segment
-    assert (seg, off, n) == (2, 0, 10)
+    ((seg, off, n),) = put(log, b"c" * 10, seq=3)  # past segment_bytes: a new segment
+    assert (seg, off, n) == (2, h, 10)
     log.rollback(mark)  # its commit failed: nothing of it stays
     assert log.path(2).stat().st_size == 0
-    assert log.read(1, 60, 60) == b"b" * 60
-    assert log.total_bytes == 120
+    assert log.read(1, 2 * h + 60, 60) == b"b" * 60
+    assert log.total_bytes == 2 * (h + 60)
+    with open(log.path(1), "rb") as f:  # each header names its body's length and seq
+        assert parse_header(f.read(h)) == (60, 1, 0)
     log.close()
 
 
 def test_quota_is_enospc_and_leaves_no_bytes(tmp_path: Path) -> None:
-    log = SegmentLog(tmp_path, quota_bytes=100)
+    log = SegmentLog(tmp_path, quota_bytes=100 + 2 * HEADER.size)
     log.open(set())
-    log.append([b"x" * 80])
+    put(log, b"x" * 80)
     with pytest.raises(OSError) as e:
-        log.append([b"y" * 40])
+        put(log, b"y" * 40)
     assert e.value.errno == 28 and "seg-00000001.log" in str(e.value)
-    assert log.path(1).stat().st_size == 80
+    assert log.path(1).stat().st_size == 80 + HEADER.size
     log.close()
 
 
 def test_open_drops_unreferenced_segments_and_never_appends_to_old_ones(tmp_path: Path) -> None:
     log = SegmentLog(tmp_path)
     log.open(set())
-    log.append([b"live"])
+    ((_, off, _),) = put(log, b"live")
     log.close()
     (tmp_path / "seg-00000002.log").write_bytes(b"torn tail of a crashed commit")
     log = SegmentLog(tmp_path)
     assert log.open({1}) == [2]
     assert log.current == 3 and log.existing() == [1, 3]
-    assert log.read(1, 0, 4) == b"live"
+    assert log.read(1, off, 4) == b"live"
     log.close()
 
 
