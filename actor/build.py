@@ -14,6 +14,7 @@ from actor.engine import Engine
 from actor.envs.base import Env
 from actor.episode import run_episode, special_prefix
 from shared import protocol as P
+from shared.affinity import pin_process
 from shared.config import ActorConfig, Config, ModelConfig
 from shared.lora_config import LoraConfig
 from shared.models import model_dtype
@@ -40,8 +41,11 @@ def start_engine(
     cfg: Config, path: str, *, max_num_seqs: int, lora: LoraConfig | None = None
 ) -> Engine:
     """The vLLM engine for the model at `path` under `[model]` / `[actor]`; `lora` (default:
-    the learner's `[learner.lora]` of the same TOML) with rank > 0 serves adapters."""
+    the learner's `[learner.lora]` of the same TOML) with rank > 0 serves adapters. With
+    `[actor] cpus` this process is pinned to those cores first, so the engine's processes,
+    which inherit that, run there too (ValueError when a core is not available here)."""
     ac = cfg.actor
+    pin_process(ac.cpus, "[actor] cpus")
     return Engine(
         path,
         seed=ac.seed,
@@ -52,6 +56,7 @@ def start_engine(
         enforce_eager=ac.enforce_eager,
         gpu_memory_utilization=ac.gpu_memory_utilization,
         tensor_parallel_size=ac.tensor_parallel_size,
+        cpus=ac.cpus,
         lora=cfg.learner.lora if lora is None else lora,
     )
 

@@ -31,6 +31,7 @@ from typing import Any, cast
 
 from actor.lora import write_adapter, write_zero_adapter
 from actor.reaper import Reaper
+from shared.affinity import omp_threads_bind
 from shared.lora_config import LoraConfig
 from shared.metrics import WEIGHTS_SYNC_SECONDS
 
@@ -102,13 +103,18 @@ class Engine:
         enforce_eager: bool = True,
         gpu_memory_utilization: float = 0.3,
         tensor_parallel_size: int = 1,
+        cpus: Sequence[int] | None = None,  # the cores the engine's threads are bound to
         lora: LoraConfig | None = None,  # rank > 0: serve LoRA adapters, not full weights
     ) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
         # vLLM-CPU pins its worker to one core by default; actors share machines with other
         # actors and the learner, and two engines pinned to the same core starve each other.
-        # Set VLLM_CPU_OMP_THREADS_BIND yourself on a dedicated machine.
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        # So the worker's OpenMP threads stay unbound ("nobind") unless `cpus` (`[actor]
+        # cpus`) names the cores: then one thread per core, bound there. A
+        # VLLM_CPU_OMP_THREADS_BIND in the environment wins over both.
+        if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            bind = omp_threads_bind(cpus or [], tensor_parallel_size)
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import zmq
 
 from learner.tracking import require_backends
+from shared.affinity import pin_process
 from shared.config import Config, ConfigError, load_config
 from shared.models import resolve_model
 from shared.overrides import add_resume_arguments, add_set_argument, set_argv
@@ -48,7 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--torch-threads",
         type=int,
         default=0,
-        help="torch intra-op threads; 0 = auto (on CPU: half the cores, since actors share them)",
+        help="torch intra-op threads; 0 = auto: one per core of [learner] cpus, or on a CPU "
+        "half the cores (actors share them)",
     )
     ap.add_argument("--no-progress", action="store_true", help="log lines instead of a bar")
     ap.add_argument("--log-level", default="INFO")
@@ -57,10 +59,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def _set_threads(n: int) -> None:
+def _set_threads(n: int, cpus: list[int] | None = None) -> None:
+    """`n` torch threads; n <= 0 (auto): one per core of `[learner] cpus` when it lists any,
+    else on a CPU half the machine's cores (the actors share them), else torch's default."""
     import torch
 
-    if n <= 0 and not torch.cuda.is_available():
+    if n <= 0 and cpus:
+        n = len(cpus)
+    elif n <= 0 and not torch.cuda.is_available():
         # Measured: on 2 shared cores a tiny-model step takes ~75 ms with 1 thread and ~1 s
         # with 2 (OpenMP spin-waits against the actor's and broker's processes).
         n = max(1, (os.cpu_count() or 2) // 2)
@@ -87,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"headrace-learner: {e}", file=sys.stderr)
         return 2
     lc = cfg.learner
+    try:
+        pin_process(lc.cpus, "[learner] cpus")  # before torch starts any thread
+    except ValueError as e:
+        print(f"headrace-learner: {e}", file=sys.stderr)
+        return 2
     try:
         check_exposure(cfg.security, bind_host_for(lc.weights_host), "the weight endpoint")
     except SecurityError as e:
@@ -116,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         resume=args.resume,
     )
-    _set_threads(opts.torch_threads)
+    _set_threads(opts.torch_threads, lc.cpus)
     from learner import distributed as D
 
     try:

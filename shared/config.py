@@ -19,6 +19,7 @@ from typing import Literal
 
 import msgspec
 
+from shared.affinity import check_cpus
 from shared.config_base import ConfigError, find_moved
 from shared.config_base import Section as _Section
 from shared.config_broker import (
@@ -140,6 +141,18 @@ class ActorConfig(_Section):
     # evicted) and `[learner] publish_every = 1`; with several sync actors each takes a whole
     # batch per version and the surplus is evicted as stale.
     sync: bool = False
+    # CPU core ids this actor's process and its engine run on (shared/affinity.py): on a CPU
+    # the engine's OpenMP threads are bound to them (VLLM_CPU_OMP_THREADS_BIND, unless set in
+    # the environment); [] (default): unpinned, the engine's threads unbound
+    cpus: list[int] = msgspec.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        check_cpus(self.cpus, "[actor] cpus")
+        if self.cpus and len(self.cpus) < self.tensor_parallel_size:
+            raise ValueError(
+                f"[actor] cpus lists {len(self.cpus)} cores for tensor_parallel_size = "
+                f"{self.tensor_parallel_size} engine workers: want one each at least"
+            )
 
 
 class SecurityConfig(_Section):

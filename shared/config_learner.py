@@ -9,6 +9,7 @@ from typing import Literal
 
 import msgspec
 
+from shared.affinity import check_cpus
 from shared.config_base import RENAMED_VALUES
 from shared.config_base import Section as _Section
 from shared.lora_config import LoraConfig
@@ -165,6 +166,10 @@ class LearnerConfig(_Section):
     eval_timeout_s: float = 600.0
     connect_timeout_s: float = 60.0
     seed: int = 0
+    # CPU core ids the learner process runs on (shared/affinity.py); with `--torch-threads 0`
+    # (auto) torch then uses one thread per core listed. [] (default): unpinned, and on a CPU
+    # torch uses half the machine's cores
+    cpus: list[int] = msgspec.field(default_factory=list)
     correction: CorrectionConfig = msgspec.field(default_factory=CorrectionConfig)
     advantage: AdvantageConfig = msgspec.field(default_factory=AdvantageConfig)
     weighting: WeightingConfig = msgspec.field(default_factory=WeightingConfig)
@@ -172,6 +177,7 @@ class LearnerConfig(_Section):
     lora: LoraConfig = msgspec.field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
+        check_cpus(self.cpus, "[learner] cpus")
         if self.ppo_epochs < 1 or self.minibatches < 1:
             raise ValueError("ppo_epochs and minibatches must be >= 1")
         low, high = self.clip_bounds()
