@@ -8,10 +8,12 @@ the run must reach `--steps`. See `tests/chaos/harness.py` for what is checked.
 
 `--aimed P` arms the broker's crash points (shared/crashpoints.py: between fdatasync and
 commit, during compaction, between claim and send) with probability P per pass; the harness
-restarts it at once and counts `aimed_kills`.
+restarts it at once and counts `aimed_kills` (`aimed_by_point`: which windows). Retention
+runs throughout (`tests/chaos/harness.py` RETENTION), so compaction does too.
 
-Last line: one JSON object with `kills` by role, `aimed_kills`, `steps_reached`, `acked`,
-`stored`, `lost`, `trained_twice`, `never_trained_unexplained`, `orphans`,
+Last line: one JSON object with `kills` by role, `aimed_kills`, `aimed_by_point`,
+`steps_reached`, `acked`, `stored`, `deleted_by_retention`, `lost`, `trained_twice`,
+`never_trained_unexplained`, `orphans`,
 `version_regressions`, `seconds` (and `trained`, `unconsumed`, `evicted` by reason,
 `real_acked`, ...). Exit 1 if an invariant broke.
 

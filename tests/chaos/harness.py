@@ -5,9 +5,14 @@ summary file, actors (real vLLM ones and/or `tests.synthetic_actor`s) - while th
 SIGKILLs roles (the process group: a vLLM actor's engine dies with it) and starts each again
 with the same arguments. A monitor thread scrapes the learner's summary and every actor's
 `headrace_actor_policy_version` meanwhile. At the end the store is opened read-only and
-compared with what the actors were acked:
+compared with what the actors were acked. Retention runs (`RETENTION`: it deletes rows,
+closed ones first, and compacts the store afterwards, which is one of the aimed windows), so
+the monitor also snapshots the store's rows every second: a row seen there and gone at the
+end was deleted by retention (`deleted_by_retention`), and is judged by its last state.
 
-- `lost`: acked to a stub actor (its own record of acked ids) but not in the store; for real
+
+- `lost`: acked to a stub actor (its own record of acked ids) but neither in the store nor
+  deleted by retention; for real
   actors, whose acks are only counted, `real_acked_over_stored` counts actors whose acked
   total (summed over incarnations, last scrape of each) exceeds their rows in the store;
 - `trained_twice`: trajectories that appear more than once in the learner's trained log
@@ -33,7 +38,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
@@ -42,63 +47,16 @@ from broker.batches import BatchRecord
 from learner.trained_log import NAME
 from learner.trained_log import read as read_trained_log
 from shared.crashpoints import POINTS
+from tests.chaos.accounting import ROW_COLS, ChaosResult, orphan_engines, tally
 from tests.helpers import Proc, free_port, metric, wait_for, write_config
 
 REPO = Path(__file__).resolve().parents[2]
 ROLES = ("broker", "learner", "actor")
 # The stand-in actors' trajectories: short, one turn, one lease a request, few in flight
 STUB_SHAPE = ("--n-tokens", "48", "--n-turns", "1", "--leases", "1", "--max-outbox", "32")
-
-
-def orphan_engines(sessions: set[int]) -> set[int]:
-    """Live vLLM engine processes (they rename themselves `VLLM::EngineCore`, `VLLM::Worker`)
-    in one of `sessions` (every role starts its own session, and its engines stay in it after
-    it dies: another job's engines on the machine are not this run's) that no actor process
-    owns any more (no `-m actor` among their ancestors)."""
-    import psutil
-
-    out = set()
-    for p in psutil.process_iter(["cmdline", "status"]):
-        try:
-            title = " ".join(p.info["cmdline"] or [])
-            if not title.startswith("VLLM::") or p.info["status"] == psutil.STATUS_ZOMBIE:
-                continue
-            if os.getsid(p.pid) not in sessions:
-                continue
-            owners = [" ".join(a.cmdline()) for a in p.parents()]
-            if not any(" -m actor " in f"{o} " for o in owners):
-                out.add(p.pid)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
-            continue
-    return out
-
-
-@dataclass
-class ChaosResult:
-    kills: dict[str, int]
-    steps_reached: int
-    acked: int
-    stored: int
-    trained_twice: int
-    version_regressions: int
-    seconds: float
-    never_trained_unexplained: int = 0
-    trained: int = 0
-    unconsumed: int = 0
-    evicted: dict[str, int] = field(default_factory=dict)
-    sampled_over_cap: int = 0
-    orphans: int = 0  # vLLM engine processes left without their actor after the run
-    aimed_kills: int = 0  # the broker's own SIGKILLs at crash points (`aimed`)
-    lost: int = 0
-    real_acked: int = 0
-    real_acked_over_stored: int = 0
-    learner_exit: int | None = None
-    stub_exits: list[int | None] = field(default_factory=list)
-    max_times_sampled: int = 1
-    regressions: list[str] = field(default_factory=list)
-
-    def as_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+# Retention on, tight enough to delete (and compact) throughout a run, loose enough that a
+# row lives for many snapshots before it can go: closed rows are deleted first, oldest first.
+RETENTION = {"max_trajectories": 600, "interval_s": 2.0}
 
 
 @dataclass
@@ -146,6 +104,7 @@ class Chaos:
                 "lease_deadline_s": 20.0,
                 "heartbeat_timeout_s": 5.0,
             },
+            **{"broker.retention": RETENTION},
             actor={"max_concurrent_episodes": 8, "connect_timeout_s": 60.0},
             learner={
                 "steps": steps,
@@ -173,7 +132,11 @@ class Chaos:
             "broker",
             ["broker", *cfg, "--data-dir", str(self.data_dir)],
             free_port(),
-            env={"HEADRACE_CRASHPOINTS": crashpoints, "HEADRACE_CRASHPOINTS_SEED": str(seed)},
+            env={
+                "HEADRACE_CRASHPOINTS": crashpoints,
+                "HEADRACE_CRASHPOINTS_SEED": str(seed),
+                "HEADRACE_CRASHPOINTS_LOG": str(self.dir / "crashpoints.log"),
+            },
         )
         self.roles["learner"] = Role(
             "learner",
@@ -212,6 +175,7 @@ class Chaos:
         self._monitor = threading.Thread(target=self._watch, daemon=True)
         self.t0 = time.monotonic()
         self.sessions: set[int] = set()  # one per role started (Proc: start_new_session)
+        self.seen: dict[str, tuple] = {}  # traj_id -> its row when last snapshotted
 
     # ------------------------------------------------------------ processes
 
@@ -302,8 +266,26 @@ class Chaos:
                 if msg not in self.regressions:
                     self.regressions.append(msg)
 
+    def _rows(self) -> list[tuple]:
+        """The store's rows now (`ROW_COLS`), read-only; [] while there is no store."""
+        uri = f"file:{self.data_dir / 'broker.db'}?mode=ro"
+        try:
+            with sqlite3.connect(uri, uri=True, timeout=5) as conn:
+                return conn.execute(f"SELECT {ROW_COLS} FROM trajectories").fetchall()
+        except sqlite3.Error:
+            return []
+
+    def _snapshot(self) -> None:
+        rows = self._rows()
+        with self._lock:
+            self.seen.update((r[0], r) for r in rows)
+
     def _watch(self) -> None:
+        tick = 0
         while not self._stop_monitor.wait(0.5):
+            tick += 1
+            if tick % 2 == 0:
+                self._snapshot()
             self._check_summary()
             if self.aimed:
                 with self._lock:  # a broker that killed itself at a crash point: again
@@ -431,9 +413,7 @@ class Chaos:
         max_ts = 1  # write_config keeps the broker's default
         uri = f"file:{self.data_dir / 'broker.db'}?mode=ro"
         with sqlite3.connect(uri, uri=True) as conn:
-            rows = conn.execute(
-                "SELECT traj_id, actor_id, times_sampled, evicted, seq FROM trajectories"
-            ).fetchall()
+            final = conn.execute(f"SELECT {ROW_COLS} FROM trajectories").fetchall()
             kept = {
                 seq
                 for (value,) in conn.execute("SELECT value FROM kv WHERE key LIKE 'batch/%'")
@@ -442,36 +422,21 @@ class Chaos:
         trained = Counter(
             t for e in read_trained_log(self.dir / "ckpt" / NAME) for t in e["traj_ids"]
         )
-        stored = {r[0] for r in rows}
-        per_actor = Counter(r[1] for r in rows)
-        acked = self.acked_ids()
+        log = self.dir / "crashpoints.log"
         real_total: Counter[str] = Counter()
         for (name, _), n in self.real_acked.items():
             real_total[name] += int(n)
         return ChaosResult(
             kills={r: self.kills.get(r, 0) for r in ROLES},
             aimed_kills=self.kills.get("broker_aimed", 0),
+            aimed_by_point=dict(Counter(log.read_text().split()) if log.exists() else {}),
             steps_reached=self.steps_done(),
-            acked=len(acked) + sum(real_total.values()),
-            stored=len(stored),
-            trained_twice=sum(1 for n in trained.values() if n > 1),
-            never_trained_unexplained=sum(
-                1
-                for r in rows
-                if r[2] > 0 and not trained[r[0]] and r[3] is None and r[4] not in kept
-            ),
-            trained=sum(1 for r in rows if trained[r[0]]),
-            unconsumed=sum(1 for r in rows if r[2] == 0 and r[3] is None),
-            evicted=dict(Counter(r[3] for r in rows if r[3] is not None)),
-            sampled_over_cap=sum(1 for r in rows if r[2] > max_ts),
             orphans=len(orphan_engines(self.sessions)),
             version_regressions=len(self.regressions),
             seconds=round(time.monotonic() - self.t0, 1),
-            lost=len(acked - stored),
-            real_acked=sum(real_total.values()),
-            real_acked_over_stored=sum(1 for n, k in real_total.items() if k > per_actor[n]),
             learner_exit=learner_exit,
             stub_exits=stub_exits,
             max_times_sampled=max_ts,
             regressions=self.regressions,
+            **tally(final, self.seen, kept, trained, self.acked_ids(), real_total, max_ts),
         )
