@@ -7,7 +7,9 @@ each again at once with the same arguments; between kills the learner must take 
 the run must reach `--steps`. See `tests/chaos/harness.py` for what is checked.
 
 `--aimed P` arms the broker's crash points (shared/crashpoints.py: between fdatasync and
-commit, during compaction, between claim and send) with probability P per pass; the harness
+commit, during compaction, between claim and send) with probability P per pass (`--aimed-at
+POINT=P` sets one point's own: `store.compact`, reached a few times a run, wants more); the
+harness
 restarts it at once and counts `aimed_kills` (`aimed_by_point`: which windows). Retention
 runs throughout (`tests/chaos/harness.py` RETENTION), so compaction does too.
 
@@ -18,6 +20,7 @@ Last line: one JSON object with `kills` by role, `aimed_kills`, `aimed_by_point`
 `real_acked`, ...). Exit 1 if an invariant broke.
 
     python benchmarks/chaos.py [--kills 12] [--steps 40] [--seed 0] [--real-actors 1] [--aimed P]
+        [--aimed-at store.compact=0.5]
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from learner.tiny_model import build_tiny_model  # noqa: E402
+from shared.crashpoints import POINTS  # noqa: E402
 from tests.chaos.harness import ROLES, Chaos  # noqa: E402
 
 
@@ -51,7 +55,17 @@ def main(argv: list[str] | None = None) -> int:
         help="the broker also kills itself at each crash point (between fdatasync and commit,"
         " during compaction, between claim and send) with this probability per pass",
     )
+    ap.add_argument(
+        "--aimed-at",
+        action="append",
+        default=[],
+        metavar="POINT=P",
+        help="this crash point's own probability (repeatable), e.g. store.compact=0.5: a"
+        " compaction is reached a few times a run, an fdatasync every commit",
+    )
     args = ap.parse_args(argv)
+    odds = {p: args.aimed for p in POINTS}
+    odds.update({p: float(q) for p, _, q in (a.partition("=") for a in args.aimed_at)})
     steps = args.steps or 10 + 6 * args.kills
     kills = {role: args.kills // len(ROLES) for role in ROLES}
     for role in ROLES[: args.kills % len(ROLES)]:
@@ -66,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             real_actors=args.real_actors,
             stub_actors=args.stub_actors,
             seed=args.seed,
-            aimed=args.aimed,
+            aimed=odds,
         )
         try:
             result = chaos.run(kills, between_s=args.between_s)

@@ -82,11 +82,12 @@ class Chaos:
         seed: int = 0,
         checkpoint_every: int = 3,
         stub_delay_s: float = 0.3,
-        aimed: float = 0.0,
+        aimed: float | dict[str, float] = 0.0,
     ) -> None:
         """`aimed`: the broker also SIGKILLs itself at each crash point of
         `shared.crashpoints` with this probability per pass (restarted at once, counted as
-        `broker_aimed` kills)."""
+        `broker_aimed` kills); a dict gives each point its own probability (those it names:
+        `{"store.compact": 0.5}` aims at a window that is reached far less often)."""
         self.dir = workdir
         self.steps = steps
         self.rng = random.Random(seed)
@@ -125,8 +126,9 @@ class Chaos:
         }
         cfg = ["--config", str(self.config)]
         self.roles: dict[str, Role] = {}
-        self.aimed = aimed
-        crashpoints = ",".join(f"{p}:{aimed}" for p in POINTS) if aimed else ""
+        odds = aimed if isinstance(aimed, dict) else {p: aimed for p in POINTS if aimed}
+        self.aimed = any(odds.values())
+        crashpoints = ",".join(f"{p}:{q}" for p, q in odds.items() if q)
         self.roles["broker"] = Role(
             "broker",
             "broker",
@@ -398,7 +400,7 @@ class Chaos:
                 except Exception:
                     stub_exits.append(None)
         with self._lock:
-            self.aimed = 0.0  # no more restarts: the run is over
+            self.aimed = False  # no more restarts: the run is over
         broker = self.roles["broker"].proc
         assert broker is not None
         broker.stop(timeout=30)
