@@ -54,6 +54,10 @@ steady window, the end of step 1 to the end of step N (both modes pay the same s
   trajectory reward, every sample weighing the same) over all N steps, with `noise`, twice the
   standard error of the async - sync difference (per-step rewards as samples), and `agrees`:
   |async - sync| <= noise.
+- `heldout_pass_at_1` per mode: each run's final weights scored on the env's held-out tasks
+  (`headrace eval`, `--eval-n` per family x 4 samples), mean over seeds: what the equal
+  samples bought. `reward_per_sample` is what the behaviour policies earned while sampling,
+  which lags the learner by the staleness in async mode; this does not.
 
 Each run gets free ports and its own temporary run directory (removed unless `--keep` or it
 failed); the broker keeps its store (`durability = "sqlite"`, the default) so episode times
@@ -85,7 +89,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/...`
 
-from benchmarks.harness import ROOT, free_port, headrace_run, report_failure  # noqa: E402
+from benchmarks.harness import (  # noqa: E402
+    ROOT,
+    free_port,
+    headrace_run,
+    heldout_eval,
+    report_failure,
+)
 
 GOAL_SPEEDUP = 2.0
 GOAL_IDLE = 0.2
@@ -244,6 +254,10 @@ def run_once(
         concurrency=cfg["actor"]["max_concurrent_episodes"],
         reward=[round(r, 4) for r in rewards],
     )
+    if args.eval_n:  # the final weights on held-out tasks: quality at equal samples
+        held = heldout_eval(run_dir, args.eval_n)
+        result.update(heldout_pass_at_1=held and held["pass_at_1"],
+                      heldout_mean_reward=held and held["mean_reward"])  # fmt: skip
     if not args.keep:
         shutil.rmtree(run_dir, ignore_errors=True)
     return result
@@ -268,6 +282,8 @@ KEYS = (
     "final_reward",
     "staleness_mean",
     "episode_s",
+    "heldout_pass_at_1",
+    "heldout_mean_reward",
 )
 
 
@@ -346,6 +362,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--model", choices=["small", "tiny"], default="small")
     ap.add_argument("--keep", action="store_true", help="keep every run's directory")
     ap.add_argument(
+        "--eval-n", type=int, default=16, help="held-out tasks per family to score each run's"
+        " final weights on (headrace eval, 4 samples each; 0: none)",
+    )  # fmt: skip
+    ap.add_argument(
         "--max-staleness", type=int, default=4, help="async's [broker] max_staleness (sync: 0)"
     )
     ap.add_argument(
@@ -407,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         "modes": stats,
         "speedup_run_s": _ratio(s["run_s"], a["run_s"]),
         "final_reward_ratio": _ratio(a["final_reward"], s["final_reward"]),
+        "heldout_pass_at_1": {m: stats[m]["heldout_pass_at_1"] for m in ("async", "sync")},
         "goal": {"speedup": GOAL_SPEEDUP, "learner_idle_fraction": GOAL_IDLE, "reward": "agrees"},
         "job": {"model": args.model, **JOB["env"]["symbols"], **delay_keys(args)},
         "cpus": role_cpus(args.pin),

@@ -162,6 +162,21 @@ def headrace_run(
     return code, seconds, entries, log_path
 
 
+def heldout_eval(run_dir: Path, n: int, samples: int = 4) -> dict[str, Any] | None:
+    """`headrace eval` of a `headrace_run`'s final weights (`run/learner`, its newest
+    checkpoint) on its env's held-out tasks, `n` per family x `samples`: the report's
+    `pass_at_1` and `mean_reward`, or None (and why, on stderr) when it fails."""
+    checkpoint, config = run_dir / "run" / "learner", run_dir / "config.toml"
+    argv = [sys.executable, "-m", "shared.cli", "eval", "--checkpoint", str(checkpoint)]
+    argv += ["--config", str(config), "--n", str(n), "--samples", str(samples), "--json"]
+    out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    if out.returncode != 0:
+        print(f"  held-out eval failed ({out.returncode}): {out.stderr[-800:]}", file=sys.stderr)
+        return None
+    report = json.loads(out.stdout)
+    return {k: report[k] for k in ("pass_at_1", "mean_reward", "n", "episodes")}
+
+
 def report_failure(error: str, run_dir: Path, log_path: Path, lines: int = 15) -> None:
     """Say on stderr that a benchmark run failed, where its logs are, and their last lines."""
     last = log_path.read_text(errors="replace").splitlines()[-lines:] if log_path.exists() else []
