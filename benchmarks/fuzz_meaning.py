@@ -158,7 +158,8 @@ class Run:
             return self.violate("honest_acked", f"TaskRequest answered {grant.reason}")
         assert isinstance(grant, P.TaskGrant)
         if not grant.leases:
-            self.violate("served", "no lease in the last quarter") if late else None
+            if late:
+                self.violate("served", "no lease in the last quarter")
             return None
         for lease in grant.leases:
             self.granted.add(lease.lease_id)

@@ -96,11 +96,12 @@ class Admission:
         restart leaves partial groups behind) cannot starve the others: an actor below its
         share gets up to it even past the bound, which the hog's excess overshoots by at
         most one bound."""
-        held = Counter(self.owed())
+        owed = self.owed()
+        held = Counter(owed)
         held.update(self.groups.by_owner)
         held.pop(b"", None)  # partial groups rebuilt after a restart: nobody's
         bound = self.backpressure_bound()
-        room = bound - (self.table.size + self.groups.n_trajs + sum(self.owed().values()))
+        room = bound - (self.table.size + self.groups.n_trajs + sum(owed.values()))
         share = max(self.group_size, bound // len(held.keys() | {ident}))
         fair = share - held.get(ident, 0)
         if any(n > share for peer, n in held.items() if peer != ident):
