@@ -14,6 +14,7 @@ import asyncio
 import errno
 import gc
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -50,7 +51,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--bind-host", help="interface to bind (overrides broker.bind_host)")
     ap.add_argument("--data-dir", help="store directory (overrides broker.data_dir)")
     ap.add_argument("--durability", choices=["sqlite", "none"], help="overrides broker.durability")
-    ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    ap.add_argument(
+        "--log-level",
+        default=os.environ.get("HEADRACE_LOG_LEVEL", "INFO"),
+        help="DEBUG, INFO, WARNING or ERROR, then optionally logger=LEVEL pairs:"
+        " INFO,broker.store.maintenance=DEBUG",
+    )
     add_set_argument(ap)
     return ap.parse_args(argv)
 
@@ -129,7 +135,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return export_main(argv[1:])
     args = parse_args(argv)
-    setup_logging(args.log_level, role="broker")
+    try:
+        setup_logging(args.log_level, role="broker")
+    except ValueError as e:
+        print(f"broker: --log-level: {e}", file=sys.stderr)
+        return 2
     try:
         cfg = build_config(args)
         return transport.run(run(cfg))

@@ -27,8 +27,26 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+def parse_levels(spec: str) -> tuple[str, dict[str, str]]:
+    """`"INFO"` or `"INFO,broker.store.maintenance=DEBUG"`: the root level, then a level for
+    each named logger (and its children). Raises ValueError naming an unknown level."""
+    root, named = "INFO", {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, lvl = part.rpartition("=")
+        lvl = lvl.strip().upper()
+        if not isinstance(logging.getLevelName(lvl), int):
+            raise ValueError(f"unknown log level {lvl!r} in {spec!r}")
+        if name:
+            named[name.strip()] = lvl
+        else:
+            root = lvl
+    return root, named
+
+
 def setup_logging(level: str = "INFO", role: str = "", json_lines: bool | None = None) -> None:
-    """`HEADRACE_LOG_JSON=1` switches every role to JSON lines on stderr."""
+    """`level`: see `parse_levels`. `HEADRACE_LOG_JSON=1` switches every role to JSON lines
+    on stderr."""
+    root_level, named = parse_levels(level)
     if json_lines is None:
         json_lines = os.environ.get("HEADRACE_LOG_JSON", "") == "1"
     handler = logging.StreamHandler(sys.stderr)
@@ -40,4 +58,6 @@ def setup_logging(level: str = "INFO", role: str = "", json_lines: bool | None =
         )
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    root.setLevel(root_level)
+    for name, lvl in named.items():
+        logging.getLogger(name).setLevel(lvl)

@@ -1,9 +1,15 @@
 """Store operations for retention (broker/retention.py) and compaction, kept apart from the
 ingest path: what is stored and how big, deleting the oldest trajectories, and giving the
-freed space back to the filesystem. Runs on the store thread, like every part of the store."""
+freed space back to the filesystem. Runs on the store thread, like every part of the store.
+
+At DEBUG (`--log-level INFO,broker.store.maintenance=DEBUG`) each delete names the traj_ids it
+removes, logged before its commit: an audit of what retention took, complete even when the
+process dies right after the commit (a logged delete whose commit never happened leaves its
+rows in the store)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 
@@ -14,6 +20,8 @@ from broker.store.schema import COMPACT_LIVE_FRACTION
 from broker.store.segments import SegmentLog
 from broker.store.trajectories import Trajectories
 from shared.crashpoints import crash
+
+log = logging.getLogger(__name__)
 
 
 class Maintenance:
@@ -64,12 +72,13 @@ class Maintenance:
         bound = "" if before_seq is None else f" AND seq < {int(before_seq)}"
         conn.execute("BEGIN IMMEDIATE")
         rows = conn.execute(
-            "SELECT seq, evicted IS NOT NULL, seg_id FROM trajectories"
+            "SELECT seq, evicted IS NOT NULL, seg_id, traj_id FROM trajectories"
             f" WHERE (evicted IS NOT NULL OR times_sampled >= ?){bound} ORDER BY seq LIMIT ?",
             (max_times_sampled, limit),
         ).fetchall()
         conn.executemany("DELETE FROM trajectories WHERE seq = ?", [(r[0],) for r in rows])
         self._trajs.save_next_seq()
+        _audit([r[3] for r in rows])
         conn.execute("COMMIT")
         self._trajs.forget(r[0] for r in rows)
         self._drop_empty_segments(conn, {r[2] for r in rows})
@@ -109,16 +118,18 @@ class Maintenance:
         conn = self._db.conn
         out = {"consumed": 0, "evicted": 0, "unconsumed": 0}
         conn.execute("BEGIN IMMEDIATE")
-        segments = set()
+        segments, ids = set(), []
         for s in seqs:
             row = conn.execute(
-                "DELETE FROM trajectories WHERE seq = ? RETURNING evicted, times_sampled, seg_id",
+                "DELETE FROM trajectories WHERE seq = ?"
+                " RETURNING evicted, times_sampled, seg_id, traj_id",
                 (s,),
             ).fetchone()
             if row is None:
                 continue  # already gone
-            evicted, times_sampled, seg = row
+            evicted, times_sampled, seg, traj_id = row
             segments.add(seg)
+            ids.append(traj_id)
             if evicted is not None:
                 out["evicted"] += 1
             elif times_sampled >= max_times_sampled:
@@ -126,6 +137,7 @@ class Maintenance:
             else:
                 out["unconsumed"] += 1
         self._trajs.save_next_seq()
+        _audit(ids)
         conn.execute("COMMIT")
         self._trajs.forget(seqs)
         self._drop_empty_segments(conn, segments)
@@ -207,3 +219,8 @@ class Maintenance:
                 free = left
         if not self._db.in_memory:
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
+
+def _audit(traj_ids: list[str]) -> None:
+    if traj_ids and log.isEnabledFor(logging.DEBUG):
+        log.debug("deleting %d trajectories: %s", len(traj_ids), " ".join(traj_ids))

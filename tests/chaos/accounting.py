@@ -2,7 +2,8 @@
 
 Rows are `ROW_COLS` tuples. `final`: the store's rows at the end; `seen`: every row the monitor
 snapshotted during the run, by traj_id, as last seen (a row seen and gone at the end was
-deleted by retention, and is judged by that last state).
+deleted by retention, and is judged by that last state); `audited`: the traj_ids the broker
+logged deleting (the only evidence for a row acked and deleted between two snapshots).
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ class ChaosResult:
     orphans: int = 0  # vLLM engine processes left without their actor after the run
     aimed_kills: int = 0  # the broker's own SIGKILLs at crash points (`aimed`)
     aimed_by_point: dict[str, int] = field(default_factory=dict)
-    deleted_by_retention: int = 0  # rows seen in a snapshot, gone at the end
+    deleted_by_retention: int = 0  # rows gone at the end that the audit or a snapshot names
+    unaudited_deletes: int = 0  # rows a snapshot saw that left the store without an audit line
+    deleted_unseen: int = 0  # rows deleted before any snapshot saw them (the audit alone knows)
     lost: int = 0
     real_acked: int = 0
     real_acked_over_stored: int = 0
@@ -77,10 +80,12 @@ def tally(
     acked: set[str],
     real_acked: Counter[str],
     max_times_sampled: int,
+    audited: set[str],
 ) -> dict[str, object]:
     """The ChaosResult fields the data decides. `kept`: seqs of the batches the broker still
     keeps for the learner; `trained`: trajectory id -> times in the trained log; `acked`: the
-    stub actors' acked ids; `real_acked`: acked per real actor (summed over incarnations)."""
+    stub actors' acked ids; `audited`: ids the broker logged deleting; `real_acked`: acked
+    per real actor (summed over incarnations)."""
     stored = {r[0] for r in final}
     deleted = [r for t, r in seen.items() if t not in stored]
     rows = final + deleted  # every row the run had
@@ -88,8 +93,10 @@ def tally(
     return {
         "acked": len(acked) + sum(real_acked.values()),
         "stored": len(stored),
-        "deleted_by_retention": len(deleted),
-        "lost": len(acked - stored - {r[0] for r in deleted}),
+        "deleted_by_retention": len(({r[0] for r in deleted} | audited) - stored),
+        "lost": len(acked - stored - {r[0] for r in deleted} - audited),
+        "unaudited_deletes": len({r[0] for r in deleted} - audited),
+        "deleted_unseen": len(audited - stored - set(seen)),
         "trained_twice": sum(1 for n in trained.values() if n > 1),
         "never_trained_unexplained": sum(
             1 for r in rows if r[2] > 0 and not trained[r[0]] and r[3] is None and r[4] not in kept

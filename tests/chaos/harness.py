@@ -7,12 +7,14 @@ with the same arguments. A monitor thread scrapes the learner's summary and ever
 `headrace_actor_policy_version` meanwhile. At the end the store is opened read-only and
 compared with what the actors were acked. Retention runs (`RETENTION`: it deletes rows,
 closed ones first, and compacts the store afterwards, which is one of the aimed windows), so
-the monitor also snapshots the store's rows every second: a row seen there and gone at the
-end was deleted by retention (`deleted_by_retention`), and is judged by its last state.
+the broker logs the traj_ids each delete removes (the store's DEBUG audit, written before the
+commit) and the monitor snapshots the store's rows every second: a row gone at the end is
+deleted by retention (`deleted_by_retention`) if the audit names it, and judged by its last
+snapshotted state where a snapshot saw it (a row can be acked and deleted between two).
 
 
 - `lost`: acked to a stub actor (its own record of acked ids) but neither in the store nor
-  deleted by retention; for real
+  named by the audit; for real
   actors, whose acks are only counted, `real_acked_over_stored` counts actors whose acked
   total (summed over incarnations, last scrape of each) exceeds their rows in the store;
 - `trained_twice`: trajectories that appear more than once in the learner's trained log
@@ -57,6 +59,7 @@ STUB_SHAPE = ("--n-tokens", "48", "--n-turns", "1", "--leases", "1", "--max-outb
 # Retention on, tight enough to delete (and compact) throughout a run, loose enough that a
 # row lives for many snapshots before it can go: closed rows are deleted first, oldest first.
 RETENTION = {"max_trajectories": 600, "interval_s": 2.0}
+AUDIT_LOGGER = "broker.store.maintenance"
 
 
 @dataclass
@@ -138,6 +141,8 @@ class Chaos:
                 "HEADRACE_CRASHPOINTS": crashpoints,
                 "HEADRACE_CRASHPOINTS_SEED": str(seed),
                 "HEADRACE_CRASHPOINTS_LOG": str(self.dir / "crashpoints.log"),
+                # the store's audit of what retention deletes (broker/store/maintenance.py)
+                "HEADRACE_LOG_LEVEL": f"INFO,{AUDIT_LOGGER}=DEBUG",
             },
         )
         self.roles["learner"] = Role(
@@ -383,6 +388,17 @@ class Chaos:
 
         self._wait(ok, timeout, what)
 
+    def _read_broker_log(self) -> set[str]:
+        """The traj_ids the broker logged deleting; notes refused older policies."""
+        audited: set[str] = set()
+        for log in self.dir.glob("broker.log"):
+            for line in log.read_text(errors="replace").splitlines():
+                if "ignoring policy" in line:
+                    self.regressions.append(line.strip()[-120:])
+                elif f"{AUDIT_LOGGER}: deleting " in line:
+                    audited.update(line.partition(": deleting ")[2].partition(": ")[2].split())
+        return audited
+
     def _finish(self, learner_exit: int | None) -> ChaosResult:
         stub_exits: list[int | None] = []
         for role in self.roles.values():
@@ -407,10 +423,7 @@ class Chaos:
         self._stop_monitor.set()
         self._monitor.join(5)
         self._check_summary()
-        for log in self.dir.glob("broker.log"):
-            for line in log.read_text(errors="replace").splitlines():
-                if "ignoring policy" in line:
-                    self.regressions.append(line.strip()[-120:])
+        audited = self._read_broker_log()
 
         max_ts = 1  # write_config keeps the broker's default
         uri = f"file:{self.data_dir / 'broker.db'}?mode=ro"
@@ -440,5 +453,5 @@ class Chaos:
             stub_exits=stub_exits,
             max_times_sampled=max_ts,
             regressions=self.regressions,
-            **tally(final, self.seen, kept, trained, self.acked_ids(), real_total, max_ts),
+            **tally(final, self.seen, kept, trained, self.acked_ids(), real_total, max_ts, audited),
         )

@@ -1,5 +1,6 @@
 """The chaos run's bookkeeping with retention on: a row deleted by retention is explained, not
-lost, and is judged by its last state; an acked row never seen anywhere is lost."""
+lost, and is judged by its last state; an acked row deleted between two snapshots is explained
+by the broker's audit of its deletes; an acked row found nowhere is lost."""
 
 from __future__ import annotations
 
@@ -19,9 +20,13 @@ def test_rows_deleted_by_retention_are_judged_by_their_last_state() -> None:
     }
     trained = Counter({"kept": 1, "trained-then-deleted": 1})
     acked = {"kept", "fresh", "trained-then-deleted", "stale-then-deleted", "never-seen"}
-    out = tally(final, seen, set(), trained, acked, Counter({"actor0": 1}), 1)
-    assert out["stored"] == 2 and out["deleted_by_retention"] == 4
-    assert out["lost"] == 1  # "never-seen": acked, in no snapshot, not in the store
+    acked |= {"between-snapshots"}
+    audited = set(seen) - {"kept", "unconsumed-deleted"} | {"between-snapshots"}
+    out = tally(final, seen, set(), trained, acked, Counter({"actor0": 1}), 1, audited)
+    assert out["stored"] == 2 and out["deleted_by_retention"] == 5
+    assert out["lost"] == 1  # "never-seen": acked, in no snapshot or audit, not in the store
+    assert out["unaudited_deletes"] == 1  # "unconsumed-deleted" left with no audit line
+    assert out["deleted_unseen"] == 1  # "between-snapshots"
     assert out["never_trained_unexplained"] == 1  # "handed-never-trained"
     assert out["trained"] == 2 and out["trained_twice"] == 0
     assert out["evicted"] == {"stale": 1}

@@ -45,6 +45,7 @@ def test_random_sigkills_lose_nothing_and_never_go_back(tmp_path: Path, tiny_mod
     assert result.real_acked > 0 and result.real_acked_over_stored == 0, result
     assert result.stored + result.deleted_by_retention >= result.acked > 0, result
     assert result.deleted_by_retention > 0, result  # retention (and compaction) ran
+    assert result.unaudited_deletes == 0, result  # nothing else took rows out of the store
     assert result.trained_twice == 0 and result.sampled_over_cap == 0, result
     assert result.never_trained_unexplained == 0, result
     assert result.orphans == 0, result
