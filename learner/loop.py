@@ -4,7 +4,8 @@ Everything socket-facing runs on one asyncio loop (broker client, weight endpoin
 optimiser step, weight serialisation and checkpoint writes run in a worker thread, so actors
 keep fetching chunks of the previous version while the next step trains. Steps are strictly
 sequential: a new batch is requested only after the previous update, publish and feedback, so
-the weights never change under a running publish or checkpoint.
+the weights never change under a running publish or checkpoint. What the learner says to the
+broker, and how it waits, is `learner/broker_side.py`.
 """
 
 from __future__ import annotations
@@ -12,21 +13,19 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import os
 import signal
 import socket
 import sys
 import time
-from collections import defaultdict
-from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
 from learner import metrics as M
+from learner.broker_side import FENCED, BrokerSide, LearnerExit
 from learner.build import ModelMissing, build_trainer
 from learner.checkpoint import latest, load_checkpoint, save_checkpoint
 from learner.console import Progress, closing_summary
@@ -36,29 +35,16 @@ from learner.lora import publishable
 from learner.publish import WeightPublisher, wire_dtype
 from learner.resume import Refused, RunIdentity, agree, choose, config_digest
 from learner.tracking.step import StepTracker, open_step_tracker
-from learner.trained_log import MAX_REMEMBERED, TrainedLog
+from learner.trained_log import TrainedLog
 from learner.util import json_safe, write_json_atomic
 from shared import protocol as P
 from shared.config import Config
-from shared.handshake import ConfigMismatch, check_welcome, group_size
 from shared.metrics import TRAJECTORY_STALENESS, serve_metrics
 from shared.models import model_dtype
 from shared.security import bind_host_for, client_keys, server_keys
-from shared.transport import Client, PeerUnreachable
+from shared.transport import Client
 
 log = logging.getLogger("learner")
-T = TypeVar("T")
-
-
-FENCED = 5  # exit code of a learner the broker replaced by another
-
-
-class LearnerExit(Exception):
-    """A condition that ends the run with a one-line reason and a non-zero exit code."""
-
-    def __init__(self, reason: str, code: int = 2) -> None:
-        super().__init__(reason)
-        self.code = code
 
 
 @dataclass
@@ -79,7 +65,7 @@ class Options:
     resume: str | None = None
 
 
-class Learner:
+class Learner(BrokerSide):
     def __init__(self, cfg: Config, opts: Options) -> None:
         self.cfg, self.opts, self.lc = cfg, opts, cfg.learner
         self.stop = asyncio.Event()
@@ -133,92 +119,7 @@ class Learner:
             except (ValueError, AttributeError):
                 log.warning("ignoring unreadable summary %s", p)
 
-    async def _until_stop(self, aw: Awaitable[T]) -> T | None:
-        """Await `aw` unless a stop is requested first (then cancel it and return None)."""
-        task = asyncio.ensure_future(aw)
-        stopper = asyncio.ensure_future(self.stop.wait())
-        done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            stopper.cancel()
-            return task.result()
-        task.cancel()
-        return None
-
-    async def _connect(self) -> bool:
-        assert self.client is not None
-        timeout = self.lc.connect_timeout_s
-        per_try = min(5.0, timeout)
-        hello = P.Hello(
-            role="learner",
-            peer_id=self.peer_id,
-            protocol_version=P.PROTOCOL_VERSION,
-            capabilities={
-                "weights_endpoint": self.weights_endpoint,
-                "policy_version": str(self.version),
-                "step": str(self.step),
-                "cursor": str(self.cursor),
-            },
-        )
-        retries = max(0, math.ceil(timeout / per_try) - 1)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                welcome = await self._until_stop(
-                    self.client.request(hello, P.Welcome, timeout=per_try, retries=retries)
-                )
-                break
-            except PeerUnreachable:
-                raise LearnerExit(
-                    f"broker {self.opts.broker} did not answer Hello within {timeout:.0f}s", 3
-                ) from None
-            except P.ProtocolError as e:
-                # Another learner is active. A restarted learner may come back before the
-                # broker has given up on its dead predecessor: wait for that, within the
-                # connect budget; a second learner next to a live one is refused for good.
-                if e.reason != "forbidden" or time.monotonic() > deadline:
-                    msg = f"broker {self.opts.broker} refused the learner: {e}"
-                    raise LearnerExit(msg, 3) from None
-                log.warning("%s; waiting for it to go silent", e.detail)
-                await self._until_stop(asyncio.sleep(1.0))
-                if self.stop.is_set():
-                    return False
-        if welcome is None:
-            return False
-        try:
-            check_welcome(self.cfg, welcome, "learner", self.opts.broker)
-        except ConfigMismatch as e:
-            raise LearnerExit(str(e), 2) from None
-        # Batches are asked for in the broker's groups, whatever this config says.
-        self.group_size = group_size(self.cfg, welcome)
-        log.info("connected to %s (run %s)", self.opts.broker, welcome.run_id)
-        self.run_id = welcome.run_id
-        if welcome.policy_version > self.version:
-            # Versions must stay monotonic for actors even if our checkpoint is older.
-            log.warning(
-                "broker knows policy v%d > our v%d; continuing from v%d",
-                welcome.policy_version,
-                self.version,
-                welcome.policy_version,
-            )
-            self.version = welcome.policy_version
-        return True
-
     # ------------------------------------------------------------ per step
-
-    async def _heartbeats(self) -> None:
-        """Tell the broker this learner is alive while a long step trains (it refuses a
-        second learner only while the active one is heard from)."""
-        assert self.client is not None
-        every = max(0.5, self.cfg.broker.heartbeat_timeout_s / 4)
-        while True:
-            stats = {"step": float(self.step), "policy_version": float(self.version)}
-            try:
-                await asyncio.wait_for(
-                    self.client.send(P.Heartbeat(peer_id=self.peer_id, stats=stats)), every
-                )
-            except TimeoutError:
-                pass  # the broker is away; the request path notices and decides
-            await asyncio.sleep(every)
 
     async def _publish(self) -> None:
         assert self.publisher is not None and self.client is not None
@@ -235,76 +136,6 @@ class Learner:
             )
         )
         self.last_published = self.version
-
-    async def _next_batch(self) -> P.Batch | None:
-        assert self.client is not None
-        n = self.lc.batch_groups * self.group_size  # SampleRequest counts trajectories
-        t0 = time.monotonic()
-        lost_since: float | None = None
-        last_log = t0
-        while not self.stop.is_set():
-            req = P.SampleRequest(batch_size=n, policy_version=self.version)
-            try:
-                reply = await self._until_stop(
-                    self.client.request(
-                        req,
-                        (P.Batch, P.NotReady),
-                        timeout=min(10.0, self.lc.connect_timeout_s),
-                        retries=0,
-                    )
-                )
-            except PeerUnreachable:
-                now = time.monotonic()
-                lost_since = lost_since or now
-                if now - lost_since > self.lc.connect_timeout_s:
-                    raise LearnerExit(
-                        f"broker {self.opts.broker} silent for {now - lost_since:.0f}s", 4
-                    ) from None
-                log.warning("broker not answering SampleRequest; retrying")
-                continue
-            except P.ProtocolError as e:
-                if e.reason == "forbidden":  # another learner took over: this one must stop
-                    msg = f"broker {self.opts.broker} refused this learner: {e}"
-                    raise LearnerExit(msg, FENCED) from None
-                log.warning("broker refused SampleRequest: %s", e)
-                reply = P.NotReady(replay_size=-1, retry_after_s=1.0)
-            if reply is None:
-                break
-            lost_since = None
-            if isinstance(reply, P.Batch) and reply.batch_id in self.acked:
-                await self.client.send(P.BatchTrained(reply.batch_id, self.acked[reply.batch_id]))
-                continue  # trained already: ask again
-            if isinstance(reply, P.Batch) and reply.items:
-                M.WAIT_SECONDS.inc(time.monotonic() - t0)
-                return reply
-            delay = reply.retry_after_s if isinstance(reply, P.NotReady) else 0.5
-            if time.monotonic() - last_log > 10:
-                last_log = time.monotonic()
-                size = reply.replay_size if isinstance(reply, P.NotReady) else 0
-                log.info("waiting for a batch of %d (replay size %d)", n, size)
-            await self._until_stop(asyncio.sleep(max(0.05, delay)))
-        M.WAIT_SECONDS.inc(time.monotonic() - t0)
-        return None
-
-    async def _feedback(self, batch: P.Batch, adv: np.ndarray) -> None:
-        assert self.client is not None
-        by_task: dict[str, list[int]] = defaultdict(list)
-        for i, t in enumerate(batch.items):
-            by_task[t.task_id].append(i)
-        for task_id, idx in by_task.items():
-            await self.client.send(
-                P.TaskFeedback(
-                    task_id=task_id,
-                    mean_abs_advantage=float(np.abs(adv[idx]).mean()),
-                    pass_rate=float(np.mean([batch.items[i].success for i in idx])),
-                    policy_version=self.version,
-                )
-            )
-        if batch.sample_ids and len(batch.sample_ids) == len(adv):
-            # |A| is constant over a trajectory's tokens, so it is also its mean token |A|.
-            await self.client.send(
-                P.PriorityUpdate(sample_ids=list(batch.sample_ids), priorities=np.abs(adv).tolist())
-            )
 
     async def _train_one(self, batch: P.Batch) -> dict[str, Any]:
         stale = [self.version - P.min_policy_version(t) for t in batch.items]
@@ -339,17 +170,6 @@ class Learner:
             "staleness_max": float(max(stale)),
         }
         return json_safe(entry)
-
-    async def _acknowledge(self, batch: P.Batch) -> None:
-        """Log what this step trained and tell the broker (which otherwise hands it again)."""
-        if self.trained_log is not None:
-            self.trained_log.append(self.step, batch.batch_id, [t.traj_id for t in batch.items])
-        if batch.batch_id:
-            assert self.client is not None
-            self.acked[batch.batch_id] = self.step
-            if len(self.acked) > MAX_REMEMBERED:
-                del self.acked[next(iter(self.acked))]
-            await self.client.send(P.BatchTrained(batch.batch_id, self.step))
 
     async def _checkpoint(self) -> None:
         await asyncio.to_thread(
