@@ -46,7 +46,7 @@ def heldout(env: dict[str, Any], n: int) -> dict[str, list[Any]]:
     """Family -> n tasks of the recipe's bank it never leases."""
     import msgspec
 
-    from broker.curriculum.banks import ReasoningGymBank
+    from broker.curriculum.gym_banks import ReasoningGymBank
     from shared.config import EnvConfig
 
     bank = ReasoningGymBank(msgspec.convert(env, EnvConfig))

@@ -4,7 +4,7 @@ Banks are procedural. A bank is a list of families (name, difficulty, size); tas
 `f` is generated on demand from (seed, f, i), and its id `<prefix>-<family>-<i>` parses back to
 the same spec, so a bank of millions of tasks costs a few objects per family, not one per task.
 Every environment-specific detail an actor needs travels in the task's payload, which is why
-this module spells out the reasoning-gym and TextArena settings without importing either
+`gym_banks.py` spells out the reasoning-gym and TextArena settings without importing either
 package (the broker stays light: pure Python and numpy).
 
 Picking is uniform for now (`pick`); a curator (ACTOR-CURATOR style, see METHODS.md) will draw
@@ -15,7 +15,6 @@ candidates with `sample_candidates`, score them with the feedback recorded here 
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -61,14 +60,14 @@ class TaskBank(Protocol):
         ...
 
 
-def _task_seed(base: int, level: int, index: int) -> int:
+def task_seed(base: int, level: int, index: int) -> int:
     # SeedSequence spreads (base, level, index) into well-mixed 32-bit seeds that stay stable
     # across processes and versions, so a task id always means the same episode. 32 bits fit
     # every RNG an environment might feed it to.
     return int(np.random.SeedSequence([base, level, index]).generate_state(1)[0])
 
 
-def _name_key(name: str) -> int:
+def name_key(name: str) -> int:
     # Python's hash() is salted per process; task seeds must not be.
     return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=4).digest(), "little")
 
@@ -213,7 +212,7 @@ class ProceduralBank:
         return out
 
 
-def _spec(
+def make_spec(
     prefix: str, fam: Family, index: int, env: str, payload: dict[str, str | int | float]
 ) -> P.TaskSpec:
     return P.TaskSpec(
@@ -257,12 +256,12 @@ class SymbolsBank(ProceduralBank):
         super().__init__(parts, env.seed)
 
     def map_seed(self, level: int) -> int:
-        return _task_seed(self.env.seed, level, 2**31 - 1)
+        return task_seed(self.env.seed, level, 2**31 - 1)
 
     def _make(self, fam: Family, f: SymbolsFamily, turns: int, index: int) -> P.TaskSpec:
         lv = f.level
-        key = lv if fam.name == f"L{lv}" else _name_key(fam.name)  # legacy ids keep seeds
-        seed = _task_seed(self.env.seed, key, index)
+        key = lv if fam.name == f"L{lv}" else name_key(fam.name)  # legacy ids keep seeds
+        seed = task_seed(self.env.seed, key, index)
         n_choices = 1 if lv == 0 else self.sy.n_choices
         syms = S.task_symbols(lv, seed, turns, n_choices, index, self.map_seed(lv))
         payload: dict[str, str | int | float] = {
@@ -281,7 +280,7 @@ class SymbolsBank(ProceduralBank):
             if self.sy.step_delay_dist != "fixed":
                 payload["step_delay_dist"] = self.sy.step_delay_dist
                 payload["step_delay_sigma"] = self.sy.step_delay_sigma
-        return _spec("symbols", fam, index, "symbols", payload)
+        return make_spec("symbols", fam, index, "symbols", payload)
 
     def blind_ceiling(self, tasks: Sequence[P.TaskSpec] | None = None) -> dict[str, float]:
         """`shared.symbols.blind_ceiling` of `tasks` (default: the whole bank, as picked
@@ -320,146 +319,6 @@ def symbols_blind_ceiling(tasks: Sequence[P.TaskSpec]) -> dict[str, float]:
         pass_ += c["pass"] * len(fam_tasks)
     n = max(1, len(tasks))
     return {"reward": reward / n, "pass": pass_ / n}
-
-
-# reasoning-gym: dataset -> difficulty -> dataset config. Only purely procedural datasets whose
-# items are generated from (seed, index) in O(1) with no download, and whose easy variants
-# have short numeric answers a small model can produce.
-_MARKS = {"easy": 1.0, "medium": 2.0, "hard": 3.0}
-
-
-def _span(**ranges: tuple[int, int]) -> dict[str, object]:
-    """terms=(2, 4) -> {"min_terms": 2, "max_terms": 4}: reasoning-gym's config spelling."""
-    return {f"{m}_{k}": v for k, (lo, hi) in ranges.items() for m, v in (("min", lo), ("max", hi))}
-
-
-def _ops(ops: str, nested: bool) -> dict[str, object]:
-    return {"operators": list(ops), "allow_parentheses": nested, "allow_negation": nested}
-
-
-RG_PRESETS: dict[str, dict[str, dict[str, object]]] = {
-    "chain_sum": {  # "3 + 4 - 2 ="
-        "easy": _span(terms=(2, 2), digits=(1, 1)),
-        "medium": _span(terms=(2, 4), digits=(1, 2)),
-        "hard": _span(terms=(4, 6), digits=(2, 4)),
-    },
-    "basic_arithmetic": {  # + - * / with precedence, parentheses and negation
-        "easy": {**_span(terms=(2, 2), digits=(1, 1)), **_ops("+-", False)},
-        "medium": {**_span(terms=(2, 3), digits=(1, 2)), **_ops("+-*", False)},
-        "hard": {**_span(terms=(3, 6), digits=(1, 3)), **_ops("+-*/", True)},
-    },
-    "leg_counting": {  # "how many legs do 3 ducks and 2 cats have?"
-        "easy": _span(animals=(1, 2), instances=(1, 3)),
-        "medium": _span(animals=(2, 4), instances=(1, 6)),
-        "hard": _span(animals=(4, 10), instances=(1, 15)),
-    },
-    "gcd": {
-        "easy": _span(numbers=(2, 2), value=(1, 20)),
-        "medium": _span(numbers=(2, 2), value=(1, 200)),
-        "hard": _span(numbers=(3, 4), value=(1, 5000)),
-    },
-}
-
-
-class ReasoningGymBank(ProceduralBank):
-    """reasoning-gym datasets x difficulties (actor/envs/reasoning_gym_env.py plays them).
-
-    Family `<dataset>.<difficulty>`; task i is item i of the dataset built with the family's
-    config and seed, i.e. `reasoning_gym.create_dataset(dataset, seed=seed, **config)[i]`.
-    """
-
-    def __init__(self, env: EnvConfig) -> None:
-        rg = env.reasoning_gym
-        if min(rg.tasks_per_family, rg.max_turns, rg.max_tokens) < 1:
-            raise ConfigError(
-                "env.reasoning_gym: tasks_per_family, max_turns, max_tokens must be >= 1"
-            )
-        self.env = env
-        self.rg = rg
-        parts = []
-        for ds in rg.datasets:
-            if ds not in RG_PRESETS:
-                raise ConfigError(
-                    f"env.reasoning_gym.datasets: unknown {ds!r} (known: {sorted(RG_PRESETS)})"
-                )
-            for diff in rg.difficulties:  # the config allows only the keys of _MARKS
-                fam = Family(f"{ds}.{diff}", _MARKS[diff], rg.tasks_per_family)
-                cfg = json.dumps(RG_PRESETS[ds][diff], sort_keys=True)
-                seed = _task_seed(env.seed, _name_key(fam.name), 0)
-                parts.append(Part("rg", fam, partial(self._make, fam, ds, cfg, seed)))
-        super().__init__(parts, env.seed)
-
-    def _make(self, fam: Family, ds: str, cfg: str, seed: int, index: int) -> P.TaskSpec:
-        payload: dict[str, str | int | float] = {
-            "dataset": ds,
-            "config": cfg,  # JSON: the dataset config's fields
-            "seed": seed,
-            "index": index,
-            "size": fam.size,
-            "max_turns": self.rg.max_turns,
-            "max_tokens": self.rg.max_tokens,
-            "instruction": self.rg.instruction,
-            "answer": self.rg.answer,
-            "partial_credit": int(self.rg.partial_credit),  # the wire has no bools here
-        }
-        return _spec("rg", fam, index, "reasoning_gym", payload)
-
-
-# TextArena single-player games: family -> (registry id without wrappers, game kwargs,
-# difficulty). All seed their state from the reset seed and need no downloads (word games
-# such as Hangman/Wordle need NLTK corpora, so they are left out).
-def _guess(hi: int, turns: int) -> dict[str, object]:
-    return {"min_number": 1, "max_number": hi, "max_turns": turns}
-
-
-TA_PRESETS: dict[str, tuple[str, dict[str, object], float]] = {
-    "guess_the_number.easy": ("GuessTheNumber-v0-raw", _guess(10, 6), 1.0),
-    "guess_the_number.medium": ("GuessTheNumber-v0-raw", _guess(20, 10), 2.0),
-    "guess_the_number.hard": ("GuessTheNumber-v0-raw", _guess(100, 7), 3.0),  # exact bisection
-    "tower_of_hanoi.easy": ("TowerOfHanoi-v0-raw", {"num_disks": 3, "max_turns": 14}, 2.0),
-    "tower_of_hanoi.hard": ("TowerOfHanoi-v0-raw", {"num_disks": 4, "max_turns": 30}, 3.0),
-    "mastermind.medium": (
-        "Mastermind-v0-raw",
-        {"code_length": 4, "num_numbers": 6, "max_turns": 20, "duplicate_numbers": False},
-        3.0,
-    ),
-}
-
-
-class TextArenaBank(ProceduralBank):
-    """TextArena games (actor/envs/textarena_env.py plays them); task i = one reset seed."""
-
-    def __init__(self, env: EnvConfig) -> None:
-        ta = env.textarena
-        if min(ta.tasks_per_family, ta.max_tokens) < 1 or ta.max_turns < 0:
-            raise ConfigError("env.textarena: tasks_per_family, max_tokens >= 1; max_turns >= 0")
-        self.env = env
-        self.ta = ta
-        parts = []
-        for game in ta.games:
-            if game not in TA_PRESETS:
-                raise ConfigError(
-                    f"env.textarena.games: unknown {game!r} (known: {sorted(TA_PRESETS)})"
-                )
-            fam = Family(game, TA_PRESETS[game][2], ta.tasks_per_family)
-            parts.append(Part("ta", fam, partial(self._make, fam)))
-        super().__init__(parts, env.seed)
-
-    def _make(self, fam: Family, index: int) -> P.TaskSpec:
-        game_id, kwargs, _ = TA_PRESETS[fam.name]
-        # Each game turn allows one invalid-move retry (TextArena's error allowance), so 2x the
-        # game's turn limit bounds the agent's turns; `max_turns` may cap it lower.
-        turns = 2 * int(kwargs.get("max_turns", 50))  # type: ignore[call-overload]
-        if self.ta.max_turns:
-            turns = min(turns, self.ta.max_turns)
-        payload: dict[str, str | int | float] = {
-            "game": game_id,
-            "kwargs": json.dumps(kwargs, sort_keys=True),
-            "seed": _task_seed(self.env.seed, _name_key(fam.name), index),
-            "max_turns": turns,
-            "max_tokens": self.ta.max_tokens,
-        }
-        return _spec("ta", fam, index, "textarena", payload)
 
 
 class MixedBank(ProceduralBank):

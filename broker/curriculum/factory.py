@@ -12,12 +12,11 @@ from collections.abc import Callable
 from broker.curriculum.banks import (
     MixedBank,
     ProceduralBank,
-    ReasoningGymBank,
     SymbolsBank,
     TaskBank,
-    TextArenaBank,
 )
 from broker.curriculum.dataset_bank import DatasetBank
+from broker.curriculum.gym_banks import ReasoningGymBank, TextArenaBank
 from broker.curriculum.user_banks import user_env_bank
 from broker.curriculum.verifiers_bank import VerifiersBank
 from shared.config import ConfigError, EnvConfig

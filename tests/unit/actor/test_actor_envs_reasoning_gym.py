@@ -10,7 +10,7 @@ from actor.envs import make_env
 from actor.envs.base import EnvError, Generation
 from actor.envs.reasoning_gym_env import RETRY, ReasoningGymEnv, find_answer
 from actor.episode import run_episode
-from broker.curriculum.banks import RG_PRESETS, ReasoningGymBank
+from broker.curriculum.gym_banks import RG_PRESETS, ReasoningGymBank
 from shared import protocol as P
 from shared.config import EnvConfig, ReasoningGymConfig
 from shared.protocol import Role

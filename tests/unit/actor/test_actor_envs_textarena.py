@@ -11,7 +11,7 @@ from actor.envs import make_env
 from actor.envs.base import Generation, StepResult
 from actor.envs.textarena_env import TextArenaEnv
 from actor.episode import run_episode
-from broker.curriculum.banks import TA_PRESETS, TextArenaBank
+from broker.curriculum.gym_banks import TA_PRESETS, TextArenaBank
 from shared import protocol as P
 from shared.config import EnvConfig, TextArenaConfig
 from shared.protocol import Role

@@ -12,8 +12,9 @@ import pytest
 
 from actor.envs import make_env
 from actor.envs.base import EnvError, Generation
-from broker.curriculum.banks import ReasoningGymBank, SymbolsBank, TextArenaBank
+from broker.curriculum.banks import SymbolsBank
 from broker.curriculum.factory import make_bank
+from broker.curriculum.gym_banks import ReasoningGymBank, TextArenaBank
 from shared import protocol as P
 from shared.config import (
     ConfigError,

@@ -12,14 +12,9 @@ import pytest
 
 from actor.envs import make_env
 from actor.envs.base import Generation
-from broker.curriculum.banks import (
-    MixedBank,
-    ReasoningGymBank,
-    SymbolsBank,
-    TextArenaBank,
-    _task_seed,
-)
+from broker.curriculum.banks import MixedBank, SymbolsBank, task_seed
 from broker.curriculum.factory import make_bank
+from broker.curriculum.gym_banks import ReasoningGymBank, TextArenaBank
 from shared import protocol as P
 from shared.config import (
     ConfigError,
@@ -49,7 +44,7 @@ def test_default_symbols_bank_is_unchanged() -> None:
     """Same ids, order and payloads as the list-building bank this replaced."""
     env = EnvConfig()
     old = [
-        (f"symbols-L{lv}-{i}", f"L{lv}", float(lv), _task_seed(env.seed, lv, i))
+        (f"symbols-L{lv}-{i}", f"L{lv}", float(lv), task_seed(env.seed, lv, i))
         for lv in env.symbols.levels
         for i in range(env.symbols.tasks_per_level)
     ]
