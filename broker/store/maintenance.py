@@ -78,7 +78,7 @@ class Maintenance:
         ).fetchall()
         conn.executemany("DELETE FROM trajectories WHERE seq = ?", [(r[0],) for r in rows])
         self._trajs.save_next_seq()
-        _audit([r[3] for r in rows])
+        audit_deletes([r[3] for r in rows])
         conn.execute("COMMIT")
         self._trajs.forget(r[0] for r in rows)
         self._drop_empty_segments(conn, {r[2] for r in rows})
@@ -137,7 +137,7 @@ class Maintenance:
             else:
                 out["unconsumed"] += 1
         self._trajs.save_next_seq()
-        _audit(ids)
+        audit_deletes(ids)
         conn.execute("COMMIT")
         self._trajs.forget(seqs)
         self._drop_empty_segments(conn, segments)
@@ -221,6 +221,6 @@ class Maintenance:
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
 
-def _audit(traj_ids: list[str]) -> None:
+def audit_deletes(traj_ids: list[str]) -> None:
     if traj_ids and log.isEnabledFor(logging.DEBUG):
         log.debug("deleting %d trajectories: %s", len(traj_ids), " ".join(traj_ids))

@@ -12,9 +12,25 @@ import json
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 ROW_COLS = "traj_id, actor_id, times_sampled, evicted, seq"
 Row = tuple  # (traj_id, actor_id, times_sampled, evicted, seq)
+
+
+def read_broker_log(path: Path, audit_logger: str) -> tuple[set[str], list[str]]:
+    """The traj_ids the broker logged deleting (`audit_logger` at DEBUG), and its lines
+    refusing an older policy ("ignoring policy ...": a version regression)."""
+    audited: set[str] = set()
+    refused: list[str] = []
+    if not path.exists():
+        return audited, refused
+    for line in path.read_text(errors="replace").splitlines():
+        if "ignoring policy" in line:
+            refused.append(line.strip()[-120:])
+        elif f"{audit_logger}: deleting " in line:
+            audited.update(line.partition(": deleting ")[2].partition(": ")[2].split())
+    return audited, refused
 
 
 def orphan_engines(sessions: set[int]) -> set[int]:

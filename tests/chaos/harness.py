@@ -49,7 +49,13 @@ from broker.batches import BatchRecord
 from learner.trained_log import NAME
 from learner.trained_log import read as read_trained_log
 from shared.crashpoints import POINTS
-from tests.chaos.accounting import ROW_COLS, ChaosResult, orphan_engines, tally
+from tests.chaos.accounting import (
+    ROW_COLS,
+    ChaosResult,
+    orphan_engines,
+    read_broker_log,
+    tally,
+)
 from tests.helpers import Proc, free_port, metric, wait_for, write_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -388,17 +394,6 @@ class Chaos:
 
         self._wait(ok, timeout, what)
 
-    def _read_broker_log(self) -> set[str]:
-        """The traj_ids the broker logged deleting; notes refused older policies."""
-        audited: set[str] = set()
-        for log in self.dir.glob("broker.log"):
-            for line in log.read_text(errors="replace").splitlines():
-                if "ignoring policy" in line:
-                    self.regressions.append(line.strip()[-120:])
-                elif f"{AUDIT_LOGGER}: deleting " in line:
-                    audited.update(line.partition(": deleting ")[2].partition(": ")[2].split())
-        return audited
-
     def _finish(self, learner_exit: int | None) -> ChaosResult:
         stub_exits: list[int | None] = []
         for role in self.roles.values():
@@ -423,7 +418,8 @@ class Chaos:
         self._stop_monitor.set()
         self._monitor.join(5)
         self._check_summary()
-        audited = self._read_broker_log()
+        audited, refused = read_broker_log(self.dir / "broker.log", AUDIT_LOGGER)
+        self.regressions += refused
 
         max_ts = 1  # write_config keeps the broker's default
         uri = f"file:{self.data_dir / 'broker.db'}?mode=ro"
