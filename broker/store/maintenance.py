@@ -2,7 +2,9 @@
 ingest path: what is stored and how big, deleting the oldest trajectories, and giving the
 freed space back to the filesystem. Runs on the store thread, like every part of the store.
 
-At DEBUG (`--log-level INFO,broker.store.maintenance=DEBUG`) each delete names the traj_ids it
+Each delete leaves tombstones (schema.py) for the traj_ids it removes, in the same transaction,
+so an actor's resend of one (its ack lost to a crash) stays a duplicate. At DEBUG
+(`--log-level INFO,broker.store.maintenance=DEBUG`) each delete names the traj_ids it
 removes, logged before its commit: an audit of what retention took, complete even when the
 process dies right after the commit (a logged delete whose commit never happened leaves its
 rows in the store)."""
@@ -16,7 +18,7 @@ import sqlite3
 from broker.store import integrity
 from broker.store.database import Database
 from broker.store.records import StoreUsage
-from broker.store.schema import COMPACT_LIVE_FRACTION
+from broker.store.schema import COMPACT_LIVE_FRACTION, TOMBSTONES_KEPT
 from broker.store.segments import SegmentLog
 from broker.store.trajectories import Trajectories
 from shared.crashpoints import crash
@@ -78,7 +80,7 @@ class Maintenance:
         ).fetchall()
         conn.executemany("DELETE FROM trajectories WHERE seq = ?", [(r[0],) for r in rows])
         self._trajs.save_next_seq()
-        audit_deletes([r[3] for r in rows])
+        self._bury(conn, [r[3] for r in rows])
         conn.execute("COMMIT")
         self._trajs.forget(r[0] for r in rows)
         self._drop_empty_segments(conn, {r[2] for r in rows})
@@ -137,11 +139,26 @@ class Maintenance:
             else:
                 out["unconsumed"] += 1
         self._trajs.save_next_seq()
-        audit_deletes(ids)
+        self._bury(conn, ids)
         conn.execute("COMMIT")
         self._trajs.forget(seqs)
         self._drop_empty_segments(conn, segments)
         return out
+
+    def _bury(self, conn: sqlite3.Connection, traj_ids: list[str]) -> None:
+        """In the deleting transaction: tombstones for `traj_ids` (dedupe still knows them),
+        the oldest beyond TOMBSTONES_KEPT dropped; the audit line."""
+        if not traj_ids:
+            return
+        conn.executemany(
+            "INSERT OR IGNORE INTO tombstones (traj_id) VALUES (?)", [(t,) for t in traj_ids]
+        )
+        conn.execute(
+            "DELETE FROM tombstones WHERE n <= (SELECT MAX(n) FROM tombstones) - ?",
+            (TOMBSTONES_KEPT,),
+        )
+        self._trajs.buried = True
+        audit_deletes(traj_ids)
 
     def _drop_empty_segments(self, conn: sqlite3.Connection, candidates: set[int | None]) -> None:
         """Unlink the segment files of `candidates` that no row points into any more."""

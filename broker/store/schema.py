@@ -37,7 +37,11 @@ CREATE INDEX IF NOT EXISTS trajectories_open ON trajectories(times_sampled)
     WHERE evicted IS NULL;
 CREATE INDEX IF NOT EXISTS trajectories_group ON trajectories(group_id);
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+-- traj_ids retention deleted, the newest TOMBSTONES_KEPT: a resend of one (its ack was lost
+-- to a crash) is a duplicate, not a new trajectory to train on again
+CREATE TABLE IF NOT EXISTS tombstones (n INTEGER PRIMARY KEY, traj_id TEXT NOT NULL UNIQUE);
 """
+TOMBSTONES_KEPT = 1 << 16
 INSERT = (
     "INSERT INTO trajectories (seq, traj_id, group_id, task_id, lease_id, actor_id,"
     " min_version, n_tokens, reward, success, sample_prob, seconds, created,"

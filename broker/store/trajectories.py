@@ -36,6 +36,7 @@ class Trajectories:
         # In memory, trajectory encodings stay where they arrived (no copy into SQLite
         # pages); SQLite keeps the same rows minus the body.
         self._bodies: dict[int, Claimed] = {}
+        self.buried = False  # any tombstones (retention deleted something): dedupe reads them
 
     def load(self) -> int:
         """At open: how many trajectories are stored; picks up the seq high-water mark."""
@@ -46,6 +47,7 @@ class Trajectories:
         last = conn.execute("SELECT MAX(seq) FROM trajectories").fetchone()[0] or 0
         saved = conn.execute("SELECT value FROM kv WHERE key = 'next_seq'").fetchone()
         self.next_seq = max(last + 1, int(saved[0]) if saved else 1)
+        self.buried = conn.execute("SELECT 1 FROM tombstones LIMIT 1").fetchone() is not None
         return stored
 
     def commit(self, batches: list[list[Incoming]]) -> list[PutResult]:
@@ -63,7 +65,8 @@ class Trajectories:
         # can be rebuilt from them, recovery.py): the rows commit without a WAL fsync.
         with self._db.relaxed():
             conn.execute("BEGIN IMMEDIATE")
-            new = new_rows(batches, stored_ids(conn, ids), self.next_seq, now, segs is None)
+            seen = stored_ids(conn, ids, self.buried)
+            new = new_rows(batches, seen, self.next_seq, now, segs is None)
             mark = segs.mark() if segs is not None else None
             try:
                 if segs is not None and new.frames:
@@ -172,12 +175,15 @@ class Trajectories:
                 self._bodies.pop(s, None)
 
 
-def stored_ids(conn: sqlite3.Connection, ids: list[str]) -> set[str]:
-    """Which of `ids` are stored already (one query per MAX_SQL_PARAMS of them)."""
+def stored_ids(conn: sqlite3.Connection, ids: list[str], buried: bool = True) -> set[str]:
+    """Which of `ids` are stored already, or were and retention deleted them (`buried`: look
+    in the tombstones too); one query per table per MAX_SQL_PARAMS ids."""
     out: set[str] = set()
+    tables = ("trajectories", "tombstones") if buried else ("trajectories",)
     for i in range(0, len(ids), MAX_SQL_PARAMS):
         chunk = ids[i : i + MAX_SQL_PARAMS]
         marks = ",".join("?" * len(chunk))
-        sql = f"SELECT traj_id FROM trajectories WHERE traj_id IN ({marks})"
-        out.update(r[0] for r in conn.execute(sql, chunk))
+        for table in tables:
+            sql = f"SELECT traj_id FROM {table} WHERE traj_id IN ({marks})"
+            out.update(r[0] for r in conn.execute(sql, chunk))
     return out

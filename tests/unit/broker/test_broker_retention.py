@@ -267,6 +267,35 @@ async def test_seqs_are_never_reused_after_retention_empties_the_store(tmp_path:
     await store.close()
 
 
+async def test_a_resend_of_a_deleted_trajectory_is_a_duplicate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An actor resends a batch whose ack a crash lost; if retention deleted its rows
+    meanwhile (trained, then old), the resend is acked as a duplicate, not stored and
+    trained again. Tombstones survive a restart and are bounded (TOMBSTONES_KEPT)."""
+    monkeypatch.setattr("broker.store.maintenance.TOMBSTONES_KEPT", 3)
+    store = Store(tmp_path, commit_interval_s=0)
+    await store.open()
+    seqs = await fill(store, ["a", "b", "c"])
+    for g in ("a", "b", "c"):
+        await store.claim(seqs[g])  # trained
+    r = Retention(store, RetentionConfig(max_trajectories=2), 1)
+    assert dict(await r.sweep()) == {"consumed": 4}  # a and b
+    res = await store.put([make_traj("b", 1)])
+    assert res.duplicates == ["b-1"] and not res.new
+    await store.close()
+
+    store = Store(tmp_path)
+    await store.open()
+    res = await store.put([make_traj("b", 0), make_traj("b", 1), make_traj("d", 0)])
+    assert sorted(res.duplicates) == ["b-0", "b-1"] and [m.traj_id for m in res.new] == ["d-0"]
+    # Three tombstones are kept: a-0, the oldest, is forgotten (a resend that late is
+    # stale by policy version anyway) and would be stored again.
+    res = await store.put([make_traj("a", 0)])
+    assert not res.duplicates and [m.traj_id for m in res.new] == ["a-0"]
+    await store.close()
+
+
 def test_min_policy_version_is_the_oldest_loss_token_version() -> None:
     """What staleness eviction orders by, read off the first loss token: the same as the
     minimum over every loss token for the (non-decreasing) versions an actor produces."""
