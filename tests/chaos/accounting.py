@@ -76,6 +76,7 @@ class ChaosResult:
     deleted_by_retention: int = 0  # rows gone at the end that the audit or a snapshot names
     unaudited_deletes: int = 0  # rows a snapshot saw that left the store without an audit line
     deleted_unseen: int = 0  # rows deleted before any snapshot saw them (the audit alone knows)
+    snapshot_errors: int = 0  # snapshots that could not read the store (no store yet, locked)
     lost: int = 0
     real_acked: int = 0
     real_acked_over_stored: int = 0

@@ -189,6 +189,7 @@ class Chaos:
         self.t0 = time.monotonic()
         self.sessions: set[int] = set()  # one per role started (Proc: start_new_session)
         self.seen: dict[str, tuple] = {}  # traj_id -> its row when last snapshotted
+        self.snapshot_errors = 0
 
     # ------------------------------------------------------------ processes
 
@@ -280,12 +281,14 @@ class Chaos:
                     self.regressions.append(msg)
 
     def _rows(self) -> list[tuple]:
-        """The store's rows now (`ROW_COLS`), read-only; [] while there is no store."""
+        """The store's rows now (`ROW_COLS`), read-only; [] while there is no store (or it
+        cannot be read: counted, as rows deleted meanwhile are known from the audit alone)."""
         uri = f"file:{self.data_dir / 'broker.db'}?mode=ro"
         try:
             with sqlite3.connect(uri, uri=True, timeout=5) as conn:
                 return conn.execute(f"SELECT {ROW_COLS} FROM trajectories").fetchall()
         except sqlite3.Error:
+            self.snapshot_errors += 1
             return []
 
     def _snapshot(self) -> None:
@@ -445,6 +448,7 @@ class Chaos:
             orphans=len(orphan_engines(self.sessions)),
             version_regressions=len(self.regressions),
             seconds=round(time.monotonic() - self.t0, 1),
+            snapshot_errors=self.snapshot_errors,
             learner_exit=learner_exit,
             stub_exits=stub_exits,
             max_times_sampled=max_ts,
