@@ -2,16 +2,12 @@
 ingest path: what is stored and how big, deleting the oldest trajectories, and giving the
 freed space back to the filesystem. Runs on the store thread, like every part of the store.
 
-Each delete leaves tombstones (schema.py) for the traj_ids it removes, in the same transaction,
-so an actor's resend of one (its ack lost to a crash) stays a duplicate. At DEBUG
-(`--log-level INFO,broker.store.maintenance=DEBUG`) each delete names the traj_ids it
-removes, logged before its commit: an audit of what retention took, complete even when the
-process dies right after the commit (a logged delete whose commit never happened leaves its
-rows in the store)."""
+Each delete leaves tombstones (schema.py) for the traj_ids it removes, in the same transaction:
+an actor's resend of one (its ack lost to a crash) stays a duplicate, and the table is the
+exact record of what retention took (the newest TOMBSTONES_KEPT of it)."""
 
 from __future__ import annotations
 
-import logging
 import os
 import sqlite3
 
@@ -22,8 +18,6 @@ from broker.store.schema import COMPACT_LIVE_FRACTION, TOMBSTONES_KEPT
 from broker.store.segments import SegmentLog
 from broker.store.trajectories import Trajectories
 from shared.crashpoints import crash
-
-log = logging.getLogger(__name__)
 
 
 class Maintenance:
@@ -147,7 +141,7 @@ class Maintenance:
 
     def _bury(self, conn: sqlite3.Connection, traj_ids: list[str]) -> None:
         """In the deleting transaction: tombstones for `traj_ids` (dedupe still knows them),
-        the oldest beyond TOMBSTONES_KEPT dropped; the audit line."""
+        the oldest beyond TOMBSTONES_KEPT dropped."""
         if not traj_ids:
             return
         conn.executemany(
@@ -158,7 +152,6 @@ class Maintenance:
             (TOMBSTONES_KEPT,),
         )
         self._trajs.buried = True
-        audit_deletes(traj_ids)
 
     def _drop_empty_segments(self, conn: sqlite3.Connection, candidates: set[int | None]) -> None:
         """Unlink the segment files of `candidates` that no row points into any more."""
@@ -236,8 +229,3 @@ class Maintenance:
                 free = left
         if not self._db.in_memory:
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-
-
-def audit_deletes(traj_ids: list[str]) -> None:
-    if traj_ids and log.isEnabledFor(logging.DEBUG):
-        log.debug("deleting %d trajectories: %s", len(traj_ids), " ".join(traj_ids))

@@ -2,8 +2,9 @@
 
 Rows are `ROW_COLS` tuples. `final`: the store's rows at the end; `seen`: every row the monitor
 snapshotted during the run, by traj_id, as last seen (a row seen and gone at the end was
-deleted by retention, and is judged by that last state); `audited`: the traj_ids the broker
-logged deleting (the only evidence for a row acked and deleted between two snapshots).
+deleted by retention, and is judged by that last state); `audited`: the store's tombstones,
+the traj_ids retention deleted (the only evidence for a row acked and deleted between two
+snapshots).
 """
 
 from __future__ import annotations
@@ -18,19 +19,12 @@ ROW_COLS = "traj_id, actor_id, times_sampled, evicted, seq"
 Row = tuple  # (traj_id, actor_id, times_sampled, evicted, seq)
 
 
-def read_broker_log(path: Path, audit_logger: str) -> tuple[set[str], list[str]]:
-    """The traj_ids the broker logged deleting (`audit_logger` at DEBUG), and its lines
-    refusing an older policy ("ignoring policy ...": a version regression)."""
-    audited: set[str] = set()
-    refused: list[str] = []
-    if not path.exists():
-        return audited, refused
-    for line in path.read_text(errors="replace").splitlines():
-        if "ignoring policy" in line:
-            refused.append(line.strip()[-120:])
-        elif f"{audit_logger}: deleting " in line:
-            audited.update(line.partition(": deleting ")[2].partition(": ")[2].split())
-    return audited, refused
+def refused_policies(log: Path) -> list[str]:
+    """The broker log's lines refusing an older policy ("ignoring policy ..."): regressions."""
+    if not log.exists():
+        return []
+    lines = log.read_text(errors="replace").splitlines()
+    return [line.strip()[-120:] for line in lines if "ignoring policy" in line]
 
 
 def orphan_engines(sessions: set[int]) -> set[int]:
@@ -73,9 +67,9 @@ class ChaosResult:
     orphans: int = 0  # vLLM engine processes left without their actor after the run
     aimed_kills: int = 0  # the broker's own SIGKILLs at crash points (`aimed`)
     aimed_by_point: dict[str, int] = field(default_factory=dict)
-    deleted_by_retention: int = 0  # rows gone at the end that the audit or a snapshot names
-    unaudited_deletes: int = 0  # rows a snapshot saw that left the store without an audit line
-    deleted_unseen: int = 0  # rows deleted before any snapshot saw them (the audit alone knows)
+    deleted_by_retention: int = 0  # rows gone at the end that a tombstone or a snapshot names
+    unaudited_deletes: int = 0  # rows a snapshot saw that left the store without a tombstone
+    deleted_unseen: int = 0  # rows deleted before any snapshot saw them (only tombstones know)
     snapshot_errors: int = 0  # snapshots that could not read the store (no store yet, locked)
     lost: int = 0
     real_acked: int = 0
@@ -101,7 +95,7 @@ def tally(
 ) -> dict[str, object]:
     """The ChaosResult fields the data decides. `kept`: seqs of the batches the broker still
     keeps for the learner; `trained`: trajectory id -> times in the trained log; `acked`: the
-    stub actors' acked ids; `audited`: ids the broker logged deleting; `real_acked`: acked
+    stub actors' acked ids; `audited`: the store's tombstones; `real_acked`: acked
     per real actor (summed over incarnations)."""
     stored = {r[0] for r in final}
     deleted = [r for t, r in seen.items() if t not in stored]

@@ -7,14 +7,14 @@ with the same arguments. A monitor thread scrapes the learner's summary and ever
 `headrace_actor_policy_version` meanwhile. At the end the store is opened read-only and
 compared with what the actors were acked. Retention runs (`RETENTION`: it deletes rows,
 closed ones first, and compacts the store afterwards, which is one of the aimed windows), so
-the broker logs the traj_ids each delete removes (the store's DEBUG audit, written before the
-commit) and the monitor snapshots the store's rows every second: a row gone at the end is
-deleted by retention (`deleted_by_retention`) if the audit names it, and judged by its last
-snapshotted state where a snapshot saw it (a row can be acked and deleted between two).
+each delete leaves tombstones in the store (its traj_ids, committed with the delete) and the
+monitor snapshots the store's rows every second: a row gone at the end is deleted by retention
+(`deleted_by_retention`) if a tombstone names it, and judged by its last snapshotted state
+where a snapshot saw it (a row can be acked and deleted between two).
 
 
 - `lost`: acked to a stub actor (its own record of acked ids) but neither in the store nor
-  named by the audit; for real
+  named by a tombstone; for real
   actors, whose acks are only counted, `real_acked_over_stored` counts actors whose acked
   total (summed over incarnations, last scrape of each) exceeds their rows in the store;
 - `trained_twice`: trajectories that appear more than once in the learner's trained log
@@ -53,7 +53,7 @@ from tests.chaos.accounting import (
     ROW_COLS,
     ChaosResult,
     orphan_engines,
-    read_broker_log,
+    refused_policies,
     tally,
 )
 from tests.helpers import Proc, free_port, metric, wait_for, write_config
@@ -65,7 +65,6 @@ STUB_SHAPE = ("--n-tokens", "48", "--n-turns", "1", "--leases", "1", "--max-outb
 # Retention on, tight enough to delete (and compact) throughout a run, loose enough that a
 # row lives for many snapshots before it can go: closed rows are deleted first, oldest first.
 RETENTION = {"max_trajectories": 600, "interval_s": 2.0}
-AUDIT_LOGGER = "broker.store.maintenance"
 
 
 @dataclass
@@ -147,8 +146,6 @@ class Chaos:
                 "HEADRACE_CRASHPOINTS": crashpoints,
                 "HEADRACE_CRASHPOINTS_SEED": str(seed),
                 "HEADRACE_CRASHPOINTS_LOG": str(self.dir / "crashpoints.log"),
-                # the store's audit of what retention deletes (broker/store/maintenance.py)
-                "HEADRACE_LOG_LEVEL": f"INFO,{AUDIT_LOGGER}=DEBUG",
             },
         )
         self.roles["learner"] = Role(
@@ -282,7 +279,7 @@ class Chaos:
 
     def _rows(self) -> list[tuple]:
         """The store's rows now (`ROW_COLS`), read-only; [] while there is no store (or it
-        cannot be read: counted, as rows deleted meanwhile are known from the audit alone)."""
+        cannot be read: counted, as rows deleted meanwhile are known from tombstones alone)."""
         uri = f"file:{self.data_dir / 'broker.db'}?mode=ro"
         try:
             with sqlite3.connect(uri, uri=True, timeout=5) as conn:
@@ -421,8 +418,7 @@ class Chaos:
         self._stop_monitor.set()
         self._monitor.join(5)
         self._check_summary()
-        audited, refused = read_broker_log(self.dir / "broker.log", AUDIT_LOGGER)
-        self.regressions += refused
+        self.regressions += refused_policies(self.dir / "broker.log")
 
         max_ts = 1  # write_config keeps the broker's default
         uri = f"file:{self.data_dir / 'broker.db'}?mode=ro"
@@ -433,6 +429,8 @@ class Chaos:
                 for (value,) in conn.execute("SELECT value FROM kv WHERE key LIKE 'batch/%'")
                 for seq in msgspec.msgpack.decode(value, type=BatchRecord).seqs
             }
+            # what retention deleted (broker/store/maintenance.py), committed with each delete
+            audited = {t for (t,) in conn.execute("SELECT traj_id FROM tombstones")}
         trained = Counter(
             t for e in read_trained_log(self.dir / "ckpt" / NAME) for t in e["traj_ids"]
         )
