@@ -23,8 +23,10 @@ Baselines on the same bytes, same machine, same run:
 
 Prints a table, then as its last line one JSON object: `traj_per_s` (mode -> trajectories/s at
 the best N), `mb_per_s`, `ratio_vs_raw_zmq` and `ratio_vs_redis` (memory-mode MB/s / baseline
-MB/s), `ratio_vs_disk` (durable MB/s / fdatasync'd disk MB/s). `--quick` runs shorter windows
-with N in (1, 2).
+MB/s), `ratio_vs_disk` (durable MB/s / fdatasync'd disk MB/s), the CPU per trajectory of the
+broker and of the senders, and `cores_needed_for_raw_goal`: the cores memory mode at 0.8x raw
+ZeroMQ would keep busy at the CPU per trajectory measured (broker and senders, perfectly
+parallel), against `cores`. `--quick` runs shorter windows with N in (1, 2).
 
     python benchmarks/ingest.py [--quick] [--senders 1,2,4] [--duration 3] [--data-dir DIR]
 
@@ -79,9 +81,13 @@ def broker_sender(endpoint: str, idx: int, n_tokens: int, window: int, ready, go
     while time.time() < w.begin:
         time.sleep(0.001)
     inflight = acked = errors = 0
+    cpu0 = cpu1 = None  # this process's CPU seconds at the window's edges
     while True:
         now = time.time()
+        if cpu0 is None and now >= w.start:
+            cpu0 = time.process_time()
         if now >= w.end:
+            cpu1 = time.process_time()
             break
         while inflight < window:
             sock.send(P.encode(P.TrajectoryBatch(items=next(gen))), copy=False)
@@ -99,7 +105,8 @@ def broker_sender(endpoint: str, idx: int, n_tokens: int, window: int, ready, go
     while inflight and time.time() < deadline:
         if sock.poll(100) and isinstance(P.decode(sock.recv()), P.Ack | P.Error):
             inflight -= 1
-    out.put({"acked": acked, "errors": errors, "unacked": inflight})
+    cpu = cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else 0.0
+    out.put({"acked": acked, "errors": errors, "unacked": inflight, "cpu_s": cpu})
     sock.close()
     ctx.term()
 
@@ -192,10 +199,11 @@ def bench_broker(mode: str, n: int, a: argparse.Namespace, work: Path, tb: int) 
         note = f"{per_commit:.0f} traj/commit"
         if mode == "durable":
             COMMIT_BYTES[n] = per_commit * tb
-    note += f", broker CPU {cpu_us:.0f} us/traj"
+    sender_us = sum(r["cpu_s"] for r in res) / max(1, acked) * 1e6
+    note += f", broker CPU {cpu_us:.0f} us/traj, senders {sender_us:.0f}"
     if any(r["errors"] for r in res):
         note += f" errors={sum(r['errors'] for r in res)}"
-    return Result(acked / a.duration, acked * tb / a.duration / 1e6, note, cpu_us)
+    return Result(acked / a.duration, acked * tb / a.duration / 1e6, note, cpu_us, sender_us)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -276,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.data_dir is None:
             shutil.rmtree(work, ignore_errors=True)
     print_table(results, ns)
-    out = summary(results, tb)
+    out = summary(results, tb, os.cpu_count() or 1)
     out["seconds"] = round(time.monotonic() - t_start, 1)
     if skipped:
         out["skipped"] = skipped

@@ -12,6 +12,7 @@ class Result:
     mb_per_s: float
     note: str = ""
     cpu_us_per_traj: float | None = None  # the broker process's CPU time per acked trajectory
+    sender_cpu_us_per_traj: float | None = None  # the senders' CPU time, likewise
 
 
 Results = dict[str, dict[int, Result]]  # mode -> N senders -> result (disk: N = 0)
@@ -45,7 +46,19 @@ def print_table(results: Results, ns: list[int]) -> None:
         print(f"{mode:10s}{cells}{b.mb_per_s if b else 0:12.1f}")
 
 
-def summary(results: Results, traj_bytes: int) -> dict[str, Any]:
+def cores_for_raw_goal(results: Results) -> float | None:
+    """How many cores memory-mode ingest at the raw-ZeroMQ goal (GOALS x the best raw
+    traj/s) would keep busy, at the CPU per trajectory its best run measured, broker and
+    senders together: a lower bound (perfect parallelism, no extra hop). More than the
+    machine has means no split of the same work across processes can reach the goal here."""
+    raw, mem = best(results, "raw_zmq"), best(results, "memory")
+    if raw is None or mem is None or mem.cpu_us_per_traj is None:
+        return None
+    per_traj = mem.cpu_us_per_traj + (mem.sender_cpu_us_per_traj or 0.0)
+    return round(GOALS["ratio_vs_raw_zmq"] * raw.traj_per_s * per_traj / 1e6, 2)
+
+
+def summary(results: Results, traj_bytes: int, cores: int) -> dict[str, Any]:
     """The last line's keys; `ratio_vs_*` are None when a side was not measured."""
     bests = {m: b for m in results if (b := best(results, m)) is not None}
     raw = results.get("raw_zmq")
@@ -71,5 +84,12 @@ def summary(results: Results, traj_bytes: int) -> dict[str, Any]:
         )
         if raw
         else None,
+        "sender_cpu_us_per_traj": {
+            m: round(b.sender_cpu_us_per_traj, 1)
+            for m in ("durable", "memory")
+            if (b := bests.get(m)) is not None and b.sender_cpu_us_per_traj is not None
+        },
+        "cores": cores,
+        "cores_needed_for_raw_goal": cores_for_raw_goal(results),
         "traj_bytes": traj_bytes,
     }
