@@ -180,6 +180,11 @@ class Engine:
 
     # ------------------------------------------------------------------ generation
 
+    @property
+    def generating(self) -> int:
+        """Requests submitted and not yet finished."""
+        return len(self._inflight)
+
     async def generate(
         self,
         prompt_ids: list[int],

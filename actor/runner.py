@@ -36,6 +36,10 @@ EPISODES = Counter("headrace_actor_episodes_total", "Episodes finished", ["termi
 TOKENS = Counter("headrace_actor_tokens_generated_total", "Tokens sampled by the engine")
 VERSION = Gauge("headrace_actor_policy_version", "Policy version the engine is running")
 RUNNING = Gauge("headrace_actor_episodes_running", "Episodes in progress")
+GENERATING = Gauge(
+    "headrace_actor_requests_generating",
+    "Generation requests in the engine now (episodes running minus those between turns)",
+)
 EPISODES_TIMED_OUT = Counter(
     "headrace_actor_episodes_timed_out_total",
     "Episodes stopped at their lease's timeout_s (the broker re-grants the task)",
@@ -88,6 +92,8 @@ class Actor:
             self.cfg, path, max_num_seqs=max(self.acfg.max_concurrent_episodes, 8)
         )
         ENGINE_UP.set(1)
+        engine = self.engine
+        GENERATING.set_function(lambda: engine.generating)
         # Starting the engine blocks for a while and the broker may have given up on us
         # meanwhile: say hello again now that we can work, and take the newest policy.
         welcome = await self._hello()

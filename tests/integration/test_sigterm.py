@@ -120,6 +120,14 @@ def test_actor_drains_its_outbox_and_exits_0(run):
         "episodes in flight",
         interval=0.05,
     )
+    # ... and generating: their requests are in the engine (the gauge reads the engine's own
+    # count of requests submitted and not finished)
+    wait_for(
+        lambda: metric(run.ports["actor"], "headrace_actor_requests_generating") > 0,
+        60,
+        "requests in the engine",
+        interval=0.05,
+    )
     assert sigterm(run.actor, 90) == 0, run.actor.tail()
     log = run.actor.log.read_text()
     assert "stopped: 0 trajectories left unacked" in log, run.actor.tail()

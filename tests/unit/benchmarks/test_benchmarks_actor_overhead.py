@@ -8,7 +8,9 @@ import subprocess
 import sys
 import time
 
-from benchmarks.actor_overhead import cpu_seconds, rate
+import pytest
+
+from benchmarks.actor_overhead import cpu_seconds, paired_ratios, per_token, rate
 
 
 def test_rate_counts_whole_waves_not_a_fixed_window():
@@ -33,3 +35,17 @@ def test_cpu_seconds_grow_with_work_and_a_gone_process_counts_zero():
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     assert cpu_seconds([gone.pid]) == 0.0
+
+
+def test_each_pipeline_window_is_compared_with_the_bare_windows_either_side():
+    # the machine slows down over the run: bare 1000 -> 800 -> 600 tokens/s; a pipeline that
+    # is always 90% of bare reads 0.9 in each round, not 900 / (mean of all bare windows)
+    assert paired_ratios([810.0, 630.0], [1000.0, 800.0, 600.0]) == [0.9, 0.9]
+    with pytest.raises(ValueError, match="want 3 bare"):
+        paired_ratios([810.0, 630.0], [1000.0, 800.0])
+
+
+def test_cpu_per_token_pools_the_windows_of_a_side():
+    a = {"cpu": {"driver": 1.0, "engine": 3.0}, "tokens": 1000.0}
+    b = {"cpu": {"driver": 2.0, "engine": 6.0}, "tokens": 3000.0}
+    assert per_token(a, b) == {"driver": 3.0 / 4000, "engine": 9.0 / 4000}
