@@ -96,11 +96,11 @@ class Side:
 # ---------------------------------------------------------------- bare
 
 
-def bare_child(model: str, ids: list[list[int]], conc: int, opts: dict, count, ready) -> None:
-    """Child process: `conc` generate loops over `ids`, forever (until terminated), adding
-    each completion's tokens to `count`. Generation stops where the actor's does:
-    `ignore_eos` as the symbols env asks, and the chat template's end-of-turn token
-    (`opts["stops"]`), which `ignore_eos` does not lift."""
+def bare_child(model: str, ids: list[list[int]], conc: int, opts: dict, count, ready, done) -> None:
+    """Child process: `conc` generate loops over `ids` until `done` is set, adding each
+    completion's tokens to `count`; then the engine is shut down (not left to the reaper).
+    Generation stops where the actor's does: `ignore_eos` as the symbols env asks, and the
+    chat template's end-of-turn token (`opts["stops"]`), which `ignore_eos` does not lift."""
     from actor.engine import Engine
 
     async def main() -> None:
@@ -121,22 +121,28 @@ def bare_child(model: str, ids: list[list[int]], conc: int, opts: dict, count, r
                 ready.set()
                 i += conc
 
-        await asyncio.gather(*(worker(k) for k in range(conc)))
+        workers = [asyncio.create_task(worker(k)) for k in range(conc)]
+        await asyncio.to_thread(done.wait)
+        for w in workers:
+            w.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+        eng.shutdown()
 
     asyncio.run(main())
 
 
 def start_bare(model: Path, ids: list[list[int]], conc: int, opts: dict) -> Side:
     ctx = mp.get_context("spawn")
-    count, ready = ctx.Value("d", 0.0), ctx.Event()
-    p = ctx.Process(target=bare_child, args=(str(model), ids, conc, opts, count, ready))
+    count, ready, done = ctx.Value("d", 0.0), ctx.Event(), ctx.Event()
+    args = (str(model), ids, conc, opts, count, ready, done)
+    p = ctx.Process(target=bare_child, args=args)
     p.start()
     if not ready.wait(900):
         p.kill()
         raise RuntimeError("the bare engine produced nothing in 15 minutes")
 
     def stop() -> None:
-        p.terminate()
+        done.set()
         p.join(60)
         if p.is_alive():
             p.kill()
