@@ -15,24 +15,16 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import free_port
+from benchmarks.harness import free_port, scrape
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENS = "headrace_actor_tokens_generated_total"
 RUNNING = "headrace_actor_episodes_running"
 GENERATING = "headrace_actor_requests_generating"
-
-
-def scrape(port: int) -> dict[str, float]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
 
 
 def engine_pids(parent: int) -> list[int]:

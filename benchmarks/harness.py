@@ -80,6 +80,16 @@ def free_port() -> int:
     raise RuntimeError(f"no free loopback port in {PORTS.start}-{PORTS.stop - 1}")
 
 
+def scrape(port: int) -> dict[str, float]:
+    """Every sample a role's Prometheus endpoint on loopback `port` exports, by name."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+
+
 def loopback_run(cfg: dict[str, Any], seed: int, steps: int) -> dict[str, Any]:
     """`cfg` made runnable as one benchmark run: free ports, no metrics servers, and `seed`
     in every seed key (model, env, actor, learner, replay, curriculum); a tiny model is built

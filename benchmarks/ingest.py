@@ -45,14 +45,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.harness import free_port  # noqa: E402
+from benchmarks.harness import free_port, scrape  # noqa: E402
 from benchmarks.ingest_baselines import bench_redis, bench_zmq, disk_bandwidth, start_redis  # noqa: E402
 from benchmarks.ingest_load import GROUP, await_go, run_children, traj_bytes, trajectory_batches  # noqa: E402
 from benchmarks.ingest_report import Result, Results, print_table, summary  # noqa: E402
@@ -157,11 +156,7 @@ class BrokerProc:
             time.sleep(0.05)
 
     def metrics(self) -> dict[str, float]:
-        from prometheus_client.parser import text_string_to_metric_families
-
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        text = urllib.request.urlopen(url, timeout=5).read().decode()
-        return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+        return scrape(self.metrics_port)
 
     def stop(self) -> None:
         self.p.terminate()
