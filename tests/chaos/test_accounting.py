@@ -31,3 +31,17 @@ def test_rows_deleted_by_retention_are_judged_by_their_last_state() -> None:
     assert out["trained"] == 2 and out["trained_twice"] == 0
     assert out["evicted"] == {"stale": 1}
     assert out["real_acked_over_stored"] == 0  # actor0's one row was stored (then deleted)
+
+
+def test_a_real_actors_rows_deleted_between_snapshots_explain_its_acks() -> None:
+    """A real actor's acks are only counted, and tombstones carry no actor: its rows that
+    retention deleted before any snapshot saw them still explain its acked total, and an
+    acked total beyond every row that could be its is still flagged."""
+    final = [("r1", "actor0", 0, None, 3)]
+    seen = {"r0": ("r0", "actor0", 1, None, 1)}  # seen, then deleted
+    stubs = {"s0"}  # a stub's row, deleted unseen: not actor0's
+    audited = {"r0", "unseen-r", "s0"}  # "unseen-r": actor0's, deleted between snapshots
+    out = tally(final, seen, set(), Counter(), stubs, Counter({"actor0": 3}), 1, audited)
+    assert out["real_acked_over_stored"] == 0 and out["lost"] == 0
+    out = tally(final, seen, set(), Counter(), stubs, Counter({"actor0": 4}), 1, audited)
+    assert out["real_acked_over_stored"] == 1  # 4 acked, at most 3 rows were actor0's
