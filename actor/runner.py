@@ -69,6 +69,9 @@ class Actor:
         self._free = self.acfg.max_concurrent_episodes
         self._freed = asyncio.Event()  # set whenever an episode gives its slot back
         self._unanswered = 0  # task requests sent and not yet answered by a grant
+        # leases granted ahead of free slots ([actor] leases_ahead), with when they came
+        self._ready: deque[tuple[P.Lease, float]] = deque()
+        self._stopping = False  # SIGTERM: no more leases
         self.group_size = cfg.broker.group_size  # the broker's, once its Welcome is in
         self._episodes_done = 0
         self._stop = asyncio.Event()
@@ -141,7 +144,10 @@ class Actor:
         then stop; `run` then waits for the broker to ack the outbox before it returns."""
         # Take every episode slot: the lease loop asks for leases only while slots are free,
         # and each running episode gives its slot back when it ends (a grant already on its
-        # way still starts its episodes, and they are waited for too).
+        # way still starts its episodes, and they are waited for too). Leases held ahead are
+        # played too: the broker granted them to us, and would otherwise wait out their timeout.
+        self._stopping = True
+        self._start_ready(all_of_them=True)
         self._free -= self.acfg.max_concurrent_episodes
         deadline = asyncio.get_running_loop().time() + grace_s
         while self._free < 0 and asyncio.get_running_loop().time() < deadline:
@@ -194,14 +200,18 @@ class Actor:
         group = self.group_size  # episodes per lease: slots are taken a whole group at a time
         sync_version, sync_groups, sync_since = -1, 0, time.monotonic()  # [actor] sync
         while True:
-            free = self._free
+            # stopping: no lease is asked for ahead, and one on its way is played at once
+            self._start_ready(all_of_them=self._stopping)
+            free, ahead = self._free, 0 if self._stopping else self.acfg.leases_ahead
             if self.acfg.sync and self.engine is not None:
                 # One learner batch per policy version, then wait for the next version.
                 stuck = time.monotonic() - sync_since > self.cfg.broker.lease_deadline_s
                 if self.engine.version != sync_version or stuck:
                     sync_version, sync_groups, sync_since = self.engine.version, 0, time.monotonic()
                 free = min(free, (self.cfg.learner.batch_groups - sync_groups) * group)
-            if free < group:
+                ahead = 0  # a lease held ahead would be played on the next version
+            want = max(0, free) // group + ahead - len(self._ready)
+            if want <= 0:
                 # Woken by the slot that makes a group free (at once: a group's episodes end
                 # together and every ms the engine runs short of requests is lost), or after
                 # 20 ms for what else changes `free` ([actor] sync's versions, a stop).
@@ -211,17 +221,26 @@ class Actor:
                 except TimeoutError:
                     pass
                 continue
-            grant = await self._next_grant(free // group)
+            grant = await self._next_grant(want)
             if grant is None:
                 continue
             if not grant.leases:
                 await asyncio.sleep(grant.retry_after_s or 0.2)
                 continue
             sync_groups += sum(lease.purpose != "eval" for lease in grant.leases)
-            for lease in grant.leases:
-                for k in range(lease.group_size):
-                    self._free -= 1
-                    asyncio.create_task(self._episode(lease, k))
+            now = time.monotonic()
+            self._ready.extend((lease, now) for lease in grant.leases)
+
+    def _start_ready(self, all_of_them: bool = False) -> None:
+        """Start the episodes of leases granted ahead, while a whole group's slots are free.
+        `[actor] leases_ahead` groups are asked for before their slots free up, so a group
+        that ends is followed at once, not after a round trip to the broker (on a fast engine
+        that trip left ~4% of the engine's batch empty). `all_of_them`: whatever is free."""
+        while self._ready and (all_of_them or self._free >= self._ready[0][0].group_size):
+            lease, granted = self._ready.popleft()
+            for k in range(lease.group_size):
+                self._free -= 1
+                asyncio.create_task(self._episode(lease, k, granted))
 
     async def _next_grant(self, groups: int) -> P.TaskGrant | None:
         """A grant for up to `groups` leases (None: the broker did not answer in 5 s).
@@ -249,7 +268,9 @@ class Actor:
         self._unanswered = max(0, self._unanswered - 1)
         return grant
 
-    async def _episode(self, lease: P.Lease, k: int) -> None:
+    async def _episode(self, lease: P.Lease, k: int, granted: float | None = None) -> None:
+        """Play episode `k` of `lease`, within what is left of the lease's `timeout_s`
+        (counted from `granted`, the grant's arrival; None: now)."""
         assert self.engine is not None
         RUNNING.inc()
         try:
@@ -258,7 +279,9 @@ class Actor:
             episode = play_episode(self.engine, self.text, self.acfg, env, lease, self.actor_id)
             # The broker expires the lease at timeout_s after its grant, heartbeats or not;
             # an episode still running then would be refused anyway (its group is gone).
-            traj = await asyncio.wait_for(episode, lease.timeout_s or None)
+            held = 0.0 if granted is None else time.monotonic() - granted
+            left = lease.timeout_s - held
+            traj = await asyncio.wait_for(episode, max(left, 1e-3) if lease.timeout_s else None)
         except TimeoutError:
             EPISODES_TIMED_OUT.inc()
             log.warning(
@@ -280,8 +303,11 @@ class Actor:
             return
         finally:
             self._free += 1
-            self._freed.set()
             RUNNING.dec()
+            # a lease held ahead takes the slots as soon as they are free: the lease loop
+            # may be waiting for a grant just now
+            self._start_ready(all_of_them=self._stopping)
+            self._freed.set()
         if lease.purpose == "eval":  # scored, never sent: evaluation stays out of replay
             await self._eval_scored(
                 lease, k, traj.outcome_reward, bool(traj.success), P.min_policy_version(traj)

@@ -30,11 +30,14 @@ from the engine's. Prints a table and, as its last line, one JSON object:
 over all its windows), `pipeline_episodes_running` (mean episodes in progress: the slots the
 actor keeps busy), `pipeline_requests_generating` (of those, the ones in the engine),
 `concurrency`, `max_tokens`, `model`, `seconds`. `--profile P` records the actor's and the
-broker's first pipeline window with py-spy into P.driver and P.broker (collapsed stacks; the
-sampling costs CPU too, so such a run is not a measurement).
+broker's first pipeline window with py-spy into P.driver and P.broker (collapsed stacks of
+the thread holding the GIL, so a thread waiting for it is not counted as busy; the sampling
+costs CPU too, so such a run is not a measurement). `--actor-set` / `--broker-set` override
+a role's config (diagnostics: e.g. `actor.leases_ahead=0`).
 
     python benchmarks/actor_overhead.py [--quick] [--concurrency 64] [--duration 6]
         [--rounds 5] [--model DIR] [--profile PREFIX] [--broker-set KEY=VALUE]
+        [--actor-set KEY=VALUE]
 """
 
 from __future__ import annotations
@@ -120,12 +123,14 @@ def profile(pid: int, seconds: float, out: str) -> subprocess.Popen:
     """py-spy (from this interpreter's environment) sampling `pid` for `seconds`."""
     spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or "py-spy"
     argv = [spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "200"]
-    argv += ["--format", "raw", "--output", out, "--nonblocking"]
+    argv += ["--format", "raw", "--output", out, "--nonblocking", "--gil"]
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 SETTLE_S = 2.0  # after a thaw, before a window opens: in-flight work resumes, waves re-form
-SAMPLE_S = 0.2  # between looks at a side's token count
+# Between looks at a side's token count. The pipeline's look is a scrape of the actor's
+# metrics (Prometheus' default is one per 15 s): at 0.2 s it took 3.3% of the actor's samples.
+SAMPLE_S = 1.0
 
 
 def window(side: Side, seconds: float, spy: str | None = None) -> dict:
@@ -190,7 +195,12 @@ def run(a: argparse.Namespace, model: Path, work: Path) -> dict:
     sides: list[Side] = []
     try:
         pipe = start_pipeline(
-            model, work, a.concurrency, a.reasoning_tokens, a.max_model_len, a.broker_set
+            model,
+            work,
+            a.concurrency,
+            a.reasoning_tokens,
+            a.max_model_len,
+            {"broker": a.broker_set, "actor": a.actor_set},
         )
         sides.append(pipe)
         time.sleep(a.warmup)  # engine start-up and first compiles stay outside the windows
@@ -245,6 +255,13 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         metavar="KEY=VALUE",
         help="a broker config override (diagnostics, e.g. broker.curriculum.pool_size=64)",
+    )
+    ap.add_argument(
+        "--actor-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an actor config override (diagnostics, e.g. actor.leases_ahead=0)",
     )
     a = ap.parse_args(argv)
     a.duration = a.duration or (5.0 if a.quick else 6.0)

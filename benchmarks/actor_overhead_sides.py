@@ -162,8 +162,14 @@ def pipeline_config(model: Path, conc: int, reasoning: int, max_model_len: int) 
 
 
 def start_pipeline(
-    model: Path, work: Path, conc: int, reasoning: int, max_model_len: int, broker_set: list[str]
+    model: Path,
+    work: Path,
+    conc: int,
+    reasoning: int,
+    max_model_len: int,
+    sets: dict[str, list[str]],
 ) -> Side:
+    """`sets`: config overrides (KEY=VALUE) by role, "broker" and "actor"."""
     port, bmetrics, ametrics = free_port(), free_port(), free_port()
     cfg = work / "run.toml"
     cfg.write_text(pipeline_config(model, conc, reasoning, max_model_len))
@@ -172,9 +178,10 @@ def start_pipeline(
     argv = [sys.executable, "-m"]
     broker = [*argv, "broker", "--config", str(cfg), "--port", str(port)]
     broker += ["--metrics-port", str(bmetrics), "--durability", "none", "--log-level", "WARNING"]
-    broker += [arg for kv in broker_set for arg in ("--set", kv)]
+    broker += [arg for kv in sets.get("broker", []) for arg in ("--set", kv)]
     actor = [*argv, "actor", "--config", str(cfg), "--broker", f"tcp://127.0.0.1:{port}"]
     actor += ["--metrics-port", str(ametrics), "--log-level", "WARNING"]
+    actor += [arg for kv in sets.get("actor", []) for arg in ("--set", kv)]
     procs: list[subprocess.Popen] = []
 
     def stop() -> None:

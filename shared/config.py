@@ -115,6 +115,10 @@ class ActorConfig(_Section):
     broker: str = "tcp://127.0.0.1:5555"
     metrics_port: int = 9103
     max_concurrent_episodes: int = 32
+    # Groups of leases asked for before their slots free up, so a group that ends is followed
+    # without waiting for the broker (0: ask only when a group's slots are free). [actor] sync
+    # holds none: a lease held ahead would be played on the next policy version.
+    leases_ahead: int = 1
     temperature: float = 1.0
     # Sampling truncation (vLLM's order: top-k, then top-p). The learner recomputes logprobs
     # under the same truncated distribution, so the importance ratio stays unbiased.
@@ -148,6 +152,8 @@ class ActorConfig(_Section):
 
     def __post_init__(self) -> None:
         check_cpus(self.cpus, "[actor] cpus")
+        if self.leases_ahead < 0:
+            raise ValueError(f"[actor] leases_ahead is {self.leases_ahead}: want 0 or more")
         if self.cpus and len(self.cpus) < self.tensor_parallel_size:
             raise ValueError(
                 f"[actor] cpus lists {len(self.cpus)} cores for tensor_parallel_size = "

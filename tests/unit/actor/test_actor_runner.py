@@ -77,7 +77,7 @@ async def test_a_lease_plays_group_size_episodes_into_the_outbox(actor) -> None:
     assert actor.episodes_done == 2 * GROUP
 
 
-async def test_free_slots_ask_for_whole_groups(actor) -> None:
+async def test_free_slots_ask_for_whole_groups_and_one_more_ahead(actor) -> None:
     loop = asyncio.create_task(actor._lease_loop())
     try:
         async with asyncio.timeout(10):
@@ -85,7 +85,52 @@ async def test_free_slots_ask_for_whole_groups(actor) -> None:
                 await asyncio.sleep(0.01)
     finally:
         loop.cancel()
-    assert actor.client.sent[0] == P.TaskRequest(n=2)  # 8 free slots = 2 groups of 4
+    # 8 free slots = 2 groups of 4, and [actor] leases_ahead = 1 group asked for ahead
+    assert actor.client.sent[0] == P.TaskRequest(n=3)
+
+
+async def test_a_lease_held_ahead_starts_when_a_group_ends_without_asking_again(actor) -> None:
+    actor.engine.hold = asyncio.Event()  # the first two groups keep generating until set
+    actor.client.grants.append(P.TaskGrant(leases=[lease("L1"), lease("L2"), lease("L3")]))
+    loop = asyncio.create_task(actor._lease_loop())
+    try:
+        async with asyncio.timeout(10):
+            while actor._free > 0 or not actor._ready:
+                await asyncio.sleep(0.01)
+            assert [held.lease_id for held, _ in actor._ready] == ["L3"]
+            asked = len(actor.client.sent)
+            actor.engine.hold.set()  # L1 and L2 end; L3 takes their slots at once
+            while len(actor.outbox) < 3 * GROUP:
+                await asyncio.sleep(0.01)
+    finally:
+        loop.cancel()
+    await finish(actor)
+    assert {t.group_id for t in actor.outbox.items} == {"L1", "L2", "L3"}
+    assert actor.client.sent[:asked] == [P.TaskRequest(n=3)]  # L3 did not wait for a request
+
+
+async def test_sync_actors_hold_no_lease_ahead(actor) -> None:
+    actor.acfg = msgspec.structs.replace(actor.acfg, sync=True)
+    actor.cfg = msgspec.structs.replace(
+        actor.cfg, learner=msgspec.structs.replace(actor.cfg.learner, batch_groups=2)
+    )
+    loop = asyncio.create_task(actor._lease_loop())
+    try:
+        async with asyncio.timeout(10):
+            while not actor.client.sent:
+                await asyncio.sleep(0.01)
+    finally:
+        loop.cancel()
+    assert actor.client.sent[0] == P.TaskRequest(n=2)
+
+
+async def test_a_graceful_stop_plays_the_leases_held_ahead(actor) -> None:
+    actor._ready.append((lease("L9"), 0.0))
+    stop = asyncio.create_task(actor.stop_gracefully(grace_s=10))
+    async with asyncio.timeout(10):
+        await stop
+    assert {t.group_id for t in actor.outbox.items} == {"L9"}
+    assert len(actor.outbox) == GROUP and not actor._ready
 
 
 async def test_an_eval_lease_is_scored_and_reported_never_sent_for_training(actor) -> None:
