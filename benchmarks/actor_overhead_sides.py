@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import multiprocessing as mp
 import os
 import subprocess
@@ -121,6 +122,10 @@ def bare_child(model: str, ids: list[list[int]], conc: int, opts: dict, count, r
         eng.shutdown()
 
     asyncio.run(main())
+    # The engine's AsyncLLM sits in a reference cycle: collected here, its __del__ (which
+    # calls shutdown again) runs while modules are intact, not at interpreter teardown, where
+    # it printed a TypeError traceback.
+    gc.collect()
 
 
 def start_bare(model: Path, ids: list[list[int]], conc: int, opts: dict) -> Side:
