@@ -117,7 +117,9 @@ class ActorConfig(_Section):
     max_concurrent_episodes: int = 32
     # Groups of leases asked for before their slots free up, so a group that ends is followed
     # without waiting for the broker (0: ask only when a group's slots are free). [actor] sync
-    # holds none: a lease held ahead would be played on the next policy version.
+    # holds none: a lease held ahead would be played on the next policy version. A lease's
+    # [broker] episode_timeout_s counts from its grant, so one held ahead has that much less
+    # time to play: set 0 where an episode takes a good part of that timeout.
     leases_ahead: int = 1
     temperature: float = 1.0
     # Sampling truncation (vLLM's order: top-k, then top-p). The learner recomputes logprobs
