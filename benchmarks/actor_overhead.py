@@ -16,7 +16,8 @@ process of it), so they never share the cores. The windows alternate bare, pipel
 ..., bare (`--rounds` pipeline windows, each between two bare ones), and each pipeline window
 is compared with the mean of its two neighbours: a machine whose speed drifts (other jobs,
 clocks) moves both sides of each comparison alike. `ratio_vs_bare_vllm` is the median of
-those per-round ratios (goal >= 0.9); `ratios` lists them all. Nine rounds by default: on a
+those per-round ratios (goal >= 0.9 on the tiny model, 0.95 on a real one such as
+SmolLM2-135M); `ratios` lists them all. Nine rounds by default: on a
 shared 2-core machine single rounds ranged 0.70-1.21 within one run, and a median of five
 moved by 0.1 from run to run. `ratio_by_cpu`: bare's CPU
 per token over pipeline's (every process of each side, all its windows together): what the
@@ -223,7 +224,7 @@ def run(a: argparse.Namespace, model: Path, work: Path) -> dict:
     return {
         "ratio_vs_bare_vllm": round(statistics.median(ratios), 3),
         "ratios": [round(r, 3) for r in ratios],
-        "goal": 0.9,
+        "goal": 0.9 if a.model is None else 0.95,  # the tiny model / a real one (SmolLM2)
         "ratio_by_cpu": round(sum(bare_cpu.values()) / max(sum(pipe_cpu.values()), 1e-12), 3),
         "pipeline_tokens_per_s": round(statistics.median(p["tps"] for p in pipes), 1),
         "bare_tokens_per_s": round(statistics.median(b["tps"] for b in bares), 1),
