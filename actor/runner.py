@@ -1,9 +1,10 @@
 """The actor process: leases in, episodes on one engine, trajectories out, weights in.
 
-Concurrency is a fixed number of episode slots. Whenever a whole group's worth of slots is
-free, the actor asks the broker for leases (one lease = one task × group_size episodes), runs
-every episode of the lease as an asyncio task, and drops each finished trajectory into the
-outbox. Weight updates arrive as `PolicyPublished` pushes and are applied while episodes run.
+Concurrency is a fixed number of episode slots. The actor asks the broker for leases (one
+lease = one task × group_size episodes) for the groups of slots that are free and `[actor]
+leases_ahead` groups more, so a group that ends is followed at once; it runs every episode of
+a lease as an asyncio task, and drops each finished trajectory into the outbox. Weight
+updates arrive as `PolicyPublished` pushes and are applied while episodes run.
 """
 
 from __future__ import annotations
