@@ -17,11 +17,11 @@ process of it), so they never share the cores. The windows alternate bare, pipel
 is compared with the mean of its two neighbours: a machine whose speed drifts (other jobs,
 clocks) moves both sides of each comparison alike. `ratio_vs_bare_vllm` is the median of
 those per-round ratios (goal >= 0.9 on the tiny model, 0.95 on a real one such as
-SmolLM2-135M); `ratios` lists them all. Nine rounds by default: on a
-shared 2-core machine single rounds ranged 0.70-1.21 within one run, and a median of five
-moved by 0.1 from run to run. `ratio_by_cpu`: bare's CPU
-per token over pipeline's (every process of each side, all its windows together): what the
-throughput ratio would be on cores that only these processes use.
+SmolLM2-135M); `ratios` lists them all. Nine rounds by default: on a shared 2-core machine
+single rounds ranged 0.70-1.39 within one run, and a median of five moved by 0.1 from run to
+run. `ratio_by_cpu`: bare's CPU per token over pipeline's (every process of each side, all
+its windows together): what the throughput ratio would be on cores that only these processes
+use.
 
 No learner runs, so the weights never change and both sides sample the same model. Each side
 also reports CPU seconds per generated token: of the process that drives the engine (the
